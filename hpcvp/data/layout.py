@@ -6,6 +6,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
 NUM_CLASSES = 49  # 3 shapes x 2 materials x 8 colours + background (class 0)
 HEIGHT, WIDTH = 160, 240
 NUM_FRAMES = 22
@@ -22,3 +29,128 @@ SPLIT_ID_RANGES = {
 }
 SPLIT_HAS_MASKS = {"train": True, "val": True, "unlabeled": False, "hidden": False}
 SPLIT_NUM_FRAMES = {"train": NUM_FRAMES, "val": NUM_FRAMES, "unlabeled": NUM_FRAMES, "hidden": NUM_INPUT_FRAMES}
+
+VIDEO_DIR_PATTERN = re.compile(r"^video_(\d+)$")
+MASK_FILE_NAME = "mask.npy"
+SYNTHETIC_INFO_FILE_NAME = "hpcvp_synthetic.json"
+
+
+class RawDataError(ValueError):
+    """A raw video is missing, unreadable or malformed; ``path`` names the offending file."""
+
+    def __init__(self, path: os.PathLike | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keeps (path, reason) when the error crosses a process boundary
+        return (type(self), (str(self.path), self.reason))
+
+
+def frame_file_name(t: int) -> str:
+    return f"image_{t}.png"
+
+
+def list_videos(root: os.PathLike | str, split: str) -> list[tuple[int, Path]]:
+    """Videos of one split as ``(video_id, folder)`` sorted by id; a missing split folder is empty.
+
+    Accepts unpadded (``video_2000``) and zero-padded (``video_01370``) folder names; two folders
+    naming the same id, or an id outside the split's range, are errors.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    split_dir = Path(root) / split
+    if not split_dir.is_dir():
+        return []
+    low, high = SPLIT_ID_RANGES[split]
+    videos: dict[int, Path] = {}
+    with os.scandir(split_dir) as entries:
+        for entry in entries:
+            match = VIDEO_DIR_PATTERN.match(entry.name)
+            if match is None or not entry.is_dir():
+                continue
+            video_id = int(match.group(1))
+            folder = Path(entry.path)
+            if video_id < low or (high is not None and video_id >= high):
+                upper = "" if high is None else f"{high - 1}"
+                raise RawDataError(folder, f"video id {video_id} is outside the {split} range {low}..{upper}")
+            if video_id in videos:
+                raise RawDataError(folder, f"video id {video_id} also appears as {videos[video_id].name}")
+            videos[video_id] = folder
+    return sorted(videos.items())
+
+
+def missing_files(folder: os.PathLike | str, split: str) -> list[Path]:
+    """Files the split requires in a video folder that are absent (one directory listing, no reads)."""
+    folder = Path(folder)
+    try:
+        present = set(os.listdir(folder))
+    except OSError as error:
+        return [folder / f"({error.strerror})"]
+    required = [frame_file_name(t) for t in range(SPLIT_NUM_FRAMES[split])]
+    if SPLIT_HAS_MASKS[split]:
+        required.append(MASK_FILE_NAME)
+    return [folder / name for name in required if name not in present]
+
+
+def read_frame(path: Path, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Decode one PNG into ``out`` (H, W, 3) uint8; alpha is dropped, grey is expanded."""
+    height, width = size
+    try:
+        with Image.open(path) as image:
+            if image.size != (width, height):
+                raise RawDataError(
+                    path, f"image is {image.size[1]}x{image.size[0]} (HxW), expected {height}x{width}"
+                )
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            pixels = np.asarray(image)
+    except RawDataError:
+        raise
+    except FileNotFoundError:
+        raise RawDataError(path, "missing frame") from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL reports truncation/corruption as these
+        raise RawDataError(path, f"unreadable PNG ({error})") from None
+    if out is None:
+        return pixels.copy()
+    out[...] = pixels
+    return out
+
+
+def read_mask(path: Path, split: str, size: tuple[int, int]) -> np.ndarray:
+    """Load ``mask.npy`` as uint8 (22, H, W); any integer dtype with values in 0..48 is accepted."""
+    expected_shape = (NUM_FRAMES, *size)
+    try:
+        mask = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise RawDataError(path, f"missing mask (every {split} video has one)") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise RawDataError(path, f"unreadable mask ({error})") from None
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise RawDataError(path, f"mask dtype is {mask.dtype}, expected an integer dtype")
+    if mask.shape != expected_shape:
+        raise RawDataError(path, f"mask shape is {mask.shape}, expected {expected_shape}")
+    low, high = int(mask.min()), int(mask.max())
+    if low < 0 or high >= NUM_CLASSES:
+        raise RawDataError(path, f"mask values span {low}..{high}, expected 0..{NUM_CLASSES - 1}")
+    return mask.astype(np.uint8, copy=False)
+
+
+def read_video(
+    path: os.PathLike | str, split: str, size: tuple[int, int] = (HEIGHT, WIDTH)
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decode one video folder: frames uint8 (T, H, W, 3) and masks uint8 (22, H, W) or None.
+
+    T is 22, or 11 for hidden. Raises ``RawDataError`` naming the first bad file.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise RawDataError(folder, "video folder does not exist")
+    num_frames = SPLIT_NUM_FRAMES[split]
+    frames = np.empty((num_frames, size[0], size[1], 3), dtype=np.uint8)
+    for t in range(num_frames):
+        read_frame(folder / frame_file_name(t), size, out=frames[t])
+    masks = read_mask(folder / MASK_FILE_NAME, split, size) if SPLIT_HAS_MASKS[split] else None
+    return frames, masks

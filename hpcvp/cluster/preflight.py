@@ -1,0 +1,324 @@
+"""Pre-flight checks: refuse a job that would wait in the queue only to fail (or never start).
+
+Every check reports a :class:`Problem` with a message naming the flag, the value and what the
+cluster says instead; the launcher prints them all and submits nothing. Cluster facts come from
+``sacctmgr`` (accounts), ``sinfo`` (partitions, limits, features, GRES, CPUs) and ``squeue`` (GPUs
+already queued, for per-user caps), through :class:`SlurmFacts` so tests can feed their own.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from hpcvp.cluster.profiles import ClusterProfile
+from hpcvp.cluster.sbatch import (
+    JobRequest,
+    constraint_for,
+    format_minutes,
+    parse_partition_limit_minutes,
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    check: str  # account | partition | constraint | gpus | time | data | run-dir
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.check}] {self.message}"
+
+
+class PreflightError(RuntimeError):
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"pre-flight found {len(problems)} problem(s); nothing was submitted:\n{lines}")
+
+
+@dataclass
+class PartitionInfo:
+    name: str
+    default: bool
+    max_minutes: int | None  # None: no limit
+    max_cpus_per_node: int
+    max_gpus_per_node: int  # from GRES; 0 when the partition has no GPUs
+    features: set[str] = field(default_factory=set)
+
+
+def _run(args: list[str], timeout: float = 30.0) -> tuple[bool, str]:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    if out.returncode != 0:
+        return False, (out.stderr or out.stdout).strip() or f"exit status {out.returncode}"
+    return True, out.stdout
+
+
+_GRES_GPU_RE = re.compile(r"(?:^|,)gpu(?::[^:(,]+)?:(\d+)")
+
+
+def gres_gpu_count(gres: str) -> int:
+    """sinfo %G ('gpu:a100:4(S:0-1),shard:8' or '(null)') -> GPUs per node."""
+    return sum(int(m.group(1)) for m in _GRES_GPU_RE.finditer(gres))
+
+
+class SlurmFacts:
+    """What the running Slurm cluster says (each query run once, lazily)."""
+
+    def __init__(self, user: str | None = None):
+        self.user = user or os.environ.get("USER") or getpass.getuser()
+        self._partitions: dict[str, PartitionInfo] | None = None
+        self._partitions_error: str | None = None
+        self._accounts: set[str] | None = None
+        self._accounts_error: str | None = None
+
+    def partitions(self) -> dict[str, PartitionInfo] | None:
+        """Partition name -> facts; None when sinfo does not answer (see partitions_error)."""
+        if self._partitions is None and self._partitions_error is None:
+            ok, out = _run(["sinfo", "-h", "-a", "-o", "%P|%l|%c|%G|%f"])
+            if not ok:
+                self._partitions_error = out
+                return None
+            parts: dict[str, PartitionInfo] = {}
+            for line in out.splitlines():
+                fields = line.strip().split("|")
+                if len(fields) != 5:
+                    continue
+                raw_name, limit, cpus, gres, features = fields
+                name = raw_name.rstrip("*")
+                info = parts.setdefault(
+                    name, PartitionInfo(name, raw_name.endswith("*"), parse_partition_limit_minutes(limit), 0, 0)
+                )
+                info.max_cpus_per_node = max(info.max_cpus_per_node, int(re.sub(r"\D", "", cpus) or 0))
+                info.max_gpus_per_node = max(info.max_gpus_per_node, gres_gpu_count(gres))
+                info.features |= {f for f in features.split(",") if f and f != "(null)"}
+            self._partitions = parts
+        return self._partitions
+
+    @property
+    def partitions_error(self) -> str | None:
+        self.partitions()
+        return self._partitions_error
+
+    def accounts(self) -> set[str] | None:
+        """Accounts the user has associations with; None when sacctmgr does not answer."""
+        if self._accounts is None and self._accounts_error is None:
+            ok, out = _run(["sacctmgr", "-n", "-P", "show", "assoc", f"user={self.user}", "format=account"])
+            if not ok:
+                self._accounts_error = out
+                return None
+            self._accounts = {line.strip() for line in out.splitlines() if line.strip()}
+        return self._accounts
+
+    @property
+    def accounts_error(self) -> str | None:
+        self.accounts()
+        return self._accounts_error
+
+    def queued_gpus(self) -> int:
+        """GPUs held by this user's pending and running jobs (0 when squeue does not answer)."""
+        ok, out = _run(["squeue", "-h", "-u", self.user, "-o", "%D|%b"])
+        if not ok:
+            return 0
+        total = 0
+        for line in out.splitlines():
+            nodes, _, tres = line.partition("|")
+            per_node = gres_gpu_count(tres.replace("gres/", "").replace("gres:", ""))
+            total += per_node * int(nodes or 1)
+        return total
+
+
+_FEATURE_SPLIT_RE = re.compile(r"[|&,()\[\]]")
+
+
+def constraint_features(constraint: str) -> list[str]:
+    """Feature names in a Slurm constraint expression ('h200|l40s', '[a&b]*2')."""
+    names = []
+    for token in _FEATURE_SPLIT_RE.split(constraint):
+        token = token.split("*")[0].strip()
+        if token and not token.isdigit():
+            names.append(token)
+    return names
+
+
+def check_account(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts) -> list[Problem]:
+    example = f" (e.g. --account {profile.account_example})" if profile.account_example else ""
+    accounts = facts.accounts()
+    yours = f"; your accounts per sacctmgr: {', '.join(sorted(accounts))}" if accounts else ""
+    if not request.account:
+        if profile.account_required:
+            return [Problem("account", f"cluster {profile.name!r} requires --account{example}{yours}")]
+        return []
+    problems = []
+    if profile.account_pattern and not re.search(profile.account_pattern, request.account):
+        problems.append(Problem(
+            "account",
+            f"--account {request.account}: accounts on {profile.name!r} match {profile.account_pattern!r}{example}",
+        ))
+    if accounts is None:
+        problems.append(Problem("account", f"--account {request.account}: cannot ask sacctmgr ({facts.accounts_error})"))
+    elif request.account not in accounts:
+        problems.append(Problem(
+            "account",
+            f"--account {request.account}: sacctmgr knows no association of user {facts.user!r} with it"
+            f"{yours or ' (sacctmgr lists none for you)'}",
+        ))
+    return problems
+
+
+def _target_partition(request: JobRequest, parts: dict[str, PartitionInfo]) -> PartitionInfo | None:
+    if request.partition:
+        return parts.get(request.partition)
+    return next((p for p in parts.values() if p.default), None)
+
+
+def check_partition_and_constraint(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts) -> list[Problem]:
+    parts = facts.partitions()
+    if parts is None:
+        return [Problem("partition", f"cannot ask sinfo for partitions ({facts.partitions_error})")]
+    problems = []
+    if request.partition and request.partition not in parts:
+        problems.append(Problem(
+            "partition", f"--partition {request.partition}: no such partition (sinfo: {', '.join(sorted(parts))})"
+        ))
+    constraint = constraint_for(profile, request)
+    if constraint:
+        partition = _target_partition(request, parts) if request.partition else None
+        known = partition.features if partition else set().union(*(p.features for p in parts.values()))
+        where = f"partition {partition.name!r}" if partition else "this cluster"
+        for feature in constraint_features(constraint):
+            if feature not in known:
+                problems.append(Problem(
+                    "constraint",
+                    f"--constraint {constraint!r}: feature {feature!r} is on no node of {where} "
+                    f"(sinfo features: {', '.join(sorted(known)) or 'none'})",
+                ))
+    return problems
+
+
+def check_gpus(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts | None) -> list[Problem]:
+    problems = []
+    if request.gpus_per_node < 1:
+        return [Problem("gpus", f"--gpus {request.gpus_per_node}: a training stage needs at least 1")]
+    if request.nodes < 1:
+        problems.append(Problem("gpus", f"--nodes {request.nodes}: need at least 1"))
+    if profile.max_nodes is not None and request.nodes > profile.max_nodes:
+        problems.append(Problem("gpus", f"--nodes {request.nodes}: {profile.name!r} allows at most {profile.max_nodes}"))
+    if request.gpu_type and profile.gpu_types and request.gpu_type not in profile.gpu_types:
+        problems.append(Problem(
+            "gpus", f"--gpu-type {request.gpu_type}: {profile.name!r} has {', '.join(profile.gpu_types)}"
+        ))
+    limit, why = profile.max_gpus_per_node, f"the {profile.name!r} profile"
+    if limit is None and facts is not None and profile.is_slurm:
+        parts = facts.partitions() or {}
+        partition = _target_partition(request, parts)
+        if partition is not None:
+            if profile.gpus_are_cpus:
+                limit = partition.max_cpus_per_node // max(1, request.cpus_per_task)
+                why = (f"partition {partition.name!r} ({partition.max_cpus_per_node} CPUs per node, "
+                       f"{request.cpus_per_task} per GPU task)")
+            else:
+                limit = partition.max_gpus_per_node
+                why = f"partition {partition.name!r} (sinfo GRES)"
+    if limit is not None and request.gpus_per_node > limit:
+        hint = ""
+        if limit > 0 and request.gpus_per_node % limit == 0 and request.nodes == 1:
+            hint = f"; for {request.gpus_per_node} GPUs use --nodes {request.gpus_per_node // limit} --gpus {limit}"
+        problems.append(Problem(
+            "gpus", f"--gpus {request.gpus_per_node} per node: {why} allows at most {limit} per node{hint}"
+        ))
+    if profile.max_gpus_per_user is not None:
+        queued = facts.queued_gpus() if facts is not None else 0
+        if request.total_gpus + queued > profile.max_gpus_per_user:
+            problems.append(Problem(
+                "gpus",
+                f"{request.total_gpus} GPU(s) requested + {queued} already queued by {facts.user if facts else 'you'} "
+                f"exceeds {profile.name!r}'s cap of {profile.max_gpus_per_user} GPUs per user",
+            ))
+    return problems
+
+
+def check_time(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts | None) -> list[Problem]:
+    problems = []
+    limit, where = None, ""
+    if facts is not None:
+        parts = facts.partitions() or {}
+        partition = _target_partition(request, parts)
+        if partition is not None and partition.max_minutes is not None:
+            limit, where = partition.max_minutes, f"partition {partition.name!r}'s MaxTime (sinfo)"
+    if limit is None and profile.max_time is not None:
+        from hpcvp.cluster.sbatch import parse_time_minutes
+
+        limit, where = parse_time_minutes(profile.max_time), f"{profile.name!r}'s limit (profile max_time)"
+    if limit is not None and request.time_minutes > limit:
+        problems.append(Problem(
+            "time", f"--time {format_minutes(request.time_minutes)} exceeds {where} of {format_minutes(limit)}"
+        ))
+    if request.time_minutes * 60 <= request.signal_seconds:
+        problems.append(Problem(
+            "time",
+            f"--time {format_minutes(request.time_minutes)} is not longer than the pre-timeout signal "
+            f"({request.signal_seconds} s, --signal-seconds): the job would be told to stop as it starts",
+        ))
+    return problems
+
+
+def check_preemptible(profile: ClusterProfile, preemptible: bool) -> list[Problem]:
+    if preemptible and not profile.preemptible_comment:
+        return [Problem("gpus", f"--preemptible: cluster {profile.name!r} has no preemptible job option")]
+    return []
+
+
+def check_data(data_dir: Path, splits: Iterable[str] = ()) -> list[Problem]:
+    """The packed manifest loads, every shard it lists is there with its recorded size, and the
+    splits the stage reads are present (hashes are not recomputed here: that is `hpcvp-pack --verify`)."""
+    from hpcvp.data.shards import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(data_dir)
+    except ManifestError as exc:
+        return [Problem("data", f"--data {data_dir}: {exc}")]
+    problems = []
+    for entry in [*manifest.shards, *manifest.pseudo_masks]:
+        path = Path(data_dir) / entry.path
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            problems.append(Problem("data", f"--data {data_dir}: manifest lists {entry.path}, which is missing"))
+            continue
+        if size != entry.bytes:
+            problems.append(Problem(
+                "data", f"--data {data_dir}: {entry.path} has {size} bytes, the manifest says {entry.bytes}"
+            ))
+    for split in splits:
+        if not manifest.shards_for(split):
+            problems.append(Problem(
+                "data", f"--data {data_dir}: no {split!r} shards in the manifest (has: {', '.join(manifest.splits)})"
+            ))
+    return problems
+
+
+def check_raw_source(src: Path) -> list[Problem]:
+    if not Path(src).is_dir():
+        return [Problem("data", f"--src {src}: not a directory (the raw train/ val/ unlabeled/ hidden/ layout)")]
+    if not any((Path(src) / split).is_dir() for split in ("train", "val", "unlabeled", "hidden")):
+        return [Problem("data", f"--src {src}: none of train/ val/ unlabeled/ hidden/ is there")]
+    return []
+
+
+def check_run_dir_writable(run_root: Path) -> list[Problem]:
+    try:
+        run_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_root, prefix=".hpcvp-write-test-"):
+            pass
+    except OSError as exc:
+        return [Problem("run-dir", f"--run-root {run_root}: not writable ({exc.strerror or exc})")]
+    return []

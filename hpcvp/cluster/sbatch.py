@@ -1,0 +1,206 @@
+"""Job requests and how they become Slurm batch scripts.
+
+A :class:`JobRequest` is what the launcher wants (stage, GPUs, time, account, ...). From it and a
+:class:`~hpcvp.cluster.profiles.ClusterProfile` come the submitit parameters
+(:func:`submitit_parameters`), and the exact batch script submitit writes for them
+(:func:`render_submitit_script`, used by ``--dry-run``). The container option becomes a prefix
+for the python command (:func:`python_command`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcvp.cluster.profiles import ClusterProfile
+
+_TIME_RE = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
+_SUFFIX_RE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)(?P<unit>[smhd])$")
+
+
+def parse_time_minutes(text: str) -> int:
+    """Slurm time syntax -> whole minutes (rounded up).
+
+    Accepts what sbatch accepts ("MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS") plus
+    "90m", "2h", "1.5h", "2d". "infinite"/"UNLIMITED" are not job times (see partition limits).
+    """
+    text = str(text).strip()
+    suffix = _SUFFIX_RE.match(text)
+    if suffix:
+        factor = {"s": 1 / 60, "m": 1, "h": 60, "d": 1440}[suffix["unit"]]
+        minutes = math.ceil(float(suffix["num"]) * factor)
+    else:
+        match = _TIME_RE.match(text)
+        if not match:
+            raise ValueError(f"time {text!r}: expected HH:MM:SS, D-HH:MM:SS, MM, or 90m / 2h / 2d")
+        days = int(match["days"] or 0)
+        parts = [int(p) for p in (match["a"], match["b"], match["c"]) if p is not None]
+        if match["days"] is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+            hours, mins, secs = (parts + [0, 0])[:3]
+        elif len(parts) == 1:  # MM
+            hours, mins, secs = 0, parts[0], 0
+        elif len(parts) == 2:  # MM:SS
+            hours, mins, secs = 0, parts[0], parts[1]
+        else:
+            hours, mins, secs = parts
+        minutes = days * 1440 + hours * 60 + mins + math.ceil(secs / 60)
+    if minutes < 1:
+        raise ValueError(f"time {text!r}: must be at least one minute")
+    return minutes
+
+
+def parse_partition_limit_minutes(text: str) -> int | None:
+    """sinfo's %l (partition MaxTime) -> minutes, or None for no limit."""
+    text = text.strip()
+    if text.lower() in ("infinite", "unlimited", "n/a", ""):
+        return None
+    return parse_time_minutes(text)
+
+
+def format_minutes(minutes: int) -> str:
+    days, rest = divmod(minutes, 1440)
+    hours, mins = divmod(rest, 60)
+    return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours:02d}:{mins:02d}:00"
+
+
+@dataclass
+class JobRequest:
+    """One Slurm job of the launcher: a stage (or pack) with its resources."""
+
+    stage: str
+    job_name: str
+    run_dir: Path
+    # The module whose main(argv) the job runs, and its argv.
+    module: str
+    argv: list[str]
+    gpus_per_node: int  # 0: a CPU-only job (pack)
+    nodes: int = 1
+    time_minutes: int = 60
+    mem_gb: float | None = None
+    cpus_per_task: int = 1
+    account: str | None = None
+    partition: str | None = None
+    constraint: str | None = None
+    gpu_type: str | None = None
+    comment: str | None = None
+    container: Path | None = None
+    overlay: Path | None = None
+    dependency: str | None = None
+    max_requeues: int = 5
+    signal_seconds: int = 120
+    setup: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tasks_per_node(self) -> int:
+        # One task per GPU; a CPU-only job is one task.
+        return max(1, self.gpus_per_node)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def job_folder(self) -> Path:
+        """submitit's folder for this run: pickles, per-task logs; %j is the Slurm job id."""
+        return self.run_dir / "slurm" / "%j"
+
+
+def gres_for(profile: ClusterProfile, gpus_per_node: int, gpu_type: str | None) -> str | None:
+    if gpus_per_node < 1 or profile.gpu_request == "none" or profile.gpus_are_cpus:
+        return None
+    if gpu_type and profile.gpu_type_via == "gres":
+        return f"gpu:{gpu_type}:{gpus_per_node}"
+    return f"gpu:{gpus_per_node}"
+
+
+def constraint_for(profile: ClusterProfile, request: JobRequest) -> str | None:
+    """--constraint: the user's, else the GPU type when the profile puts types there, else the default."""
+    if request.constraint:
+        return request.constraint
+    if request.gpu_type and profile.gpu_type_via == "constraint":
+        return request.gpu_type
+    return profile.default_constraint
+
+
+def container_prefix(profile: ClusterProfile, container: Path | None, overlay: Path | None,
+                     use_gpus: bool) -> list[str]:
+    """Words that run a command inside the container (empty without one).
+
+    ``singularity exec --nv --overlay X:ro SIF /bin/bash -c 'SETUP && exec "$@"' hpcvp CMD...``: the
+    overlay is mounted read-only so that many tasks can share it; SETUP (e.g. ``source
+    /ext3/env.sh``) activates the environment installed in the overlay.
+    """
+    if container is None:
+        return []
+    words = [profile.container_runtime, "exec"]
+    if use_gpus:
+        words.append("--nv")
+    if overlay is not None:
+        words += ["--overlay", f"{overlay}:ro"]
+    words.append(str(container))
+    setup = profile.container_setup if overlay is not None else None
+    inner = f"{setup} && exec \"$@\"" if setup else 'exec "$@"'
+    words += ["/bin/bash", "-c", inner, "hpcvp-container"]
+    return words
+
+
+def python_command(profile: ClusterProfile, request: JobRequest, python: str | None = None) -> str:
+    """The shell words that start python for the job (inside the container when there is one)."""
+    use_gpus = request.gpus_per_node > 0 and not profile.gpus_are_cpus
+    prefix = container_prefix(profile, request.container, request.overlay, use_gpus)
+    if prefix:
+        # Inside the container the host's interpreter path means nothing: use the container's python.
+        return " ".join(shlex.quote(w) for w in prefix + [python or "python"])
+    return shlex.quote(python or sys.executable)
+
+
+def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[str, Any]:
+    """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (memory in GB, as submitit wants)."""
+    params: dict[str, Any] = {
+        "job_name": request.job_name,
+        "time": request.time_minutes,
+        "nodes": request.nodes,
+        "ntasks_per_node": request.tasks_per_node,
+        "cpus_per_task": request.cpus_per_task,
+        # Pre-timeout signal: submitit sends USR2 to every task this many seconds before the limit.
+        "signal_delay_s": request.signal_seconds,
+        "additional_parameters": {"requeue": True},
+    }
+    if request.mem_gb is not None:
+        params["mem"] = request.mem_gb
+    gres = gres_for(profile, request.gpus_per_node, request.gpu_type)
+    if gres:
+        params["gres"] = gres
+    constraint = constraint_for(profile, request)
+    optional = {
+        "partition": request.partition,
+        "account": request.account,
+        "constraint": constraint,
+        "comment": request.comment,
+        "dependency": request.dependency,
+    }
+    params.update({k: v for k, v in optional.items() if v})
+    setup = list(profile.setup) + list(request.setup)
+    env = {**profile.env, **request.env}
+    setup += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
+    if setup:
+        params["setup"] = setup
+    return params
+
+
+def render_submitit_script(profile: ClusterProfile, request: JobRequest, python: str | None = None) -> str:
+    """The batch script submitit writes for this request (what ``--dry-run`` prints)."""
+    from submitit.slurm import slurm as submitit_slurm
+
+    params = dict(submitit_parameters(profile, request))
+    if "mem" in params:  # SlurmExecutor converts GB to its own string the same way
+        params["mem"] = submitit_slurm._convert_mem(params["mem"])
+    folder = request.job_folder.absolute()
+    command = " ".join([python_command(profile, request, python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return submitit_slurm._make_sbatch_string(command=command, folder=folder, **params)

@@ -1,0 +1,250 @@
+"""Launch records and the ``--status`` table.
+
+Each run dir ``<run root>/<stage>/<name>/`` carries ``jobs.jsonl``: one JSON object per line,
+written by the launcher when it submits (``"event": "submitted"``), by the ``slurm/`` batch script
+when a job (re)starts (``"event": "started"``), and by local runs when they end
+(``"event": "finished"``). ``--status`` reads those, asks ``sacct`` (falling back to ``squeue``)
+for the state of the newest Slurm job of each run, and adds the engine's newest checkpoint step
+and the last line of ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+JOBS_FILE = "jobs.jsonl"
+STATE_STYLES = {
+    "RUNNING": "green", "PENDING": "yellow", "REQUEUED": "yellow", "PREEMPTED": "magenta",
+    "TIMEOUT": "red", "COMPLETED": "bold green", "FAILED": "bold red", "CANCELLED": "red",
+    "OUT_OF_MEMORY": "bold red", "NODE_FAIL": "red",
+}
+
+
+def now_iso() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def record_event(run_dir: Path, **fields: Any) -> None:
+    """Append one launch record (a single small write with O_APPEND: lines never interleave)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"time": now_iso(), **fields}
+    line = (json.dumps(payload, sort_keys=True) + "\n").encode()
+    fd = os.open(run_dir / JOBS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / JOBS_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn line from a killed writer
+        if isinstance(record, dict):
+            events.append(record)
+    return events
+
+
+def find_runs(run_root: Path) -> list[Path]:
+    """Run dirs under the root: ``<root>/<stage>/<name>/`` holding a launch record or metrics."""
+    run_root = Path(run_root)
+    if not run_root.is_dir():
+        return []
+    runs = []
+    for stage_dir in sorted(p for p in run_root.iterdir() if p.is_dir()):
+        for run_dir in sorted(p for p in stage_dir.iterdir() if p.is_dir()):
+            if (run_dir / JOBS_FILE).exists() or (run_dir / "metrics.jsonl").exists():
+                runs.append(run_dir)
+    return runs
+
+
+@dataclass
+class SlurmJobState:
+    job_id: str
+    state: str
+    restarts: int
+    exit_code: str = ""
+
+
+def _run(args: list[str]) -> str | None:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def slurm_job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
+    """Job id -> newest state and number of requeues, from ``sacct -D`` (every requeued attempt is a
+    row of its own), else from ``squeue``/``scontrol`` for jobs sacct does not know (no accounting)."""
+    ids = sorted({str(j) for j in job_ids if j})
+    states: dict[str, SlurmJobState] = {}
+    if not ids:
+        return states
+    out = _run(["sacct", "-n", "-P", "-D", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State,ExitCode"])
+    if out:
+        rows: dict[str, list[tuple[str, str]]] = {}
+        for line in out.splitlines():
+            fields = line.split("|")
+            if len(fields) >= 3 and fields[0] in ids:
+                rows.setdefault(fields[0], []).append((fields[1].split()[0] if fields[1] else "", fields[2]))
+        for job_id, attempts in rows.items():
+            state, exit_code = attempts[-1]
+            requeues = sum(1 for s, _ in attempts if s in ("REQUEUED", "PREEMPTED", "TIMEOUT", "NODE_FAIL"))
+            states[job_id] = SlurmJobState(job_id, state, max(requeues, len(attempts) - 1), exit_code)
+    missing = [j for j in ids if j not in states]
+    for job_id in missing:
+        info = _run(["scontrol", "-o", "show", "job", job_id])
+        if not info:
+            continue
+        fields = dict(item.split("=", 1) for item in info.split() if "=" in item)
+        states[job_id] = SlurmJobState(
+            job_id, fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", "0") or 0), fields.get("ExitCode", "")
+        )
+    return states
+
+
+def last_metric(run_dir: Path, max_keys: int = 3) -> str:
+    """The last metrics.jsonl line as 'step N: key=value ...' (a torn last line is skipped)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return ""
+    record = None
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 65536))
+        tail = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(tail):
+        try:
+            parsed = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(parsed, dict):
+            record = parsed
+            break
+    if record is None:
+        return ""
+    scalars = {k: v for k, v in record.items() if k not in ("step", "time", "epoch") and isinstance(v, (int, float))}
+    # Evaluation numbers first (what one wants to see), then the rest in file order.
+    ordered = sorted(scalars, key=lambda k: (not any(w in k for w in ("jaccard", "iou", "val")), list(scalars).index(k)))
+    parts = [f"{k}={scalars[k]:.4g}" if isinstance(scalars[k], float) else f"{k}={scalars[k]}" for k in ordered[:max_keys]]
+    step = record.get("step")
+    return (f"step {step}: " if step is not None else "") + " ".join(parts)
+
+
+@dataclass
+class RunStatus:
+    stage: str
+    run: str
+    run_dir: Path
+    job_id: str
+    via: str
+    state: str
+    restarts: int
+    checkpoint_step: int | None
+    metric: str
+
+
+def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = None) -> RunStatus:
+    from hpcvp.train.checkpoint import latest_step
+
+    run_dir = Path(run_dir)
+    events = read_events(run_dir)
+    submissions = [e for e in events if e.get("job_id")]
+    latest = submissions[-1] if submissions else (events[-1] if events else {})
+    job_id = str(latest.get("job_id") or "")
+    via = str(latest.get("via") or "")
+    state, restarts = "", 0
+    if job_id and slurm_states is not None and job_id in slurm_states:
+        found = slurm_states[job_id]
+        state, restarts = found.state, found.restarts
+    elif via == "local" or not job_id:
+        finished = [e for e in events if e.get("event") == "finished"]
+        started = [e for e in events if e.get("event") in ("started", "submitted")]
+        if finished and (not started or finished[-1]["time"] >= started[-1]["time"]):
+            state = str(finished[-1].get("state", "")).upper()
+        elif started:
+            state = "RUNNING" if _pid_alive(started[-1].get("pid")) else "FAILED"
+        restarts = max(0, len([e for e in events if e.get("event") == "started"]) - 1)
+    else:
+        state = "UNKNOWN"
+    return RunStatus(
+        stage=run_dir.parent.name,
+        run=run_dir.name,
+        run_dir=run_dir,
+        job_id=job_id or "-",
+        via=via or "-",
+        state=state or "-",
+        restarts=restarts,
+        checkpoint_step=latest_step(run_dir),
+        metric=last_metric(run_dir),
+    )
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def collect_status(run_root: Path) -> list[RunStatus]:
+    runs = find_runs(run_root)
+    job_ids = []
+    for run_dir in runs:
+        ids = [str(e["job_id"]) for e in read_events(run_dir) if e.get("job_id")]
+        if ids:
+            job_ids.append(ids[-1])
+    states = slurm_job_states(job_ids) if job_ids else {}
+    return [run_status(run_dir, states) for run_dir in runs]
+
+
+def status_table(rows: list[RunStatus], run_root: Path):
+    from rich.table import Table
+
+    table = Table(title=f"hpcvp runs under {run_root}")
+    for name, justify in (("stage", "left"), ("run", "left"), ("job id", "right"), ("via", "left"),
+                          ("state", "left"), ("restarts", "right"), ("checkpoint step", "right"),
+                          ("last metric", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        style = STATE_STYLES.get(row.state, "")
+        table.add_row(
+            row.stage, row.run, row.job_id, row.via,
+            f"[{style}]{row.state}[/]" if style else row.state,
+            str(row.restarts), "-" if row.checkpoint_step is None else str(row.checkpoint_step),
+            row.metric or "-",
+        )
+    return table
+
+
+def print_status(run_root: Path, console=None) -> list[RunStatus]:
+    from rich.console import Console
+
+    console = console or Console()
+    rows = collect_status(run_root)
+    if not rows:
+        console.print(f"no runs under {run_root} (launch one, or pass --run-root)")
+        return rows
+    console.print(status_table(rows, run_root))
+    return rows

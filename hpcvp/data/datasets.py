@@ -1,0 +1,220 @@
+"""Map-style datasets over packed shards: clips, single frames, frame pairs, hidden inputs.
+
+Items are dicts of uint8 tensors with channel-last frames plus the ``video_id`` (normalise on the
+device with ``frames_to_float``). Every process (main, each DataLoader worker, each DDP rank) opens
+its own HDF5 handle on first use: handles are cached per process id, so a handle inherited
+through fork is never shared. All datasets have a fixed length and index deterministically, so
+``DistributedSampler`` splits them across ranks as usual.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .layout import NUM_FRAMES, NUM_INPUT_FRAMES, SPLIT_NUM_FRAMES, SPLITS
+from .shards import Manifest, load_manifest, open_h5
+
+MASK_SOURCES = ("true", "pseudo", "any")
+
+# (pid, path) -> open h5py.File; entries of other pids are inherited through fork and left alone.
+_OPEN_FILES: dict[tuple[int, str], "object"] = {}
+
+
+def shard_handle(path: os.PathLike | str):
+    """This process's read-only handle on one shard, opened on first use."""
+    key = (os.getpid(), str(path))
+    handle = _OPEN_FILES.get(key)
+    if handle is None:
+        handle = open_h5(path, "r")
+        _OPEN_FILES[key] = handle
+    return handle
+
+
+def close_shard_handles() -> None:
+    """Close this process's handles (e.g. before deleting or replacing shard files)."""
+    pid = os.getpid()
+    for key in [k for k in _OPEN_FILES if k[0] == pid]:
+        _OPEN_FILES.pop(key).close()
+
+
+def frames_to_float(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> ``dtype`` (..., 3, H, W) in [0, 1]; call it after moving to the device."""
+    return frames.movedim(-1, -3).to(dtype).div_(255.0)
+
+
+@dataclass(frozen=True)
+class _VideoRef:
+    video_id: int
+    shard: str  # absolute path of the frames shard
+    row: int
+    mask_shard: str | None  # absolute path of the file holding this video's masks
+    mask_row: int
+
+
+def _video_refs(manifest: Manifest, split: str, mask_source: str | None) -> list[_VideoRef]:
+    """Videos of ``split`` in manifest order with where their masks live under ``mask_source``."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if mask_source is not None and mask_source not in MASK_SOURCES:
+        raise ValueError(f"mask_source must be one of {MASK_SOURCES} or None, not {mask_source!r}")
+    root = manifest.root
+    pseudo: dict[int, tuple[str, int]] = {}
+    for entry in manifest.pseudo_for(split):  # later entries override earlier ones
+        for row, video_id in enumerate(entry.video_ids):
+            pseudo[video_id] = (str(root / entry.path), row)
+    refs = []
+    for shard in manifest.shards_for(split):
+        shard_path = str(root / shard.path)
+        for row, video_id in enumerate(shard.video_ids):
+            mask_shard, mask_row = None, -1
+            if mask_source in ("true", "any") and shard.has_masks:
+                mask_shard, mask_row = shard_path, row
+            elif mask_source in ("pseudo", "any") and video_id in pseudo:
+                mask_shard, mask_row = pseudo[video_id]
+            refs.append(_VideoRef(video_id, shard_path, row, mask_shard, mask_row))
+    return refs
+
+
+class _ShardDataset(Dataset):
+    def __init__(self, data_dir: os.PathLike | str, split: str, masks: bool | None, mask_source: str | None):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        manifest = load_manifest(self.data_dir)
+        if not manifest.shards_for(split):
+            raise ValueError(f"{self.data_dir}: no packed {split!r} shards (packed splits: {manifest.splits})")
+        self.frame_size = manifest.frame_size
+        self.num_frames = SPLIT_NUM_FRAMES[split]
+        refs = _video_refs(manifest, split, mask_source if masks is not False else None)
+        with_masks = [ref for ref in refs if ref.mask_shard is not None]
+        if masks is None:  # "when available": masks only if the source covers some videos
+            masks = bool(with_masks)
+        if masks:
+            if not with_masks:
+                hint = "" if mask_source == "pseudo" else "; use mask_source='pseudo' after the seg stage labels it"
+                raise ValueError(f"{self.data_dir}: split {split!r} has no {mask_source} masks{hint}")
+            refs = with_masks  # only videos that have masks from the chosen source
+        self.with_masks = bool(masks)
+        self.mask_source = mask_source if self.with_masks else None
+        self.videos = refs
+        self.video_ids = [ref.video_id for ref in refs]
+
+    def _frames(self, ref: _VideoRef, frame_slice) -> np.ndarray:
+        return shard_handle(ref.shard)["frames"][ref.row, frame_slice]
+
+    def _masks(self, ref: _VideoRef, frame_slice) -> np.ndarray:
+        return shard_handle(ref.mask_shard)["masks"][ref.mask_row, frame_slice]
+
+
+class ClipDataset(_ShardDataset):
+    """One item per video: frames/masks 1-11 as input and 12-22 as target.
+
+    -> {"video_id", "frames_in" (11,H,W,3), "frames_out" (11,H,W,3), "masks_in" (11,H,W),
+    "masks_out" (11,H,W)}, keys present as requested.
+    """
+
+    def __init__(
+        self,
+        data_dir: os.PathLike | str,
+        split: str,
+        frames: bool = True,
+        masks: bool = True,
+        mask_source: str = "true",
+    ):
+        if SPLIT_NUM_FRAMES.get(split) != NUM_FRAMES:
+            raise ValueError(f"split {split!r} has only the 11 input frames; use HiddenDataset")
+        if not (frames or masks):
+            raise ValueError("ClipDataset needs frames=True or masks=True")
+        super().__init__(data_dir, split, masks=masks, mask_source=mask_source)
+        self.with_frames = frames
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, index: int) -> dict:
+        ref = self.videos[index]
+        item = {"video_id": ref.video_id}
+        if self.with_frames:
+            clip = torch.from_numpy(self._frames(ref, slice(None)))
+            item["frames_in"], item["frames_out"] = clip[:NUM_INPUT_FRAMES], clip[NUM_INPUT_FRAMES:]
+        if self.with_masks:
+            masks = torch.from_numpy(self._masks(ref, slice(None)))
+            item["masks_in"], item["masks_out"] = masks[:NUM_INPUT_FRAMES], masks[NUM_INPUT_FRAMES:]
+        return item
+
+
+class FrameDataset(_ShardDataset):
+    """Every frame of every video -> {"video_id", "t", "frame" (H,W,3), "mask" (H,W) when available}.
+
+    ``masks=None`` includes masks when ``mask_source`` has some for this split (then only videos with
+    masks are listed); True requires them; False never reads them.
+    """
+
+    def __init__(
+        self,
+        data_dir: os.PathLike | str,
+        split: str,
+        mask_source: str = "true",
+        masks: bool | None = None,
+    ):
+        super().__init__(data_dir, split, masks=masks, mask_source=mask_source)
+
+    def __len__(self) -> int:
+        return len(self.videos) * self.num_frames
+
+    def __getitem__(self, index: int) -> dict:
+        video_index, t = divmod(int(index), self.num_frames)
+        if not 0 <= video_index < len(self.videos):
+            raise IndexError(index)
+        ref = self.videos[video_index]
+        item = {"video_id": ref.video_id, "t": t, "frame": torch.from_numpy(self._frames(ref, t))}
+        if self.with_masks:
+            item["mask"] = torch.from_numpy(self._masks(ref, t))
+        return item
+
+
+class PairDataset(_ShardDataset):
+    """Consecutive frames (t, t+1) -> {"video_id", "t", "frame0", "frame1", ["mask0", "mask1"]}."""
+
+    def __init__(
+        self,
+        data_dir: os.PathLike | str,
+        split: str,
+        mask_source: str = "true",
+        masks: bool | None = None,
+    ):
+        super().__init__(data_dir, split, masks=masks, mask_source=mask_source)
+
+    def __len__(self) -> int:
+        return len(self.videos) * (self.num_frames - 1)
+
+    def __getitem__(self, index: int) -> dict:
+        video_index, t = divmod(int(index), self.num_frames - 1)
+        if not 0 <= video_index < len(self.videos):
+            raise IndexError(index)
+        ref = self.videos[video_index]
+        pair = torch.from_numpy(self._frames(ref, slice(t, t + 2)))
+        item = {"video_id": ref.video_id, "t": t, "frame0": pair[0], "frame1": pair[1]}
+        if self.with_masks:
+            masks = torch.from_numpy(self._masks(ref, slice(t, t + 2)))
+            item["mask0"], item["mask1"] = masks[0], masks[1]
+        return item
+
+
+class HiddenDataset(_ShardDataset):
+    """The 11 given frames of each video -> {"video_id", "frames_in" (11,H,W,3)} (any split)."""
+
+    def __init__(self, data_dir: os.PathLike | str, split: str = "hidden"):
+        super().__init__(data_dir, split, masks=False, mask_source=None)
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def __getitem__(self, index: int) -> dict:
+        ref = self.videos[index]
+        return {"video_id": ref.video_id, "frames_in": torch.from_numpy(self._frames(ref, slice(0, NUM_INPUT_FRAMES)))}

@@ -1,0 +1,615 @@
+"""Synthetic CLEVRER-like videos written in the competition's exact raw layout.
+
+Each video is a small rigid-body simulation (pybullet, ``DIRECT`` mode) rendered with
+pybullet's software renderer (``ER_TINY_RENDERER``): 3 to 8 objects slide on a grey floor,
+some start outside the view and drive in, some are aimed at each other and collide, and
+floor friction slows them all down. The segmentation buffer of the same render call gives
+the per-pixel class mask, so frames and masks always agree pixel for pixel.
+
+Class ids (``mask.npy`` values, 0..48)::
+
+    class_id = 1 + shape * 16 + material * 8 + colour
+    shape:    0 cube, 1 sphere, 2 cylinder
+    material: 0 metal, 1 rubber
+    colour:   0 gray, 1 red, 2 blue, 3 green, 4 brown, 5 purple, 6 cyan, 7 yellow
+    0 = background (the floor and anything that is not an object)
+
+e.g. 1 = "gray metal cube", 10 = "red rubber cube", 17 = "gray metal sphere",
+48 = "yellow rubber cylinder". ``class_name(class_id)`` spells it out.
+
+Metal and rubber look different: every frame is rendered once with matte lighting, and
+when a metal object is in view, a second time with a strong specular term; metal pixels
+(known from the segmentation buffer) come from the second render.
+
+Determinism: a video's content depends only on ``(seed, video_id)``; ``size`` only sets
+the resolution it is rendered at (the camera keeps the same field of view). Every video is
+simulated in a fresh pybullet client, so neither the order in which videos are made, nor
+how many are made, nor the number of workers changes a single byte (for the same pybullet,
+numpy and Pillow builds: another physics or PNG-encoder version may change bytes).
+
+Layout written by ``generate_dataset`` (``hpcvp.data.layout``)::
+
+    <root>/train/video_<id>/image_0.png .. image_21.png, mask.npy (22,H,W) uint8  ids 0..
+    <root>/val/video_<id>/...        same, ids from 1000
+    <root>/unlabeled/video_<id>/     22 PNGs, no mask, ids from 2000
+    <root>/hidden/video_<id>/        image_0..image_10 only, no mask, ids from 15000
+    <root>/hpcvp_synthetic.json      {"size": [H, W], "seed": s, "counts": {...}, "format": 1}
+
+Each video is written to ``video_<id>.tmp`` and renamed when complete, so a killed run never
+leaves half a video; re-running skips complete videos and deletes ``.tmp`` leftovers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from hpcvp.data.layout import (
+    HEIGHT,
+    MASK_FILE_NAME,
+    SYNTHETIC_INFO_FILE_NAME,
+    NUM_CLASSES,
+    NUM_FRAMES,
+    SPLIT_HAS_MASKS,
+    SPLIT_ID_RANGES,
+    SPLIT_NUM_FRAMES,
+    SPLITS,
+    WIDTH,
+    frame_file_name,
+)
+from hpcvp.data.progress import Progress
+
+FORMAT_VERSION = 1
+METADATA_NAME = SYNTHETIC_INFO_FILE_NAME
+# Written when a run starts, replaced by METADATA_NAME when it ends: lets a resumed run
+# check that the videos already on disk were made with the same seed and size.
+PARTIAL_METADATA_NAME = ".hpcvp_synthetic.partial.json"
+TMP_SUFFIX = ".tmp"
+
+SHAPES = ("cube", "sphere", "cylinder")
+MATERIALS = ("metal", "rubber")
+COLOURS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
+# CLEVR's palette (sRGB 0..255).
+COLOUR_RGB = {
+    "gray": (87, 87, 87),
+    "red": (173, 35, 35),
+    "blue": (42, 75, 215),
+    "green": (29, 105, 20),
+    "brown": (129, 74, 25),
+    "purple": (129, 38, 192),
+    "cyan": (41, 208, 208),
+    "yellow": (255, 238, 51),
+}
+assert NUM_CLASSES == 1 + len(SHAPES) * len(MATERIALS) * len(COLOURS)
+
+# --- simulation -------------------------------------------------------------------------
+TIME_STEP = 1.0 / 240.0
+STEPS_PER_FRAME = 20  # 12 frames per simulated second; 22 frames = 1.83 s
+FRAME_SECONDS = TIME_STEP * STEPS_PER_FRAME
+GRAVITY = 9.81
+OBJECT_HALF_SIZE = 0.55  # cube half edge, sphere radius, cylinder radius and half height
+FLOOR_FRICTION = 1.0
+# Bullet multiplies the two bodies' coefficients; with the floor at 1.0 these are the
+# sliding friction coefficients, i.e. a slide decelerates at friction * g.
+OBJECT_FRICTION = {"metal": 0.06, "rubber": 0.09}
+OBJECT_MASS = {"metal": 2.0, "rubber": 1.0}
+OBJECT_RESTITUTION = 0.7  # object-object bounces; the floor has 0 so nothing hops
+SPHERE_ROLLING_FRICTION = 0.004
+MIN_OBJECTS, MAX_OBJECTS = 3, 8
+
+# --- camera and light ------------------------------------------------------------------
+CAMERA_EYE = (0.0, -11.5, 8.0)
+CAMERA_TARGET = (0.0, 0.6, 0.0)
+CAMERA_FOV_DEG = 30.0  # vertical; the horizontal field follows the frame's aspect (3:2 at 160x240)
+LIGHT_DIRECTION = (-2.0, -3.0, 6.0)
+FLOOR_RGB = (0.62, 0.62, 0.60)
+MATTE_LIGHT = dict(lightAmbientCoeff=0.55, lightDiffuseCoeff=0.45, lightSpecularCoeff=0.0)
+METAL_LIGHT = dict(lightAmbientCoeff=0.35, lightDiffuseCoeff=0.45, lightSpecularCoeff=1.6)
+
+
+def class_id(shape: str, material: str, colour: str) -> int:
+    """The class id of an object, e.g. ``class_id("cube", "metal", "red") == 2``."""
+    return 1 + SHAPES.index(shape) * 16 + MATERIALS.index(material) * 8 + COLOURS.index(colour)
+
+
+def class_attributes(cls: int) -> tuple[str, str, str]:
+    """``(shape, material, colour)`` of class id 1..48."""
+    if not 1 <= int(cls) < NUM_CLASSES:
+        raise ValueError(f"class id {cls} is not an object class (1..{NUM_CLASSES - 1})")
+    index = int(cls) - 1
+    return SHAPES[index // 16], MATERIALS[(index // 8) % 2], COLOURS[index % 8]
+
+
+def class_name(cls: int) -> str:
+    """Human name of a class id: 0 -> "background", 2 -> "red metal cube"."""
+    if int(cls) == 0:
+        return "background"
+    shape, material, colour = class_attributes(cls)
+    return f"{colour} {material} {shape}"
+
+
+# --- scene sampling ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class SceneObject:
+    cls: int
+    position: tuple[float, float]
+    yaw: float
+    velocity: tuple[float, float]
+
+    @property
+    def shape(self) -> str:
+        return class_attributes(self.cls)[0]
+
+    @property
+    def material(self) -> str:
+        return class_attributes(self.cls)[1]
+
+
+def _matrices(width: int, height: int) -> tuple[list[float], list[float]]:
+    import pybullet as p
+
+    view = p.computeViewMatrix(CAMERA_EYE, CAMERA_TARGET, (0.0, 0.0, 1.0))
+    proj = p.computeProjectionMatrixFOV(CAMERA_FOV_DEG, width / height, 0.1, 60.0)
+    return view, proj
+
+
+@functools.lru_cache(maxsize=1)
+def _world_to_clip() -> np.ndarray:
+    view, proj = _matrices(WIDTH, HEIGHT)
+    # pybullet matrices are column-major.
+    return np.asarray(proj, dtype=np.float64).reshape(4, 4).T @ np.asarray(view, dtype=np.float64).reshape(4, 4).T
+
+
+def _project(xy: np.ndarray, z: float = OBJECT_HALF_SIZE) -> np.ndarray:
+    """Normalised device coordinates (x, y) of floor points ``xy`` (N,2) seen by the camera."""
+    transform = _world_to_clip()
+    points = np.concatenate([xy, np.full((len(xy), 1), z), np.ones((len(xy), 1))], axis=1)
+    clip = points @ transform.T
+    return clip[:, :2] / clip[:, 3:4]
+
+
+def _in_view(xy: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """Whether object centres at ``xy`` (N,2) are within the frame shrunk by ``margin`` (NDC)."""
+    ndc = _project(np.atleast_2d(np.asarray(xy, dtype=np.float64)))
+    return np.all(np.abs(ndc) <= 1.0 - margin, axis=1)
+
+
+def _slide_distance(speed: float, seconds: float, material: str) -> float:
+    """How far an object launched at ``speed`` slides in ``seconds`` under floor friction."""
+    decel = OBJECT_FRICTION[material] * FLOOR_FRICTION * GRAVITY
+    stop_time = speed / decel
+    t = min(seconds, stop_time)
+    return speed * t - 0.5 * decel * t * t
+
+
+def _launch_speed(distance: float, seconds: float, material: str) -> float:
+    """Speed needed to slide ``distance`` in ``seconds`` (before friction stops the object)."""
+    decel = OBJECT_FRICTION[material] * FLOOR_FRICTION * GRAVITY
+    speed = distance / seconds + 0.5 * decel * seconds
+    # Friction stops the object after speed/decel; if that is earlier, launch faster.
+    return max(speed, math.sqrt(2.0 * decel * distance) * 1.02)
+
+
+def _floor_point(ndc: tuple[float, float], z: float = OBJECT_HALF_SIZE) -> np.ndarray:
+    """The point at height ``z`` seen at normalised device coordinates ``ndc``."""
+    m = _world_to_clip()
+    u, v = ndc
+    # u = (m0 . X) / (m3 . X) and v likewise, with X = (x, y, z, 1): two linear equations in x, y.
+    rows = np.stack([m[0] - u * m[3], m[1] - v * m[3]])
+    return np.linalg.solve(rows[:, :2], -(rows[:, 2] * z + rows[:, 3]))
+
+
+def _random_point_in_view(rng: np.random.Generator, margin: float) -> np.ndarray:
+    """A floor point uniformly distributed over the image (not over the floor, where the far
+    half of the view would get most points)."""
+    return _floor_point(rng.uniform(-1.0 + margin, 1.0 - margin, size=2))
+
+
+def _exit_distance(start: np.ndarray, direction: np.ndarray) -> float:
+    """Distance along ``direction`` from a point in view to where it leaves the view."""
+    step = 0.1
+    distance = 0.0
+    while _in_view(start + direction * (distance + step), margin=-0.15)[0] and distance < 30.0:
+        distance += step
+    return distance + step
+
+
+def sample_scene(seed: int, video_id: int) -> list[SceneObject]:
+    """The objects of video ``video_id`` under ``seed``: classes, starts and launch velocities.
+
+    Roles: resting objects, objects already moving in view, objects driving in from outside
+    the view, and (in most videos) a pair aimed to meet at the same point at the same time.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(video_id)]))
+    num_objects = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+    classes = rng.choice(np.arange(1, NUM_CLASSES), size=num_objects, replace=False)
+    min_gap = 2.0 * OBJECT_HALF_SIZE * math.sqrt(2.0) + 0.25  # cubes at any yaw never overlap
+
+    for _attempt in range(200):
+        objects: list[SceneObject] = []
+        starts: list[np.ndarray] = []
+        index = 0
+        if num_objects >= 2 and rng.random() < 0.75:
+            meet = _random_point_in_view(rng, margin=0.35)
+            seconds = rng.uniform(0.4, 1.1)
+            first = rng.uniform(0.0, 2.0 * math.pi)
+            second = first + math.pi + rng.uniform(-1.2, 1.2)  # roughly head-on
+            for angle in (first, second):
+                material = class_attributes(classes[index])[1]
+                direction = np.array([math.cos(angle), math.sin(angle)])
+                speed = rng.uniform(1.5, 3.2)
+                travel = _slide_distance(speed, seconds, material)
+                start = meet - direction * travel
+                objects.append(SceneObject(int(classes[index]), tuple(start), rng.uniform(0, math.pi), tuple(direction * speed)))
+                starts.append(start)
+                index += 1
+        while index < num_objects:
+            material = class_attributes(classes[index])[1]
+            role = rng.choice(["rest", "moving", "entering"], p=[0.15, 0.5, 0.35])
+            if role == "entering":
+                target = _random_point_in_view(rng, margin=0.3)
+                angle = rng.uniform(0.0, 2.0 * math.pi)
+                direction = np.array([math.cos(angle), math.sin(angle)])
+                outside = _exit_distance(target, -direction) + rng.uniform(0.3, 1.5)
+                start = target - direction * outside
+                speed = min(_launch_speed(outside, rng.uniform(0.5, 1.4), material), 7.0)
+                velocity = direction * speed
+            else:
+                start = _random_point_in_view(rng, margin=0.1)
+                angle = rng.uniform(0.0, 2.0 * math.pi)
+                speed = 0.0 if role == "rest" else rng.uniform(1.2, 3.5)
+                velocity = np.array([math.cos(angle), math.sin(angle)]) * speed
+            objects.append(SceneObject(int(classes[index]), tuple(start), rng.uniform(0, math.pi), tuple(velocity)))
+            starts.append(start)
+            index += 1
+        points = np.stack(starts)
+        gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 1e9
+        if gaps.min() >= min_gap:
+            return [
+                SceneObject(o.cls, (float(o.position[0]), float(o.position[1])), float(o.yaw),
+                            (float(o.velocity[0]), float(o.velocity[1])))
+                for o in objects
+            ]
+    raise RuntimeError(f"could not place {num_objects} objects without overlap (seed {seed}, video {video_id})")
+
+
+# --- simulation and rendering -----------------------------------------------------------
+@contextlib.contextmanager
+def _bullet_client() -> Iterator[int]:
+    import pybullet as p
+
+    client = p.connect(p.DIRECT)
+    try:
+        yield client
+    finally:
+        p.disconnect(client)
+
+
+def _build_world(client: int, objects: Sequence[SceneObject]) -> dict[int, int]:
+    """Create floor and objects; returns body id -> class id for the objects."""
+    import pybullet as p
+
+    p.setGravity(0.0, 0.0, -GRAVITY, physicsClientId=client)
+    p.setTimeStep(TIME_STEP, physicsClientId=client)
+    floor_half = (40.0, 40.0, 0.1)
+    # The renderer has no near-plane clipping: floor triangles reaching behind the camera
+    # rasterise as stray wedges, so the visible floor stops in front of it.
+    visual_y = (CAMERA_EYE[1] + 2.0, 40.0)
+    visual_half = (floor_half[0], (visual_y[1] - visual_y[0]) / 2.0, floor_half[2])
+    floor = p.createMultiBody(
+        0.0,
+        p.createCollisionShape(p.GEOM_BOX, halfExtents=floor_half, physicsClientId=client),
+        p.createVisualShape(p.GEOM_BOX, halfExtents=visual_half, rgbaColor=(*FLOOR_RGB, 1.0),
+                            visualFramePosition=(0.0, (visual_y[0] + visual_y[1]) / 2.0, 0.0), physicsClientId=client),
+        (0.0, 0.0, -floor_half[2]),
+        physicsClientId=client,
+    )
+    p.changeDynamics(floor, -1, lateralFriction=FLOOR_FRICTION, restitution=0.0,
+                     rollingFriction=1.0, spinningFriction=1.0, physicsClientId=client)
+
+    body_classes: dict[int, int] = {}
+    s = OBJECT_HALF_SIZE
+    for obj in objects:
+        shape, material, colour = class_attributes(obj.cls)
+        rgba = (*(c / 255.0 for c in COLOUR_RGB[colour]), 1.0)
+        if shape == "cube":
+            collision = p.createCollisionShape(p.GEOM_BOX, halfExtents=(s, s, s), physicsClientId=client)
+            visual = p.createVisualShape(p.GEOM_BOX, halfExtents=(s, s, s), rgbaColor=rgba, physicsClientId=client)
+        elif shape == "sphere":
+            collision = p.createCollisionShape(p.GEOM_SPHERE, radius=s, physicsClientId=client)
+            visual = p.createVisualShape(p.GEOM_SPHERE, radius=s, rgbaColor=rgba, physicsClientId=client)
+        else:
+            collision = p.createCollisionShape(p.GEOM_CYLINDER, radius=s, height=2 * s, physicsClientId=client)
+            visual = p.createVisualShape(p.GEOM_CYLINDER, radius=s, length=2 * s, rgbaColor=rgba, physicsClientId=client)
+        orientation = p.getQuaternionFromEuler((0.0, 0.0, obj.yaw))
+        body = p.createMultiBody(OBJECT_MASS[material], collision, visual, (obj.position[0], obj.position[1], s),
+                                 orientation, physicsClientId=client)
+        p.changeDynamics(
+            body, -1,
+            lateralFriction=OBJECT_FRICTION[material],
+            restitution=OBJECT_RESTITUTION,
+            rollingFriction=SPHERE_ROLLING_FRICTION if shape == "sphere" else 0.0,
+            spinningFriction=0.02,
+            linearDamping=0.0,
+            angularDamping=0.05,
+            physicsClientId=client,
+        )
+        vx, vy = obj.velocity
+        # A sphere launched without spin would skid first; start it rolling instead.
+        spin = (-vy / s, vx / s, 0.0) if shape == "sphere" else (0.0, 0.0, 0.0)
+        p.resetBaseVelocity(body, (vx, vy, 0.0), spin, physicsClientId=client)
+        body_classes[body] = obj.cls
+    return body_classes
+
+
+def _render(client: int, width: int, height: int, light: dict, segmentation: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    import pybullet as p
+
+    view, proj = _matrices(width, height)
+    flags = 0 if segmentation else p.ER_NO_SEGMENTATION_MASK
+    _, _, rgba, _, seg = p.getCameraImage(
+        width, height, view, proj,
+        lightDirection=LIGHT_DIRECTION, lightColor=(1.0, 1.0, 1.0), lightDistance=12.0,
+        shadow=0, renderer=p.ER_TINY_RENDERER, flags=flags, physicsClientId=client, **light,
+    )
+    rgb = np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[..., :3]
+    return rgb, (np.asarray(seg, dtype=np.int64).reshape(height, width) if segmentation else None)
+
+
+def render_video(video_id: int, seed: int, size: tuple[int, int] = (HEIGHT, WIDTH),
+                 num_frames: int = NUM_FRAMES) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate and render video ``video_id`` of the dataset made with ``seed``.
+
+    Returns ``frames`` uint8 (T,H,W,3) and ``masks`` uint8 (T,H,W) of class ids 0..48, with
+    ``T = num_frames`` (22 by default; a shorter render equals the start of a longer one).
+    """
+    return render_scene(sample_scene(seed, video_id), size, num_frames)
+
+
+def render_scene(objects: Sequence[SceneObject], size: tuple[int, int] = (HEIGHT, WIDTH),
+                 num_frames: int = NUM_FRAMES) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate ``objects`` from their launch state and render ``num_frames`` frames and masks."""
+    import pybullet as p
+
+    height, width = (int(v) for v in size)
+    if height < 8 or width < 8:
+        raise ValueError(f"frame size {height}x{width} is too small (need at least 8x8)")
+    if not 1 <= num_frames <= NUM_FRAMES:
+        raise ValueError(f"num_frames must be in 1..{NUM_FRAMES}, got {num_frames}")
+    if not objects:
+        raise ValueError("a scene needs at least one object")
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    masks = np.empty((num_frames, height, width), dtype=np.uint8)
+    with _bullet_client() as client:
+        body_classes = _build_world(client, objects)
+        # Segmentation ids: -1 = nothing, floor = 0, objects as created; map to class ids.
+        lookup = np.zeros(max(body_classes) + 2, dtype=np.uint8)
+        metal = np.zeros(max(body_classes) + 2, dtype=bool)
+        for body, cls in body_classes.items():
+            lookup[body + 1] = cls
+            metal[body + 1] = class_attributes(cls)[1] == "metal"
+        for t in range(num_frames):
+            if t:
+                for _ in range(STEPS_PER_FRAME):
+                    p.stepSimulation(physicsClientId=client)
+            rgb, seg = _render(client, width, height, MATTE_LIGHT, segmentation=True)
+            seg_index = seg + 1
+            masks[t] = lookup[seg_index]
+            metal_pixels = metal[seg_index]
+            if metal_pixels.any():
+                shiny, _ = _render(client, width, height, METAL_LIGHT, segmentation=False)
+                rgb = np.where(metal_pixels[..., None], shiny, rgb)
+            frames[t] = rgb
+    return frames, masks
+
+
+# --- dataset on disk --------------------------------------------------------------------
+def split_video_ids(split: str, count: int) -> range:
+    """Video ids of the first ``count`` videos of ``split`` (train from 0, val from 1000, ...)."""
+    low, high = SPLIT_ID_RANGES[split]
+    if count < 0:
+        raise ValueError(f"count for split {split!r} must be >= 0, got {count}")
+    if high is not None and low + count > high:
+        raise ValueError(f"split {split!r} holds at most {high - low} videos (ids {low}..{high - 1}), asked for {count}")
+    return range(low, low + count)
+
+
+def write_video(root: Path, split: str, video_id: int, seed: int, size: tuple[int, int]) -> bool:
+    """Render one video into ``<root>/<split>/video_<id>`` atomically; False if it already exists."""
+    split_dir = Path(root) / split
+    final = split_dir / f"video_{video_id}"
+    if final.is_dir():
+        return False
+    tmp = split_dir / f"video_{video_id}{TMP_SUFFIX}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    frames, masks = render_video(video_id, seed, size, num_frames=SPLIT_NUM_FRAMES[split])
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp / frame_file_name(t))
+    if SPLIT_HAS_MASKS[split]:
+        np.save(tmp / MASK_FILE_NAME, masks)
+    os.rename(tmp, final)
+    return True
+
+
+def _expected_files(split: str) -> list[str]:
+    names = [frame_file_name(t) for t in range(SPLIT_NUM_FRAMES[split])]
+    return names + ([MASK_FILE_NAME] if SPLIT_HAS_MASKS[split] else [])
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_metadata(path: Path, seed: int, size: tuple[int, int]) -> None:
+    try:
+        existing = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable synthetic-dataset metadata ({error}); delete the folder or use another root") from None
+    found = (existing.get("format"), existing.get("seed"), tuple(existing.get("size") or ()))
+    wanted = (FORMAT_VERSION, seed, tuple(size))
+    if found != wanted:
+        raise ValueError(
+            f"{path}: existing dataset has format/seed/size {found}, this run asks for {wanted}; "
+            "use another root or delete this one"
+        )
+
+
+def _prepare_root(root: Path, counts: dict[str, int], seed: int, size: tuple[int, int]) -> list[tuple[str, int]]:
+    """Check an existing root, clean ``.tmp`` leftovers and return the (split, id) still to make."""
+    has_metadata = False
+    for name in (METADATA_NAME, PARTIAL_METADATA_NAME):
+        if (root / name).exists():
+            _check_metadata(root / name, seed, size)
+            has_metadata = True
+    todo: list[tuple[str, int]] = []
+    for split in SPLITS:
+        wanted = split_video_ids(split, counts[split])
+        split_dir = root / split
+        if not split_dir.is_dir():
+            todo.extend((split, vid) for vid in wanted)
+            continue
+        for entry in sorted(split_dir.iterdir()):
+            if entry.name.endswith(TMP_SUFFIX) and entry.name.startswith("video_"):
+                shutil.rmtree(entry)  # a killed run's half video
+            elif entry.name.startswith("video_") and entry.is_dir():
+                try:
+                    vid = int(entry.name[len("video_"):])
+                except ValueError:
+                    continue
+                if not has_metadata:
+                    raise ValueError(
+                        f"{entry}: {root} holds videos but no {METADATA_NAME}; it was not made by this "
+                        "generator (or with an unknown seed and size), use an empty root"
+                    )
+                if vid not in wanted:
+                    raise ValueError(
+                        f"{entry}: video is outside the requested counts {counts}; "
+                        "a synthetic root only grows, use another root to make fewer videos"
+                    )
+        for vid in wanted:
+            folder = split_dir / f"video_{vid}"
+            if folder.is_dir():
+                missing = [n for n in _expected_files(split) if not (folder / n).is_file()]
+                if not missing:
+                    continue
+                # Renames make folders complete; a missing file means someone removed it.
+                print(f"synthetic: {folder} lacks {missing[0]}; making it again", file=sys.stderr)
+                shutil.rmtree(folder)
+            todo.append((split, vid))
+    return todo
+
+
+def _normalise_counts(counts: dict[str, int]) -> dict[str, int]:
+    unknown = sorted(set(counts) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown} in counts; splits are {list(SPLITS)}")
+    return {split: int(counts.get(split, 0)) for split in SPLITS}
+
+
+def _write_video_task(task: tuple[str, str, int, int, tuple[int, int]]) -> tuple[str, int]:
+    root, split, video_id, seed, size = task
+    write_video(Path(root), split, video_id, seed, size)
+    return split, video_id
+
+
+def generate_dataset(root: str | os.PathLike, counts: dict[str, int], seed: int = 0,
+                     size: tuple[int, int] = (HEIGHT, WIDTH), workers: int = 1, progress: bool = True) -> Path:
+    """Write a synthetic dataset in the competition raw layout under ``root``; returns ``root``.
+
+    ``counts`` maps split names (train, val, unlabeled, hidden) to numbers of videos; missing
+    splits get none. Re-running with the same seed and size skips finished videos (and can grow
+    the counts); a different seed or size in an existing root is an error.
+    """
+    root = Path(root)
+    size = (int(size[0]), int(size[1]))
+    if size[0] < 8 or size[1] < 8:
+        raise ValueError(f"frame size {size[0]}x{size[1]} is too small (need at least 8x8)")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    seed = int(seed)
+    counts = _normalise_counts(counts)
+    root.mkdir(parents=True, exist_ok=True)
+    todo = _prepare_root(root, counts, seed, size)
+    metadata = {"size": list(size), "seed": seed, "counts": counts, "format": FORMAT_VERSION}
+    if not (root / METADATA_NAME).exists():
+        _write_json_atomic(root / PARTIAL_METADATA_NAME, metadata)
+    for split in SPLITS:
+        (root / split).mkdir(exist_ok=True)
+
+    tasks = [(str(root), split, vid, seed, size) for split, vid in todo]
+    with Progress(len(tasks), f"synthetic {size[0]}x{size[1]}", unit="videos", enabled=progress and bool(tasks)) as bar:
+        if workers == 1 or len(tasks) <= 1:
+            for task in tasks:
+                _write_video_task(task)
+                bar.advance()
+        else:
+            # spawn: a forked child would inherit the parent's threads and library state.
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(min(workers, len(tasks))) as pool:
+                for _ in pool.imap_unordered(_write_video_task, tasks):
+                    bar.advance()
+    _write_json_atomic(root / METADATA_NAME, metadata)
+    (root / PARTIAL_METADATA_NAME).unlink(missing_ok=True)
+    return root
+
+
+# --- command line -----------------------------------------------------------------------
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``"80x120"`` -> ``(80, 120)`` (height x width)."""
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--res must look like HEIGHTxWIDTH (e.g. 80x120), got {text!r}") from None
+    if height < 8 or width < 8:
+        raise argparse.ArgumentTypeError(f"--res {text}: frames must be at least 8x8")
+    return height, width
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hpcvp-make-synthetic",
+        description="Write synthetic CLEVRER-like videos in the competition raw layout "
+                    "(<out>/{train,val,unlabeled,hidden}/video_<id>/image_<t>.png, mask.npy).",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="dataset root to create or resume")
+    parser.add_argument("--train", type=int, default=20, help="train videos (ids from 0)")
+    parser.add_argument("--val", type=int, default=5, help="val videos (ids from 1000)")
+    parser.add_argument("--unlabeled", type=int, default=20, help="unlabeled videos (ids from 2000)")
+    parser.add_argument("--hidden", type=int, default=5, help="hidden videos, 11 frames (ids from 15000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--res", type=parse_resolution, default=(HEIGHT, WIDTH),
+                        help=f"frame size HEIGHTxWIDTH (default {HEIGHT}x{WIDTH})")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering in parallel")
+    parser.add_argument("--no-progress", action="store_true", help="print nothing while rendering")
+    args = parser.parse_args(argv)
+    counts = {"train": args.train, "val": args.val, "unlabeled": args.unlabeled, "hidden": args.hidden}
+    try:
+        root = generate_dataset(args.out, counts, seed=args.seed, size=args.res, workers=args.workers,
+                                progress=not args.no_progress)
+    except ValueError as error:
+        parser.exit(2, f"hpcvp-make-synthetic: error: {error}\n")
+    print(f"{root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + f" videos at {args.res[0]}x{args.res[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Models: one file per model, each with ``PRESETS = {"tiny": {...}, "full": {...}}``.
+
+``tiny`` is for tests and CPU runs; ``full`` matches the published configurations.
+"""
+
+from hpcvp.models.raft import (
+    PRESETS as RAFT_PRESETS,
+    RaftWeightsError,
+    backward_warp,
+    build_raft,
+    estimate_flow,
+    forward_backward_occlusion,
+    forward_consistency_occlusion,
+    load_raft_weights,
+    pad_for_raft,
+    unpad,
+)
+from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS, SimVP
+from hpcvp.models.slot_attention import PRESETS as SLOT_PRESETS, SlotAttentionAutoEncoder
+from hpcvp.models.unet import PRESETS as UNET_PRESETS, UNet
+
+ALL_PRESETS = {
+    "unet": UNET_PRESETS,
+    "simvp": SIMVP_PRESETS,
+    "slot": SLOT_PRESETS,
+    "raft": RAFT_PRESETS,
+}
+
+
+def preset(model: str, name: str) -> dict:
+    """A copy of ``PRESETS[name]`` of ``model`` ("unet", "simvp", "slot", "raft"), with a clear error."""
+    if model not in ALL_PRESETS:
+        raise KeyError(f"unknown model {model!r}; choose one of {sorted(ALL_PRESETS)}")
+    presets = ALL_PRESETS[model]
+    if name not in presets:
+        raise KeyError(f"unknown preset {name!r} for {model}; choose one of {sorted(presets)}")
+    return dict(presets[name])
+
+
+__all__ = [
+    "ALL_PRESETS",
+    "RAFT_PRESETS",
+    "RaftWeightsError",
+    "SIMVP_PRESETS",
+    "SLOT_PRESETS",
+    "SimVP",
+    "SlotAttentionAutoEncoder",
+    "UNET_PRESETS",
+    "UNet",
+    "backward_warp",
+    "build_raft",
+    "estimate_flow",
+    "forward_backward_occlusion",
+    "forward_consistency_occlusion",
+    "load_raft_weights",
+    "pad_for_raft",
+    "preset",
+    "unpad",
+]

@@ -1,0 +1,204 @@
+"""RAFT optical flow (torchvision's implementation) plus the warping helpers flow training needs.
+
+torchvision's RAFT expects images in [-1, 1] with H and W divisible by 8 and at least 128 (its
+correlation pyramid pools the 1/8-resolution features three times). ``pad_for_raft`` / ``unpad``
+handle that; ``estimate_flow`` wraps the whole round trip for [0, 1] images.
+
+Flow convention (torchvision's): ``flow[:, 0]`` is the x (width) displacement and ``flow[:, 1]`` the
+y (height) displacement in pixels, from image1 to image2: pixel p of image1 moves to p + flow(p).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.optical_flow import raft_large, raft_small
+
+PRESETS = {
+    "tiny": {"variant": "small", "num_flow_updates": 4},
+    "full": {"variant": "large", "num_flow_updates": 12},
+}
+# torchvision's RAFT-small is the "full" small model; both variants are the published configs.
+VARIANTS = {"small": raft_small, "large": raft_large}
+
+RAFT_MULTIPLE = 8
+RAFT_MIN_SIZE = 128
+
+
+class RaftWeightsError(ValueError):
+    """A RAFT weights file could not be used; the message names the file."""
+
+
+def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, dict):
+        raise RaftWeightsError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    # Accept a checkpoint that nests the state dict under a common key.
+    for key in ("state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict) and not isinstance(obj[key], torch.Tensor):
+            obj = obj[key]
+            break
+    non_tensor = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if non_tensor:
+        raise RaftWeightsError(f"{path}: not a state dict (non-tensor entries such as {non_tensor[:3]})")
+    # Strip DistributedDataParallel / torch.compile prefixes.
+    cleaned = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned
+
+
+def load_raft_weights(model: nn.Module, weights_path: str | os.PathLike) -> None:
+    """Load a local state dict file into ``model``; every key and shape must match."""
+    path = Path(weights_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"RAFT weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt / not a torch file: say which file
+        raise RaftWeightsError(f"{path}: cannot be read as a torch state dict ({type(exc).__name__}: {exc})") from exc
+    state = _extract_state_dict(obj, path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k} (file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches, e.g. {mismatched[:3]}")
+        raise RaftWeightsError(f"{path} does not match this RAFT model: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def build_raft(variant: str = "small", weights_path: str | os.PathLike | None = None) -> nn.Module:
+    """torchvision ``raft_small``/``raft_large`` built without downloads; loads ``weights_path`` when given."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown RAFT variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    model = VARIANTS[variant](weights=None, progress=False)
+    if weights_path is not None:
+        load_raft_weights(model, weights_path)
+    return model
+
+
+def pad_for_raft(
+    x: torch.Tensor, multiple: int = RAFT_MULTIPLE, min_size: int = RAFT_MIN_SIZE, mode: str = "replicate"
+) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Pad (..., H, W) so H and W are multiples of ``multiple`` and at least ``min_size``.
+
+    Returns the padded tensor and ``(left, right, top, bottom)`` for ``unpad``. The padding is split
+    evenly on both sides.
+    """
+    height, width = x.shape[-2:]
+
+    def target(size: int) -> int:
+        size = max(size, min_size)
+        return size + (-size) % multiple
+
+    pad_h = target(height) - height
+    pad_w = target(width) - width
+    pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    if pad_h == 0 and pad_w == 0:
+        return x, pads
+    if x.ndim < 3:
+        raise ValueError(f"pad_for_raft expects (..., C, H, W), got {tuple(x.shape)}")
+    # reflect padding cannot exceed the image size (40x60 -> 128x128 does); replicate always works.
+    if mode == "reflect" and (pad_h >= height or pad_w >= width):
+        mode = "replicate"
+    flat = x.reshape(-1, *x.shape[-3:])  # F.pad's replicate/reflect modes want (N, C, H, W)
+    padded = F.pad(flat, pads, mode=mode).reshape(*x.shape[:-2], height + pad_h, width + pad_w)
+    return padded, pads
+
+
+def unpad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """Undo ``pad_for_raft`` on (..., H', W')."""
+    left, right, top, bottom = pads
+    height, width = x.shape[-2:]
+    return x[..., top : height - bottom, left : width - right]
+
+
+def estimate_flow(
+    model: nn.Module, image0: torch.Tensor, image1: torch.Tensor, num_flow_updates: int = 12
+) -> list[torch.Tensor]:
+    """Flow predictions (each (B, 2, H, W), coarse to fine) from image0 to image1, both (B, 3, H, W) in [0, 1]."""
+    if image0.shape != image1.shape or image0.ndim != 4 or image0.shape[1] != 3:
+        raise ValueError(f"estimate_flow expects two (B, 3, H, W) images, got {tuple(image0.shape)} and {tuple(image1.shape)}")
+    pair, pads = pad_for_raft(torch.stack([image0, image1]) * 2.0 - 1.0)
+    flows = model(pair[0], pair[1], num_flow_updates=num_flow_updates)
+    return [unpad(flow, pads) for flow in flows]
+
+
+def _pixel_grid(flow: torch.Tensor) -> torch.Tensor:
+    batch, _, height, width = flow.shape
+    ys = torch.arange(height, device=flow.device, dtype=flow.dtype)
+    xs = torch.arange(width, device=flow.device, dtype=flow.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def backward_warp(
+    x: torch.Tensor, flow: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Sample ``x`` at ``p + flow(p)``: out(p) = x(p + flow(p)).
+
+    x (B, C, H, W) (float, or integer labels (B, H, W)/(B, C, H, W) which are sampled with
+    ``mode="nearest"`` and returned in their dtype); flow (B, 2, H, W) in pixels, (dx, dy).
+    To predict frame t+1 from frame t, pass the flow from t+1 to t.
+    """
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"flow must be (B, 2, H, W), got {tuple(flow.shape)}")
+    squeeze = False
+    integer = not x.dtype.is_floating_point
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+        squeeze = True
+    if x.shape[0] != flow.shape[0] or x.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(f"x {tuple(x.shape)} and flow {tuple(flow.shape)} must share batch, H and W")
+    height, width = flow.shape[-2:]
+    coords = _pixel_grid(flow) + flow
+    # grid_sample wants (x, y) in [-1, 1] with align_corners=True mapping -1/1 to the pixel centres
+    # of the first/last pixel.
+    norm_x = 2.0 * coords[:, 0] / max(width - 1, 1) - 1.0
+    norm_y = 2.0 * coords[:, 1] / max(height - 1, 1) - 1.0
+    grid = torch.stack([norm_x, norm_y], dim=-1)
+    source = x.to(flow.dtype) if integer else x
+    out = F.grid_sample(source, grid, mode="nearest" if integer else mode, padding_mode=padding_mode, align_corners=True)
+    if integer:
+        out = out.round().to(x.dtype)
+    return out.squeeze(1) if squeeze else out
+
+
+def forward_consistency_occlusion(
+    flow_fw: torch.Tensor, flow_bw: torch.Tensor, alpha1: float = 0.01, alpha2: float = 0.5
+) -> torch.Tensor:
+    """Occlusion mask of image1 pixels (B, 1, H, W) float, 1 = occluded, from forward-backward consistency.
+
+    A pixel is occluded when its forward flow and the backward flow read at its destination do not
+    cancel: |fw + bw(p + fw)|^2 > alpha1 * (|fw|^2 + |bw(p + fw)|^2) + alpha2.
+    For the occlusion mask of image2, swap the arguments.
+    """
+    if flow_fw.shape != flow_bw.shape:
+        raise ValueError(f"forward {tuple(flow_fw.shape)} and backward {tuple(flow_bw.shape)} flows differ in shape")
+    bw_at_target = backward_warp(flow_bw, flow_fw)
+    mismatch = (flow_fw + bw_at_target).square().sum(dim=1, keepdim=True)
+    magnitude = flow_fw.square().sum(dim=1, keepdim=True) + bw_at_target.square().sum(dim=1, keepdim=True)
+    return (mismatch > alpha1 * magnitude + alpha2).to(flow_fw.dtype)
+
+
+# The brief names it this way; the interface file the other way. Same function.
+forward_backward_occlusion = forward_consistency_occlusion

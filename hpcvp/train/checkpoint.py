@@ -1,0 +1,312 @@
+"""The one checkpoint format.
+
+A checkpoint is a directory ``checkpoints/step_00001000/``:
+
+    state.pt   torch.save of a plain dict (model, optimizer, scheduler, scaler, step, epoch,
+               sampler position, train config, identity, ...); loads with weights_only=True
+    rng.pt     list of per-rank RNG states (index = rank)
+    extra.pt   optional: the task's extra state (any picklable object; trusted, weights_only=False)
+    meta.json  format version, step, and per file its size and CRC32
+
+It is written as ``step_00001000.tmp-<pid>``, every file fsynced, then renamed; only a directory
+with the final name is a checkpoint.  torch.load does not notice a flipped byte inside a tensor,
+hence the CRC32 of every file, checked on load.  A latest checkpoint that fails to load is skipped
+(with a warning) for the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("hpcvp.train")
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.pt"
+RNG_FILE = "rng.pt"
+EXTRA_FILE = "extra.pt"
+META_FILE = "meta.json"
+_NAME_RE = re.compile(r"^step_(\d{8,})$")
+_LEFTOVER_RE = re.compile(r"^step_\d{8,}\.(tmp|deleting|replaced)-(\d+)")
+_CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class CheckpointWarning(UserWarning):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict[str, Any]
+    rng: list | None = None
+    extra: Any = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{int(step):08d}"
+
+
+def _checkpoints_dir(path: str | os.PathLike) -> Path:
+    """Accept a run directory (or RunDir) or its checkpoints/ directory."""
+    path = Path(os.fspath(path))
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete (renamed) checkpoints as (step, path), oldest first.  Does not verify contents."""
+    root = _checkpoints_dir(checkpoints_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _NAME_RE.match(entry.name)
+        if m and entry.is_dir():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def latest_step(run_dir: str | os.PathLike) -> int | None:
+    """Step of the newest complete checkpoint of a run (or None); cheap, for status tables."""
+    found = list_checkpoints(run_dir)
+    return found[-1][0] if found else None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _CrcFile:
+    """File wrapper computing size and CRC32 of what torch.save writes through it."""
+
+    def __init__(self, f):
+        self._f = f
+        self.crc = 0
+        self.size = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.crc = zlib.crc32(view, self.crc)
+        self.size += view.nbytes
+        return self._f.write(view)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_torch(path: Path, obj: Any) -> dict[str, int]:
+    with open(path, "wb") as f:
+        wrapped = _CrcFile(f)
+        torch.save(obj, wrapped)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": wrapped.size, "crc32": wrapped.crc}
+
+
+def _remove_dir(path: Path, tag: str) -> None:
+    """Rename first (one atomic step: the name stops looking like a checkpoint), then delete."""
+    doomed = path.with_name(f"{path.name}.{tag}-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_leftovers(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary/half-deleted directories left by a killed writer (not our own)."""
+    root = Path(checkpoints_dir)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for entry in root.iterdir():
+        m = _LEFTOVER_RE.match(entry.name)
+        if m and int(m.group(2)) != os.getpid():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def save_checkpoint(
+    checkpoints_dir: str | os.PathLike,
+    step: int,
+    state: dict[str, Any],
+    rng: list | None = None,
+    extra: Any = None,
+    keep_last: int = 3,
+) -> Path:
+    """Atomically write checkpoint ``step`` and prune all but the newest ``keep_last``.
+
+    Single writer: call on one process (the trainer calls it on rank 0 with every rank's RNG
+    state gathered into ``rng``).  Returns the final directory.
+    """
+    if keep_last < 1:
+        raise ValueError("keep_last must be >= 1")
+    root = Path(checkpoints_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(root)
+    name = checkpoint_name(step)
+    final = root / name
+    tmp = root / f"{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {STATE_FILE: _write_torch(tmp / STATE_FILE, state)}
+    if rng is not None:
+        files[RNG_FILE] = _write_torch(tmp / RNG_FILE, rng)
+    if extra is not None:
+        files[EXTRA_FILE] = _write_torch(tmp / EXTRA_FILE, extra)
+    meta = {
+        "format": FORMAT_VERSION,
+        "step": int(step),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    }
+    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        # e.g. a corrupt step_N we fell back from and have now trained past again
+        _remove_dir(final, "replaced")
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    complete = list_checkpoints(root)
+    for _, old in complete[: max(0, len(complete) - keep_last)]:
+        _remove_dir(old, "deleting")
+    return final
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _verify_file(path: Path, expected: dict[str, int]) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    size = path.stat().st_size
+    if size != expected["bytes"]:
+        raise CheckpointError(f"{path}: {size} bytes, meta.json says {expected['bytes']} (truncated?)")
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    if crc != expected["crc32"]:
+        raise CheckpointError(f"{path}: CRC32 mismatch (file corrupted)")
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    load_rng: bool = True,
+    load_extra: bool = True,
+) -> Checkpoint:
+    """Load and verify one checkpoint directory; raises CheckpointError naming the file."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable ({exc})") from exc
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: format {meta.get('format')!r}, this hpcvp reads {FORMAT_VERSION}"
+        )
+    files = meta.get("files", {})
+    if STATE_FILE not in files:
+        raise CheckpointError(f"{meta_path}: no {STATE_FILE} listed")
+    wanted = [STATE_FILE]
+    if load_rng and RNG_FILE in files:
+        wanted.append(RNG_FILE)
+    if load_extra and EXTRA_FILE in files:
+        wanted.append(EXTRA_FILE)
+    loaded: dict[str, Any] = {}
+    for name in wanted:
+        file_path = path / name
+        _verify_file(file_path, files[name])
+        try:
+            loaded[name] = torch.load(
+                file_path, map_location=map_location, weights_only=(name != EXTRA_FILE)
+            )
+        except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError/...
+            raise CheckpointError(f"{file_path}: cannot load ({type(exc).__name__}: {exc})") from exc
+    state = loaded[STATE_FILE]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE}: expected a dict, got {type(state).__name__}")
+    return Checkpoint(
+        path=path,
+        step=int(meta["step"]),
+        state=state,
+        rng=loaded.get(RNG_FILE),
+        extra=loaded.get(EXTRA_FILE),
+        meta=meta,
+    )
+
+
+def load_latest(
+    checkpoints_dir: str | os.PathLike,
+    map_location: Any = "cpu",
+    quarantine: bool = False,
+    load_rng: bool = True,
+    load_extra: bool = True,
+) -> Checkpoint | None:
+    """Newest checkpoint that loads and verifies; older ones are tried when it fails (warning).
+
+    Returns None when there is no checkpoint; raises CheckpointError when there are some but
+    none loads (starting over silently would be worse).  ``quarantine`` renames the failed ones
+    to ``step_N.corrupt-<time>`` so they are kept for inspection but never picked again.
+    """
+    root = _checkpoints_dir(checkpoints_dir)
+    candidates = list_checkpoints(root)
+    failures = []
+    for step, path in reversed(candidates):
+        try:
+            ckpt = load_checkpoint(path, map_location, load_rng=load_rng, load_extra=load_extra)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            message = f"checkpoint {path} is unusable, falling back to the previous one: {exc}"
+            log.warning(message)
+            warnings.warn(message, CheckpointWarning, stacklevel=2)
+            if quarantine:
+                try:
+                    os.rename(path, path.with_name(f"{path.name}.corrupt-{int(time.time())}"))
+                except OSError as rename_exc:
+                    log.warning("could not set aside %s: %s", path, rename_exc)
+            continue
+        if ckpt.step != step:
+            log.warning("%s: meta.json says step %d", path, ckpt.step)
+        return ckpt
+    if failures:
+        raise CheckpointError(
+            f"no usable checkpoint in {root}; tried newest first:\n  " + "\n  ".join(failures)
+        )
+    return None
+
+
+def load_model_state(run_or_checkpoints_dir: str | os.PathLike, map_location: Any = "cpu"):
+    """(step, model state_dict) of the newest usable checkpoint, for inference stages."""
+    ckpt = load_latest(run_or_checkpoints_dir, map_location, load_rng=False, load_extra=False)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {_checkpoints_dir(run_or_checkpoints_dir)}")
+    return ckpt.step, ckpt.state["model"]

@@ -1,0 +1,150 @@
+"""TrainConfig: everything the loop owns (the stage owns model/data settings).
+
+Stages nest it (``cfg.train``); ``from_dict`` rejects unknown keys and ``with_overrides`` applies
+``key=value`` strings typed by the field's declared type, so CLI overrides fail with the key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Iterable
+
+from .signals import parse_signal
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("onecycle", "cosine", "constant")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+PROGRESS_MODES = ("auto", "bar", "plain", "off")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps (each = grad_accum micro-batches per rank)
+    batch_size: int = 32  # per rank, per micro-batch
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.05
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # sgd only
+    schedule: str = "onecycle"  # stepped once per optimizer step
+    warmup_frac: float = 0.05  # onecycle pct_start; cosine/constant linear warm-up fraction
+    min_lr_frac: float = 0.0  # cosine: final lr = lr * min_lr_frac
+    no_decay_on_norm_and_bias: bool = True  # parameters with ndim <= 1 get weight_decay 0
+    grad_accum: int = 1
+    clip_grad: float = 1.0  # max global grad norm; 0 disables
+    amp: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    sync_batchnorm: bool = False
+    find_unused_parameters: bool = False
+    eval_every: int = 0  # steps; 0 = only at the end
+    eval_at_end: bool = True
+    save_every_steps: int = 500  # 0 disables step-based saves
+    save_every_minutes: float = 10.0  # 0 disables time-based saves (rank 0's clock decides)
+    keep_last: int = 3  # complete checkpoints kept (>= 2 so a corrupt latest has a fallback)
+    seed: int = 0
+    shuffle: bool = True
+    seed_samples: bool = True  # reseed RNGs per sample from (seed, epoch, index)
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    log_every: int = 50  # steps between metrics.jsonl lines / progress updates
+    progress: str = "auto"  # auto: rich bar on a TTY, plain lines otherwise
+    preempt_signal: str = "USR2"  # plus SIGTERM; never USR1 (NCCL uses it)
+    dist_timeout_minutes: float = 30.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            return ValueError(f"TrainConfig.{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("max_steps", "batch_size", "grad_accum", "prefetch_factor"):
+            if int(getattr(self, key)) < 1:
+                raise bad(key, "must be >= 1")
+        for key in ("eval_every", "save_every_steps", "num_workers", "log_every"):
+            if int(getattr(self, key)) < 0:
+                raise bad(key, "must be >= 0")
+        if self.log_every < 1:
+            raise bad("log_every", "must be >= 1")
+        if self.keep_last < 2:
+            raise bad("keep_last", "must be >= 2 (the previous checkpoint is the fallback)")
+        if self.lr <= 0:
+            raise bad("lr", "must be > 0")
+        if self.weight_decay < 0 or self.clip_grad < 0 or self.save_every_minutes < 0:
+            raise ValueError("TrainConfig: weight_decay, clip_grad, save_every_minutes must be >= 0")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise bad("warmup_frac", "must be in [0, 1)")
+        if not 0.0 <= self.min_lr_frac <= 1.0:
+            raise bad("min_lr_frac", "must be in [0, 1]")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"choose one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"choose one of {SCHEDULES}")
+        if self.amp not in AMP_MODES:
+            raise bad("amp", f"choose one of {AMP_MODES}")
+        if self.progress not in PROGRESS_MODES:
+            raise bad("progress", f"choose one of {PROGRESS_MODES}")
+        try:
+            parse_signal(self.preempt_signal)
+        except ValueError as exc:
+            raise ValueError(f"TrainConfig.{exc}") from None
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"TrainConfig: unknown key(s) {unknown}; known keys: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def with_overrides(self, overrides: Iterable[str] | dict[str, Any]) -> "TrainConfig":
+        """New config with ``["lr=3e-4", "amp=off"]`` (or a dict) applied; values are parsed by
+        the field's type (bools accept true/false/1/0/yes/no)."""
+        items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
+        types = {f.name: f.type for f in fields(self)}
+        values = self.to_dict()
+        for key, raw in items:
+            if key not in types:
+                raise ValueError(f"TrainConfig: unknown key {key!r}; known keys: {sorted(types)}")
+            values[key] = parse_field_value(key, types[key], raw)
+        return TrainConfig(**values)
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ValueError(f"override {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def parse_field_value(key: str, type_name: Any, raw: Any) -> Any:
+    """Parse ``raw`` (usually a CLI string) as the dataclass field type named ``type_name``."""
+    if not isinstance(raw, str):
+        return raw
+    name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
+    try:
+        if name == "bool":
+            low = raw.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true/false")
+        if name == "int":
+            return int(raw)
+        if name == "float":
+            return float(raw)
+        if name == "str":
+            return raw
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"override {key}={raw!r}: {exc}") from None

@@ -1,0 +1,82 @@
+"""Shared fixtures. Data fixtures: tiny raw layouts written with PIL/numpy, a small synthetic set
+from the real generator, its packed form, and the embedded default dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hpcvp.data.layout import MASK_FILE_NAME, NUM_CLASSES, NUM_FRAMES, SPLIT_HAS_MASKS, SPLIT_NUM_FRAMES
+
+TINY_SIZE = (40, 60)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_video_arrays(video_id: int, split: str, size=TINY_SIZE):
+    """Deterministic frames (T,H,W,3) and masks (22,H,W) for a hand-written raw video."""
+    rng = np.random.default_rng(video_id)
+    frames = rng.integers(0, 256, (SPLIT_NUM_FRAMES[split], *size, 3), dtype=np.uint8)
+    masks = rng.integers(0, NUM_CLASSES, (NUM_FRAMES, *size), dtype=np.uint8) if SPLIT_HAS_MASKS[split] else None
+    return frames, masks
+
+
+def write_tiny_video(root: Path, split: str, video_id: int, size=TINY_SIZE, padding: int = 0,
+                     mask_dtype=np.uint8) -> Path:
+    """Write one raw video folder (``video_<id>`` zero-padded to ``padding`` digits)."""
+    folder = Path(root) / split / f"video_{video_id:0{padding}d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    frames, masks = tiny_video_arrays(video_id, split, size)
+    for t, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"image_{t}.png", compress_level=1)
+    if masks is not None:
+        np.save(folder / MASK_FILE_NAME, masks.astype(mask_dtype))
+    return folder
+
+
+@pytest.fixture
+def tiny_raw(tmp_path):
+    """Factory: ``tiny_raw({"train": [0, 1], "val": [1000]}, padding=...)`` -> a raw root."""
+
+    def build(videos: dict[str, list[int]], size=TINY_SIZE, padding: int = 0, name: str = "raw") -> Path:
+        root = tmp_path / name
+        for split, ids in videos.items():
+            for video_id in ids:
+                write_tiny_video(root, split, video_id, size=size, padding=padding)
+        return root
+
+    return build
+
+
+SYNTHETIC_COUNTS = {"train": 6, "val": 3, "unlabeled": 4, "hidden": 3}
+
+
+@pytest.fixture(scope="session")
+def synthetic_raw(tmp_path_factory) -> Path:
+    """A small set from the real generator (40x60) in the competition layout."""
+    from hpcvp.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "raw"
+    return generate_dataset(root, SYNTHETIC_COUNTS, seed=3, size=TINY_SIZE, workers=1, progress=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_packed(synthetic_raw, tmp_path_factory) -> Path:
+    """``synthetic_raw`` packed with 4 videos per shard, so splits span several shards."""
+    from hpcvp.data.shards import pack_dataset
+
+    out = tmp_path_factory.mktemp("packed") / "packed"
+    pack_dataset(synthetic_raw, out, shard_size=4, workers=1, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_dataset_dir(tmp_path_factory) -> Path:
+    """The embedded default dataset, built under $HPCVP_CACHE when set, else in a session temp dir."""
+    from hpcvp.data.default import ensure_default_dataset
+
+    cache = os.environ.get("HPCVP_CACHE") or tmp_path_factory.mktemp("hpcvp-cache")
+    return ensure_default_dataset(cache)

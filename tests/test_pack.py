@@ -1,0 +1,402 @@
+"""Packing into shards: format, manifest, bad input, skip mode, verify, resume after SIGKILL
+(byte for byte), pseudo-mask shards and staging."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcvp.data.layout import NUM_FRAMES, RawDataError, list_videos, read_video
+from hpcvp.data.shards import (
+    FORMAT_VERSION,
+    JOURNAL_NAME,
+    StagingError,
+    add_pseudo_masks,
+    load_manifest,
+    main as pack_main,
+    pack_dataset,
+    sha256_file,
+    stage_to_local,
+    verify_dataset,
+)
+from conftest import REPO_ROOT, TINY_SIZE, tiny_video_arrays, write_tiny_video
+from test_layout import BAD_INPUTS
+
+
+def shard_hashes(out: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(out.glob("*.h5"))}
+
+
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+# ----------------------------------------------------------------------------- format and manifest
+
+
+def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic_packed):
+    manifest = load_manifest(synthetic_packed)
+    payload = json.loads((synthetic_packed / "manifest.json").read_text())
+    assert payload["format"] == "hpcvp-shards" and payload["format_version"] == FORMAT_VERSION
+    # frame size comes from the generator's hpcvp_synthetic.json (40x60), not the 160x240 default
+    assert manifest.frame_size == TINY_SIZE == tuple(payload["frame_size"])
+    assert payload["compression"] == {"frames": "none", "masks": "lzf"}
+    names = [shard.path for shard in manifest.shards]
+    assert names == ["train-000.h5", "train-001.h5", "val-000.h5", "unlabeled-000.h5", "hidden-000.h5"]
+    assert payload["totals"]["videos"] == 16 and payload["totals"]["shards"] == 5
+    assert payload["totals"]["per_split"]["train"] == {
+        "videos": 6, "shards": 2, "bytes": sum(s.bytes for s in manifest.shards_for("train"))
+    }
+    assert payload["skipped"] == []
+    for shard in manifest.shards:
+        path = synthetic_packed / shard.path
+        assert not Path(shard.path).is_absolute()
+        assert shard.bytes == path.stat().st_size and shard.sha256 == sha256_file(path)
+        raw_videos = dict(list_videos(synthetic_raw, shard.split))
+        with h5py.File(path, "r", locking=False) as handle:
+            frames = handle["frames"]
+            assert frames.dtype == np.uint8 and frames.chunks == (1, 1, *TINY_SIZE, 3)
+            assert frames.compression is None
+            assert frames.shape == (len(shard.video_ids), shard.num_frames, *TINY_SIZE, 3)
+            assert list(handle["video_ids"][:]) == list(shard.video_ids)
+            assert ("masks" in handle) == shard.has_masks == (shard.split in ("train", "val"))
+            if shard.has_masks:
+                assert handle["masks"].compression == "lzf" and handle["masks"].chunks == (1, 1, *TINY_SIZE)
+                assert handle["masks"].shape == (len(shard.video_ids), NUM_FRAMES, *TINY_SIZE)
+            for row, video_id in enumerate(shard.video_ids):
+                raw_frames, raw_masks = read_video(raw_videos[video_id], shard.split, TINY_SIZE)
+                np.testing.assert_array_equal(frames[row], raw_frames)
+                if shard.has_masks:
+                    np.testing.assert_array_equal(handle["masks"][row], raw_masks)
+
+
+@pytest.mark.parametrize("compression, h5_filter", [("lzf", "lzf"), ("gzip:1", "gzip")])
+def test_compression_settings_store_the_same_pixels(tiny_raw, tmp_path, compression, h5_filter):
+    raw = tiny_raw({"train": [0, 1]})
+    out = tmp_path / "out"
+    pack_dataset(raw, out, compression=compression, mask_compression=compression, frame_size=TINY_SIZE,
+                 workers=1, quiet=True)
+    assert load_manifest(out).compression == {"frames": compression, "masks": compression}
+    with h5py.File(out / "train-000.h5", "r", locking=False) as handle:
+        assert handle["frames"].compression == h5_filter and handle["masks"].compression == h5_filter
+        for row in range(2):
+            frames, masks = tiny_video_arrays(row, "train")
+            np.testing.assert_array_equal(handle["frames"][row], frames)
+            np.testing.assert_array_equal(handle["masks"][row], masks)
+    with pytest.raises(ValueError, match="unknown compression 'zstd'"):
+        pack_dataset(raw, tmp_path / "bad", compression="zstd", workers=1, quiet=True)
+
+
+def test_both_paddings_pack_and_frame_size_flag(tmp_path):
+    raw = tmp_path / "raw"
+    write_tiny_video(raw, "val", 1370, padding=5)  # video_01370
+    write_tiny_video(raw, "val", 1371)  # video_1371
+    write_tiny_video(raw, "unlabeled", 2000)
+    write_tiny_video(raw, "unlabeled", 2001, padding=5)
+    # no hpcvp_synthetic.json: 160x240 is expected, so the 40x60 frames are refused with a hint...
+    with pytest.raises(RawDataError, match=r"video_01370/image_0.png: image is 40x60 \(HxW\), expected 160x240"):
+        pack_dataset(raw, tmp_path / "out", workers=1, quiet=True)
+    # ...and --frame-size overrides
+    assert pack_main(["--src", str(raw), "--out", str(tmp_path / "out"), "--frame-size", "40x60",
+                      "--workers", "1", "--quiet"]) == 0
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.video_ids("val") == [1370, 1371] and manifest.video_ids("unlabeled") == [2000, 2001]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_stops_naming_the_file_and_writes_nothing(tmp_path, case, capsys):
+    breaker, bad_name, reason = BAD_INPUTS[case]
+    raw = tmp_path / "raw"
+    for video_id in range(6):
+        write_tiny_video(raw, "train", video_id)
+    bad_folder = raw / "train" / "video_1"  # in the first shard: nothing may be written at all
+    breaker(bad_folder)
+    out = tmp_path / "out"
+    code = pack_main(["--src", str(raw), "--out", str(out), "--frame-size", "40x60", "--shard-size", "3",
+                      "--workers", "1", "--quiet"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert str(bad_folder / bad_name) in error and reason in error
+    leftovers = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert not any(name.endswith((".h5", ".tmp")) or name == "manifest.json" for name in leftovers), leftovers
+
+
+def test_bad_video_in_a_later_shard_leaves_only_complete_shards(tiny_raw, tmp_path):
+    raw = tiny_raw({"train": list(range(6))})
+    BAD_INPUTS["truncated_png"][0](raw / "train" / "video_4")
+    out = tmp_path / "out"
+    with pytest.raises(RawDataError, match="video_4/image_5.png"):
+        pack_dataset(raw, out, shard_size=3, frame_size=TINY_SIZE, workers=2, quiet=True)
+    assert sorted(p.name for p in out.glob("*.h5*")) == ["train-000.h5"]  # complete; train-001 removed
+    assert not (out / "manifest.json").exists()
+
+
+def test_skip_mode_records_bad_videos_and_packs_the_rest(tiny_raw, tmp_path):
+    raw = tiny_raw({"train": list(range(5)), "unlabeled": [2000, 2001]})
+    BAD_INPUTS["truncated_png"][0](raw / "train" / "video_1")  # found while decoding
+    BAD_INPUTS["missing_frame"][0](raw / "train" / "video_3")  # found before decoding
+    BAD_INPUTS["mask_value_too_high"][0](raw / "train" / "video_4")
+    out = tmp_path / "out"
+    assert pack_main(["--src", str(raw), "--out", str(out), "--frame-size", "40x60", "--on-error", "skip",
+                      "--shard-size", "2", "--workers", "2", "--quiet"]) == 0
+    manifest = load_manifest(out)
+    assert manifest.video_ids("train") == [0, 2] and manifest.video_ids("unlabeled") == [2000, 2001]
+    skipped = {s.video_id: s for s in manifest.skipped}
+    assert sorted(skipped) == [1, 3, 4]
+    assert skipped[1].path == str(raw / "train" / "video_1" / "image_5.png") and "unreadable PNG" in skipped[1].reason
+    assert skipped[3].path == str(raw / "train" / "video_3" / "image_21.png") and skipped[3].reason == "missing frame"
+    assert skipped[4].path.endswith("video_4/mask.npy") and "values span 49..49" in skipped[4].reason
+    assert json.loads((out / "manifest.json").read_text())["totals"]["skipped_videos"] == 3
+    # video 3 was never planned; 1 and 4 dropped out of their shards while decoding
+    assert [s.video_ids for s in manifest.shards_for("train")] == [(0,), (2,)]
+    assert skipped[1].shard == "train-000.h5" and skipped[4].shard == "train-001.h5" and skipped[3].shard is None
+    with h5py.File(out / "train-001.h5", "r", locking=False) as handle:
+        assert list(handle["video_ids"][:]) == [2]
+        assert handle["frames"].shape[0] == handle["masks"].shape[0] == 1
+        np.testing.assert_array_equal(handle["frames"][0], tiny_video_arrays(2, "train")[0])
+        np.testing.assert_array_equal(handle["masks"][0], tiny_video_arrays(2, "train")[1])
+    assert verify_dataset(out).ok
+    # re-running keeps every shard and reproduces the same manifest
+    before = (out / "manifest.json").read_bytes()
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, on_error="skip", workers=1, quiet=True)
+    assert (out / "manifest.json").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def test_verify_names_a_corrupted_and_a_missing_shard(tiny_raw, tmp_path, capsys):
+    raw = tiny_raw({"train": [0, 1, 2], "unlabeled": [2000, 2001]})
+    out = tmp_path / "out"
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    assert pack_main(["--verify", str(out), "--quiet"]) == 0
+    corrupted = out / "train-001.h5"
+    data = bytearray(corrupted.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle, same size
+    corrupted.write_bytes(bytes(data))
+    (out / "unlabeled-000.h5").unlink()
+    capsys.readouterr()
+    assert pack_main(["--verify", str(out), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert f"BAD {corrupted}: sha256" in error
+    assert f"BAD {out / 'unlabeled-000.h5'}: missing" in error
+    assert "train-000.h5" not in error
+    report = verify_dataset(out)
+    assert [Path(p).name for p, _ in report.bad] == ["train-001.h5", "unlabeled-000.h5"]
+
+
+# ----------------------------------------------------------------------------- resume, reproducibility
+
+
+def test_rerun_keeps_verified_shards_and_rewrites_a_corrupted_one(tiny_raw, tmp_path):
+    raw = tiny_raw({"train": list(range(4)), "hidden": [15000]})
+    out = tmp_path / "out"
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    clean = shard_hashes(out)
+    inodes = {p.name: p.stat().st_ino for p in out.glob("*.h5")}
+    data = bytearray((out / "train-001.h5").read_bytes())
+    data[-100] ^= 0x01
+    (out / "train-001.h5").write_bytes(bytes(data))
+    (out / "train-000.h5.tmp").write_bytes(b"leftover of a crash")
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    assert shard_hashes(out) == clean
+    assert (out / "train-000.h5").stat().st_ino == inodes["train-000.h5"]  # kept, not rewritten
+    assert (out / "hidden-000.h5").stat().st_ino == inodes["hidden-000.h5"]
+    assert not (out / "train-000.h5.tmp").exists() and not (out / JOURNAL_NAME).exists()
+    # a different compression is a different pack: everything is rewritten
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, compression="lzf", workers=1, quiet=True)
+    assert (out / "train-000.h5").stat().st_ino != inodes["train-000.h5"]
+    # fewer videos: shards that are no longer planned are removed
+    shutil.rmtree(raw / "train" / "video_3")
+    shutil.rmtree(raw / "train" / "video_2")
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    assert sorted(p.name for p in out.glob("*.h5")) == ["hidden-000.h5", "train-000.h5"]
+
+
+def test_pack_is_byte_identical_across_runs_and_worker_counts(tiny_raw, tmp_path):
+    raw = tiny_raw({"train": [0, 1, 2], "val": [1000], "unlabeled": [2000, 2001], "hidden": [15000]})
+    pack_dataset(raw, tmp_path / "a", shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    time.sleep(1.1)  # HDF5 timestamps have 1 s resolution: any that leaked in would now differ
+    pack_dataset(raw, tmp_path / "b", shard_size=2, frame_size=TINY_SIZE, workers=2, quiet=True)
+    assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
+    assert len(shard_hashes(tmp_path / "a")) == 5
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
+    """SIGKILL a pack while it writes its third shard, resume, compare with an uninterrupted pack."""
+    raw = tiny_raw({"train": list(range(8)), "val": [1000, 1001]})
+    (raw / "hpcvp_synthetic.json").write_text(json.dumps({"size": list(TINY_SIZE)}))
+    reference = tmp_path / "reference"
+    pack_dataset(raw, reference, shard_size=2, workers=1, quiet=True)
+
+    # The pack blocks on a FIFO standing in for frame 3 of video 5 (second video of train-002), so
+    # it is killed at a known point: train-000 and train-001 done, train-002.h5.tmp half written.
+    blocker = raw / "train" / "video_5" / "image_3.png"
+    original = blocker.read_bytes()
+    blocker.unlink()
+    os.mkfifo(blocker)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tools" / "pack_hdf5.py"), "--src", str(raw), "--out", str(out),
+         "--shard-size", "2", "--workers", "2"],
+        env=subprocess_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for(lambda: (out / "train-001.h5").exists() and (out / "train-002.h5.tmp").exists(), 60,
+                  "train-001.h5 and train-002.h5.tmp")
+        time.sleep(0.2)
+        assert process.poll() is None, process.stdout.read().decode()
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the packer and its worker processes
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists() and (out / JOURNAL_NAME).exists()
+    kept = {name: (out / name).stat().st_ino for name in ("train-000.h5", "train-001.h5")}
+    assert sha256_file(out / "train-000.h5") == sha256_file(reference / "train-000.h5")
+
+    blocker.unlink()
+    blocker.write_bytes(original)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "pack_hdf5.py"), "--src", str(raw), "--out", str(out),
+         "--shard-size", "2", "--workers", "1"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{out / 'train-000.h5'}: complete and verified, kept" in result.stderr
+    assert {name: (out / name).stat().st_ino for name in kept} == kept  # not rewritten
+    assert shard_hashes(out) == shard_hashes(reference)
+    assert len(shard_hashes(out)) == 5
+    assert not list(out.glob("*.tmp")) and not (out / JOURNAL_NAME).exists()
+    assert load_manifest(out).shards == load_manifest(reference).shards
+
+
+# ----------------------------------------------------------------------------- pseudo masks
+
+
+def test_pseudo_masks_are_written_listed_verified_and_superseded(tiny_raw, tmp_path):
+    raw = tiny_raw({"train": [0, 1], "unlabeled": [2000, 2001, 2002]})
+    out = tmp_path / "out"
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    rng = np.random.default_rng(0)
+    first = rng.integers(0, 49, (3, NUM_FRAMES, *TINY_SIZE), dtype=np.int64)
+    entries = add_pseudo_masks(out, "unlabeled", [2000, 2001, 2002], first, run="runs/seg/tiny", shard_size=2)
+    assert [e.path for e in entries] == ["pseudo-unlabeled-runs_seg_tiny-000.h5", "pseudo-unlabeled-runs_seg_tiny-001.h5"]
+    manifest = load_manifest(out)
+    assert [e.video_ids for e in manifest.pseudo_masks] == [(2000, 2001), (2002,)]
+    assert manifest.pseudo_masks[0].run == "runs/seg/tiny"
+    with h5py.File(out / entries[1].path, "r", locking=False) as handle:
+        np.testing.assert_array_equal(handle["masks"][0], first[2])
+    assert verify_dataset(out).ok and len(verify_dataset(out).checked) == 4
+
+    # a later run covering the first file's videos replaces it (file removed); an iterator works too
+    second = [rng.integers(0, 49, (NUM_FRAMES, *TINY_SIZE), dtype=np.uint8) for _ in range(2)]
+    add_pseudo_masks(out, "unlabeled", [2000, 2001], iter(second), run="runs/seg/tiny")
+    manifest = load_manifest(out)
+    assert [e.path for e in manifest.pseudo_masks] == ["pseudo-unlabeled-runs_seg_tiny-001.h5",
+                                                       "pseudo-unlabeled-runs_seg_tiny-002.h5"]
+    assert not (out / entries[0].path).exists()
+    # re-packing keeps the pseudo masks
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    assert load_manifest(out).pseudo_masks == manifest.pseudo_masks
+
+    with pytest.raises(ValueError, match=r"video ids \[5\] are not packed in split 'unlabeled'"):
+        add_pseudo_masks(out, "unlabeled", [5], np.zeros((1, NUM_FRAMES, *TINY_SIZE), np.uint8), run="x")
+    with pytest.raises(ValueError, match="values outside 0..48"):
+        add_pseudo_masks(out, "unlabeled", [2000], np.full((1, NUM_FRAMES, *TINY_SIZE), 49), run="x")
+    with pytest.raises(ValueError, match=r"has shape \(22, 40, 61\)"):
+        add_pseudo_masks(out, "unlabeled", [2000], np.zeros((1, NUM_FRAMES, 40, 61), np.uint8), run="x")
+    assert not list(out.glob("pseudo-unlabeled-x-*"))  # failed calls leave no file behind
+    assert load_manifest(out).pseudo_masks == manifest.pseudo_masks
+
+
+def _add_pseudo_for_rank(out: str, rank: int) -> None:
+    masks = np.full((1, NUM_FRAMES, *TINY_SIZE), rank + 1, np.uint8)
+    add_pseudo_masks(out, "unlabeled", [2000 + rank], masks, run=f"rank{rank}")
+
+
+def test_concurrent_pseudo_mask_writers_both_land(tiny_raw, tmp_path):
+    raw = tiny_raw({"unlabeled": [2000, 2001]})
+    out = tmp_path / "out"
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_add_pseudo_for_rank, args=(str(out), rank)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    manifest = load_manifest(out)
+    assert sorted(e.video_ids for e in manifest.pseudo_masks) == [(2000,), (2001,)]
+    assert verify_dataset(out).ok
+
+
+# ----------------------------------------------------------------------------- staging
+
+
+def test_stage_to_local_copies_checks_and_reuses(tiny_raw, tmp_path, monkeypatch):
+    raw = tiny_raw({"train": [0, 1, 2], "unlabeled": [2000]})
+    out = tmp_path / "shared" / "packed"
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    add_pseudo_masks(out, "unlabeled", [2000], np.zeros((1, NUM_FRAMES, *TINY_SIZE), np.uint8), run="seg")
+    monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path / "node"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))
+    staged = stage_to_local(out)
+    assert staged.parent == tmp_path / "node" / "hpcvp-data" and staged.name.startswith("packed-")
+    assert (staged / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+    assert shard_hashes(staged) == shard_hashes(out) and len(shard_hashes(staged)) == 4
+    assert verify_dataset(staged).ok
+
+    inodes = {p.name: p.stat().st_ino for p in staged.glob("*.h5")}
+    data = bytearray((staged / "train-000.h5").read_bytes())
+    data[10] ^= 0xFF
+    (staged / "train-000.h5").write_bytes(bytes(data))
+    assert stage_to_local(out) == staged
+    assert shard_hashes(staged) == shard_hashes(out)
+    assert (staged / "train-000.h5").stat().st_ino != inodes["train-000.h5"]  # bad copy replaced
+    assert (staged / "train-001.h5").stat().st_ino == inodes["train-001.h5"]  # identical copy kept
+
+    monkeypatch.delenv("SLURM_TMPDIR")
+    assert stage_to_local(out).parent == tmp_path / "elsewhere" / "hpcvp-data"
+    monkeypatch.delenv("TMPDIR")
+    with pytest.raises(StagingError, match="SLURM_TMPDIR"):
+        stage_to_local(out)
+
+    # a source shard that no longer matches its manifest is refused, naming it
+    (out / "train-001.h5").write_bytes(b"x" * (out / "train-001.h5").stat().st_size)
+    with pytest.raises(StagingError, match=r"shared/packed/train-001.h5: does not match the manifest"):
+        stage_to_local(out, tmp_path / "other-node")
+    assert not list((tmp_path / "other-node").rglob("*.tmp"))
+
+
+def test_stage_cli(tiny_raw, tmp_path, capsys):
+    raw = tiny_raw({"val": [1000]})
+    out = tmp_path / "packed"
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    assert pack_main(["--stage", str(out), "--stage-dest", str(tmp_path / "local"), "--quiet"]) == 0
+    staged = Path(capsys.readouterr().out.strip())
+    assert staged.parent == tmp_path / "local" / "hpcvp-data"
+    assert shard_hashes(staged) == shard_hashes(out)
