@@ -61,7 +61,8 @@ fi
 
 if [ "$hpcvp_stage" = pack ]; then
     [ -n "${HPCVP_SRC:-}" ] || hpcvp_fail "set HPCVP_SRC to the raw dataset root (train/ val/ unlabeled/ hidden/)"
-    hpcvp_command=("$hpcvp_python" -m hpcvp.data.shards --src "$HPCVP_SRC" --out "$hpcvp_data"
+    hpcvp_command=("$hpcvp_python" -c "import sys; from hpcvp.data.shards import main; sys.exit(main(sys.argv[1:]))"
+                   --src "$HPCVP_SRC" --out "$hpcvp_data"
                    --workers "${SLURM_CPUS_PER_TASK:-1}" --quiet)
     hpcvp_srun=(srun --ntasks=1)
 else
@@ -79,9 +80,11 @@ printf '{"event": "started", "job_id": "%s", "via": "sbatch", "stage": "%s", "re
 
 # ----------------------------------------------------------------------------- signals
 hpcvp_signalled=""
+hpcvp_signal_count=0
 hpcvp_step_pid=""
 hpcvp_on_signal() {
     hpcvp_signalled="$1"
+    hpcvp_signal_count=$((hpcvp_signal_count + 1))
     hpcvp_log "received SIG$1"
     if [ "$1" = USR2 ] && [ -n "$hpcvp_step_pid" ]; then
         # Without --batch/--full, scancel signals the job's steps (the srun tasks) but not this shell.
@@ -117,15 +120,19 @@ if [ "$hpcvp_signalled" = USR2 ]; then  # the signal came while srun was being s
     hpcvp_on_signal USR2
 fi
 while :; do
-    hpcvp_signalled_before="$hpcvp_signalled"
+    hpcvp_signals_before="$hpcvp_signal_count"
     wait "$hpcvp_step_pid"
     hpcvp_status=$?
-    # `wait` also returns (status > 128) when a trapped signal arrives: wait again for srun itself.
-    if [ "$hpcvp_status" -gt 128 ] && kill -0 "$hpcvp_step_pid" 2>/dev/null; then
-        continue
+    if [ "$hpcvp_signal_count" = "$hpcvp_signals_before" ] || [ "$hpcvp_status" -le 128 ]; then
+        break  # srun's own exit status
     fi
-    [ "$hpcvp_signalled" = "$hpcvp_signalled_before" ] || wait "$hpcvp_step_pid" 2>/dev/null && hpcvp_status=$?
-    break
+    # A trapped signal interrupted `wait` (status 128+N): keep waiting for srun itself. Once srun has
+    # ended, `wait` returns the status bash kept for it.
+    if ! kill -0 "$hpcvp_step_pid" 2>/dev/null; then
+        wait "$hpcvp_step_pid"
+        hpcvp_status=$?
+        break
+    fi
 done
 hpcvp_log "srun exited with status $hpcvp_status"
 
@@ -135,7 +142,9 @@ fi
 if [ "$hpcvp_status" -eq "$hpcvp_requeue_status" ]; then
     hpcvp_requeue "every rank saved at a step boundary"
 fi
-if [ "$hpcvp_stage" = pack ] && [ -n "$hpcvp_signalled" ]; then
-    hpcvp_requeue "pack was interrupted; it skips the shards already written"
+if [ -n "$hpcvp_signalled" ]; then
+    # Stopped by the signal before it could save (e.g. while starting up, or pack, which skips the
+    # shards already written on its next run): resume from what is on disk.
+    hpcvp_requeue "interrupted by SIG$hpcvp_signalled with status $hpcvp_status"
 fi
 exit "$hpcvp_status"

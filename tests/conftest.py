@@ -69,7 +69,7 @@ def synthetic_packed(synthetic_raw, tmp_path_factory) -> Path:
     from hpcvp.data.shards import pack_dataset
 
     out = tmp_path_factory.mktemp("packed") / "packed"
-    pack_dataset(synthetic_raw, out, shard_size=4, workers=1, quiet=True)
+    pack_dataset(synthetic_raw, out, shard_size=4, workers=0, quiet=True)
     return out
 
 

@@ -88,7 +88,7 @@ def test_compression_settings_store_the_same_pixels(tiny_raw, tmp_path, compress
     raw = tiny_raw({"train": [0, 1]})
     out = tmp_path / "out"
     pack_dataset(raw, out, compression=compression, mask_compression=compression, frame_size=TINY_SIZE,
-                 workers=1, quiet=True)
+                 workers=0, quiet=True)
     assert load_manifest(out).compression == {"frames": compression, "masks": compression}
     with h5py.File(out / "train-000.h5", "r", locking=False) as handle:
         assert handle["frames"].compression == h5_filter and handle["masks"].compression == h5_filter
@@ -97,7 +97,7 @@ def test_compression_settings_store_the_same_pixels(tiny_raw, tmp_path, compress
             np.testing.assert_array_equal(handle["frames"][row], frames)
             np.testing.assert_array_equal(handle["masks"][row], masks)
     with pytest.raises(ValueError, match="unknown compression 'zstd'"):
-        pack_dataset(raw, tmp_path / "bad", compression="zstd", workers=1, quiet=True)
+        pack_dataset(raw, tmp_path / "bad", compression="zstd", workers=0, quiet=True)
 
 
 def test_both_paddings_pack_and_frame_size_flag(tmp_path):
@@ -108,10 +108,10 @@ def test_both_paddings_pack_and_frame_size_flag(tmp_path):
     write_tiny_video(raw, "unlabeled", 2001, padding=5)
     # no hpcvp_synthetic.json: 160x240 is expected, so the 40x60 frames are refused with a hint...
     with pytest.raises(RawDataError, match=r"video_01370/image_0.png: image is 40x60 \(HxW\), expected 160x240"):
-        pack_dataset(raw, tmp_path / "out", workers=1, quiet=True)
+        pack_dataset(raw, tmp_path / "out", workers=0, quiet=True)
     # ...and --frame-size overrides
     assert pack_main(["--src", str(raw), "--out", str(tmp_path / "out"), "--frame-size", "40x60",
-                      "--workers", "1", "--quiet"]) == 0
+                      "--workers", "0", "--quiet"]) == 0
     manifest = load_manifest(tmp_path / "out")
     assert manifest.video_ids("val") == [1370, 1371] and manifest.video_ids("unlabeled") == [2000, 2001]
 
@@ -129,7 +129,7 @@ def test_bad_input_stops_naming_the_file_and_writes_nothing(tmp_path, case, caps
     breaker(bad_folder)
     out = tmp_path / "out"
     code = pack_main(["--src", str(raw), "--out", str(out), "--frame-size", "40x60", "--shard-size", "3",
-                      "--workers", "1", "--quiet"])
+                      "--workers", "0", "--quiet"])
     assert code == 2
     error = capsys.readouterr().err
     assert str(bad_folder / bad_name) in error and reason in error
@@ -174,7 +174,7 @@ def test_skip_mode_records_bad_videos_and_packs_the_rest(tiny_raw, tmp_path):
     assert verify_dataset(out).ok
     # re-running keeps every shard and reproduces the same manifest
     before = (out / "manifest.json").read_bytes()
-    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, on_error="skip", workers=1, quiet=True)
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, on_error="skip", workers=0, quiet=True)
     assert (out / "manifest.json").read_bytes() == before
 
 
@@ -184,7 +184,7 @@ def test_skip_mode_records_bad_videos_and_packs_the_rest(tiny_raw, tmp_path):
 def test_verify_names_a_corrupted_and_a_missing_shard(tiny_raw, tmp_path, capsys):
     raw = tiny_raw({"train": [0, 1, 2], "unlabeled": [2000, 2001]})
     out = tmp_path / "out"
-    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert pack_main(["--verify", str(out), "--quiet"]) == 0
     corrupted = out / "train-001.h5"
     data = bytearray(corrupted.read_bytes())
@@ -207,31 +207,31 @@ def test_verify_names_a_corrupted_and_a_missing_shard(tiny_raw, tmp_path, capsys
 def test_rerun_keeps_verified_shards_and_rewrites_a_corrupted_one(tiny_raw, tmp_path):
     raw = tiny_raw({"train": list(range(4)), "hidden": [15000]})
     out = tmp_path / "out"
-    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     clean = shard_hashes(out)
     inodes = {p.name: p.stat().st_ino for p in out.glob("*.h5")}
     data = bytearray((out / "train-001.h5").read_bytes())
     data[-100] ^= 0x01
     (out / "train-001.h5").write_bytes(bytes(data))
     (out / "train-000.h5.tmp").write_bytes(b"leftover of a crash")
-    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert shard_hashes(out) == clean
     assert (out / "train-000.h5").stat().st_ino == inodes["train-000.h5"]  # kept, not rewritten
     assert (out / "hidden-000.h5").stat().st_ino == inodes["hidden-000.h5"]
     assert not (out / "train-000.h5.tmp").exists() and not (out / JOURNAL_NAME).exists()
     # a different compression is a different pack: everything is rewritten
-    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, compression="lzf", workers=1, quiet=True)
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, compression="lzf", workers=0, quiet=True)
     assert (out / "train-000.h5").stat().st_ino != inodes["train-000.h5"]
     # fewer videos: shards that are no longer planned are removed
     shutil.rmtree(raw / "train" / "video_3")
     shutil.rmtree(raw / "train" / "video_2")
-    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert sorted(p.name for p in out.glob("*.h5")) == ["hidden-000.h5", "train-000.h5"]
 
 
 def test_pack_is_byte_identical_across_runs_and_worker_counts(tiny_raw, tmp_path):
     raw = tiny_raw({"train": [0, 1, 2], "val": [1000], "unlabeled": [2000, 2001], "hidden": [15000]})
-    pack_dataset(raw, tmp_path / "a", shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, tmp_path / "a", shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     time.sleep(1.1)  # HDF5 timestamps have 1 s resolution: any that leaked in would now differ
     pack_dataset(raw, tmp_path / "b", shard_size=2, frame_size=TINY_SIZE, workers=2, quiet=True)
     assert shard_hashes(tmp_path / "a") == shard_hashes(tmp_path / "b")
@@ -251,7 +251,7 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     raw = tiny_raw({"train": list(range(8)), "val": [1000, 1001]})
     (raw / "hpcvp_synthetic.json").write_text(json.dumps({"size": list(TINY_SIZE)}))
     reference = tmp_path / "reference"
-    pack_dataset(raw, reference, shard_size=2, workers=1, quiet=True)
+    pack_dataset(raw, reference, shard_size=2, workers=0, quiet=True)
 
     # The pack blocks on a FIFO standing in for frame 3 of video 5 (second video of train-002), so
     # it is killed at a known point: train-000 and train-001 done, train-002.h5.tmp half written.
@@ -300,7 +300,7 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
 def test_pseudo_masks_are_written_listed_verified_and_superseded(tiny_raw, tmp_path):
     raw = tiny_raw({"train": [0, 1], "unlabeled": [2000, 2001, 2002]})
     out = tmp_path / "out"
-    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=0, quiet=True)
     rng = np.random.default_rng(0)
     first = rng.integers(0, 49, (3, NUM_FRAMES, *TINY_SIZE), dtype=np.int64)
     entries = add_pseudo_masks(out, "unlabeled", [2000, 2001, 2002], first, run="runs/seg/tiny", shard_size=2)
@@ -320,7 +320,7 @@ def test_pseudo_masks_are_written_listed_verified_and_superseded(tiny_raw, tmp_p
                                                        "pseudo-unlabeled-runs_seg_tiny-002.h5"]
     assert not (out / entries[0].path).exists()
     # re-packing keeps the pseudo masks
-    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert load_manifest(out).pseudo_masks == manifest.pseudo_masks
 
     with pytest.raises(ValueError, match=r"video ids \[5\] are not packed in split 'unlabeled'"):
@@ -341,7 +341,7 @@ def _add_pseudo_for_rank(out: str, rank: int) -> None:
 def test_concurrent_pseudo_mask_writers_both_land(tiny_raw, tmp_path):
     raw = tiny_raw({"unlabeled": [2000, 2001]})
     out = tmp_path / "out"
-    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=0, quiet=True)
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_add_pseudo_for_rank, args=(str(out), rank)) for rank in range(2)]
     for process in processes:
@@ -360,7 +360,7 @@ def test_concurrent_pseudo_mask_writers_both_land(tiny_raw, tmp_path):
 def test_stage_to_local_copies_checks_and_reuses(tiny_raw, tmp_path, monkeypatch):
     raw = tiny_raw({"train": [0, 1, 2], "unlabeled": [2000]})
     out = tmp_path / "shared" / "packed"
-    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     add_pseudo_masks(out, "unlabeled", [2000], np.zeros((1, NUM_FRAMES, *TINY_SIZE), np.uint8), run="seg")
     monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path / "node"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "elsewhere"))
@@ -395,7 +395,7 @@ def test_stage_to_local_copies_checks_and_reuses(tiny_raw, tmp_path, monkeypatch
 def test_stage_cli(tiny_raw, tmp_path, capsys):
     raw = tiny_raw({"val": [1000]})
     out = tmp_path / "packed"
-    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=1, quiet=True)
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert pack_main(["--stage", str(out), "--stage-dest", str(tmp_path / "local"), "--quiet"]) == 0
     staged = Path(capsys.readouterr().out.strip())
     assert staged.parent == tmp_path / "local" / "hpcvp-data"

@@ -253,11 +253,11 @@ def check_time(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
         parts = facts.partitions() or {}
         partition = _target_partition(request, parts)
         if partition is not None and partition.max_minutes is not None:
-            limit, where = partition.max_minutes, f"partition {partition.name!r}'s MaxTime (sinfo)"
+            limit, where = partition.max_minutes, f"the MaxTime of partition {partition.name!r} (sinfo)"
     if limit is None and profile.max_time is not None:
         from hpcvp.cluster.sbatch import parse_time_minutes
 
-        limit, where = parse_time_minutes(profile.max_time), f"{profile.name!r}'s limit (profile max_time)"
+        limit, where = parse_time_minutes(profile.max_time), f"the limit of cluster {profile.name!r} (profile max_time)"
     if limit is not None and request.time_minutes > limit:
         problems.append(Problem(
             "time", f"--time {format_minutes(request.time_minutes)} exceeds {where} of {format_minutes(limit)}"

@@ -68,6 +68,11 @@ def format_minutes(minutes: int) -> str:
     return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours:02d}:{mins:02d}:00"
 
 
+def slurm_mem(gb: float) -> str:
+    """GB -> sbatch --mem syntax: whole gigabytes as "64G", else megabytes ("1536M")."""
+    return f"{int(gb)}G" if float(gb).is_integer() else f"{int(math.ceil(gb * 1024))}M"
+
+
 @dataclass
 class JobRequest:
     """One Slurm job of the launcher: a stage (or pack) with its resources."""
@@ -161,7 +166,7 @@ def python_command(profile: ClusterProfile, request: JobRequest, python: str | N
 
 
 def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[str, Any]:
-    """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (memory in GB, as submitit wants)."""
+    """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (sbatch's names and syntax)."""
     params: dict[str, Any] = {
         "job_name": request.job_name,
         "time": request.time_minutes,
@@ -173,7 +178,7 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
         "additional_parameters": {"requeue": True},
     }
     if request.mem_gb is not None:
-        params["mem"] = request.mem_gb
+        params["mem"] = slurm_mem(request.mem_gb)
     gres = gres_for(profile, request.gpus_per_node, request.gpu_type)
     if gres:
         params["gres"] = gres
@@ -186,6 +191,9 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
         "dependency": request.dependency,
     }
     params.update({k: v for k, v in optional.items() if v})
+    if request.dependency:
+        # A failed parent cancels the rest of a chain instead of leaving it pending forever.
+        params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
     setup = list(profile.setup) + list(request.setup)
     env = {**profile.env, **request.env}
     setup += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
@@ -198,9 +206,7 @@ def render_submitit_script(profile: ClusterProfile, request: JobRequest, python:
     """The batch script submitit writes for this request (what ``--dry-run`` prints)."""
     from submitit.slurm import slurm as submitit_slurm
 
-    params = dict(submitit_parameters(profile, request))
-    if "mem" in params:  # SlurmExecutor converts GB to its own string the same way
-        params["mem"] = submitit_slurm._convert_mem(params["mem"])
+    params = submitit_parameters(profile, request)
     folder = request.job_folder.absolute()
     command = " ".join([python_command(profile, request, python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     return submitit_slurm._make_sbatch_string(command=command, folder=folder, **params)

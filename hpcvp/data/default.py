@@ -58,8 +58,8 @@ def ensure_default_dataset(cache_root: os.PathLike | str | None = None, workers:
             return packed
         from .synthetic import generate_dataset  # needs pybullet; only imported when building
 
-        workers = workers if workers is not None else min(2, len(os.sched_getaffinity(0)))
+        generator_workers = workers if workers else min(2, len(os.sched_getaffinity(0)))
         raw = generate_dataset(base / "raw", DEFAULT_COUNTS, seed=DEFAULT_SEED, size=DEFAULT_FRAME_SIZE,
-                               workers=workers, progress=not quiet)
+                               workers=generator_workers, progress=not quiet)
         pack_dataset(raw, packed, shard_size=DEFAULT_SHARD_SIZE, workers=workers, quiet=quiet)
     return packed

@@ -137,11 +137,16 @@ def read_mask(path: Path, split: str, size: tuple[int, int]) -> np.ndarray:
 
 
 def read_video(
-    path: os.PathLike | str, split: str, size: tuple[int, int] = (HEIGHT, WIDTH)
+    path: os.PathLike | str,
+    split: str,
+    size: tuple[int, int] = (HEIGHT, WIDTH),
+    frames_out: np.ndarray | None = None,
+    masks_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Decode one video folder: frames uint8 (T, H, W, 3) and masks uint8 (22, H, W) or None.
 
-    T is 22, or 11 for hidden. Raises ``RawDataError`` naming the first bad file.
+    T is 22, or 11 for hidden. Raises ``RawDataError`` naming the first bad file. ``frames_out``
+    and ``masks_out`` are optional preallocated uint8 buffers (e.g. shared memory) to decode into.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -149,8 +154,13 @@ def read_video(
     if not folder.is_dir():
         raise RawDataError(folder, "video folder does not exist")
     num_frames = SPLIT_NUM_FRAMES[split]
-    frames = np.empty((num_frames, size[0], size[1], 3), dtype=np.uint8)
+    frames = np.empty((num_frames, size[0], size[1], 3), dtype=np.uint8) if frames_out is None else frames_out
     for t in range(num_frames):
         read_frame(folder / frame_file_name(t), size, out=frames[t])
-    masks = read_mask(folder / MASK_FILE_NAME, split, size) if SPLIT_HAS_MASKS[split] else None
+    masks = None
+    if SPLIT_HAS_MASKS[split]:
+        masks = read_mask(folder / MASK_FILE_NAME, split, size)
+        if masks_out is not None:
+            masks_out[...] = masks
+            masks = masks_out
     return frames, masks

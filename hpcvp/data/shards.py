@@ -22,7 +22,9 @@ import os
 import re
 import shutil
 import sys
+import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -33,6 +35,7 @@ import numpy as np
 from .layout import (
     HEIGHT,
     NUM_CLASSES,
+    NUM_FRAMES,
     SPLIT_HAS_MASKS,
     SPLIT_NUM_FRAMES,
     SPLITS,
@@ -332,6 +335,11 @@ def write_manifest(data_dir: os.PathLike | str, manifest: Manifest) -> Path:
 
 
 # ----------------------------------------------------------------------------- packing
+#
+# Pipeline: ``workers`` decoder processes read PNG folders straight into shared-memory slots
+# (and deflate chunks themselves when gzip is chosen); the main process writes each slot into
+# the shard with direct chunk writes (no extra copies, no HDF5 filter work in the writer); a
+# background thread fsyncs, hashes and renames each finished shard while the next is written.
 
 
 @dataclass
@@ -345,44 +353,110 @@ class _ShardPlan:
         return [video_id for video_id, _ in self.videos]
 
 
-def _decode_task(task: tuple[str, int, str, tuple[int, int]]):
-    """Worker body: decode one video; errors come back as values so the writer decides."""
-    split, video_id, folder, size = task
+def _slot_bytes(size: tuple[int, int]) -> int:
+    height, width = size
+    return NUM_FRAMES * height * width * 4  # 22 RGB frames + 22 mask planes
+
+
+def _slot_views(slots: np.ndarray, slot: int, split: str, size: tuple[int, int]):
+    """(frames (T,H,W,3), masks (22,H,W) | None) views on one shared-memory slot."""
+    height, width = size
+    buffer = slots[slot]
+    num_frames = SPLIT_NUM_FRAMES[split]
+    frames = buffer[: num_frames * height * width * 3].reshape(num_frames, height, width, 3)
+    masks = None
+    if SPLIT_HAS_MASKS[split]:
+        start = NUM_FRAMES * height * width * 3
+        masks = buffer[start : start + NUM_FRAMES * height * width].reshape(NUM_FRAMES, height, width)
+    return frames, masks
+
+
+def _deflate_level(codec: str) -> int | None:
+    return int(codec.split(":")[1]) if codec.startswith("gzip:") else None
+
+
+_DECODER_SLOTS: np.ndarray | None = None  # this decoder process's view of the shared slots
+
+
+def _init_decoder(shared, slot_count: int, slot_bytes: int) -> None:
+    global _DECODER_SLOTS
+    _DECODER_SLOTS = np.frombuffer(shared, dtype=np.uint8).reshape(slot_count, slot_bytes)
+
+
+def _decode_into_slot(task, slots: np.ndarray | None = None):
+    """Decode one video into its slot; deflate chunks here when gzip is chosen.
+
+    Errors come back as values so the writer decides between stopping and skipping.
+    """
+    split, video_id, folder, size, slot, frames_codec, masks_codec = task
+    slots = _DECODER_SLOTS if slots is None else slots
+    frames, masks = _slot_views(slots, slot, split, size)
     try:
-        frames, masks = read_video(folder, split, size)
+        read_video(folder, split, size, frames_out=frames, masks_out=masks)
     except RawDataError as error:
         return ("error", video_id, str(error.path), error.reason)
-    return ("ok", video_id, frames, masks)
+    frame_chunks = mask_chunks = None
+    if (level := _deflate_level(frames_codec)) is not None:
+        frame_chunks = [zlib.compress(frame, level) for frame in frames]
+    if masks is not None and (level := _deflate_level(masks_codec)) is not None:
+        mask_chunks = [zlib.compress(plane, level) for plane in masks]
+    return ("ok", video_id, slot, frame_chunks, mask_chunks)
 
 
-def _decoded_in_order(tasks: list, workers: int) -> Iterator:
-    """Decode tasks with ``workers`` processes, yielding results in task order.
+class _Decoder:
+    """Decodes tasks in order with ``workers`` processes (0: in this process) into ``slots``.
 
-    At most a few results per worker are in flight so a slow writer does not pile decoded videos
-    (2.5 MB each at full size) up in memory.
+    At most ``slot_count`` videos are in flight; a slot is reused only after the writer asked for
+    the next result, i.e. once it has finished with the video in that slot.
     """
-    if workers <= 1:
-        for task in tasks:
-            yield _decode_task(task)
-        return
-    import multiprocessing
 
-    # spawn: the caller may hold threads (torch, h5py) that make fork unsafe.
-    context = multiprocessing.get_context("spawn")
-    window = workers * 3
-    pool = context.Pool(processes=workers)
-    try:
+    def __init__(self, workers: int, size: tuple[int, int]):
+        self.workers = workers
+        self.slot_count = max(2, workers * 3)
+        slot_bytes = _slot_bytes(size)
+        self.pool = None
+        if workers == 0:
+            self.slots = np.empty((self.slot_count, slot_bytes), dtype=np.uint8)
+        else:
+            import multiprocessing
+
+            # spawn: the caller may hold threads (torch, h5py) that make fork unsafe.
+            context = multiprocessing.get_context("spawn")
+            shared = context.RawArray("B", self.slot_count * slot_bytes)
+            self.slots = np.frombuffer(shared, dtype=np.uint8).reshape(self.slot_count, slot_bytes)
+            self.pool = context.Pool(workers, initializer=_init_decoder, initargs=(shared, self.slot_count, slot_bytes))
+
+    def results(self, tasks: list) -> Iterator:
+        if self.pool is None:
+            for index, task in enumerate(tasks):
+                yield _decode_into_slot((*task[:4], index % self.slot_count, *task[4:]), self.slots)
+            return
         pending: deque = deque()
         next_task = 0
         while next_task < len(tasks) or pending:
-            while next_task < len(tasks) and len(pending) < window:
-                pending.append(pool.apply_async(_decode_task, (tasks[next_task],)))
+            while next_task < len(tasks) and len(pending) < self.slot_count:
+                task = tasks[next_task]
+                slot_task = (*task[:4], next_task % self.slot_count, *task[4:])
+                pending.append(self.pool.apply_async(_decode_into_slot, (slot_task,)))
                 next_task += 1
             yield pending.popleft().get()
-        pool.close()
-    finally:
-        pool.terminate()
-        pool.join()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def _write_chunks(dataset, row: int, view: np.ndarray, chunks: list | None, codec: str) -> None:
+    """Store one video (T frames, one chunk each) at ``row``."""
+    if codec == "lzf":  # no Python lzf codec: HDF5 compresses in this process
+        dataset[row] = view
+        return
+    tail = (0,) * (view.ndim - 1)
+    for t in range(view.shape[0]):
+        data = view[t] if chunks is None else chunks[t]
+        dataset.id.write_direct_chunk((row, t, *tail), data)
 
 
 def _compression_config(compression: str, mask_compression: str, frame_size) -> dict:
@@ -446,33 +520,24 @@ def _completed_records(out: Path, config: dict) -> dict[str, dict]:
 def _record_is_valid(out: Path, plan: _ShardPlan, record: dict | None) -> bool:
     if record is None or record["planned_ids"] != plan.planned_ids:
         return False
-    path = out / plan.name
-    entry = record["entry"]
-    try:
-        if path.stat().st_size != entry["bytes"]:
-            return False
-    except FileNotFoundError:
-        return False
-    return sha256_file(path) == entry["sha256"]
+    return _check_file(out / plan.name, record["entry"]["bytes"], record["entry"]["sha256"]) is None
 
 
 def _write_shard(
     out: Path,
     plan: _ShardPlan,
     frame_size: tuple[int, int],
-    frame_compression: dict,
-    mask_compression: dict,
+    codecs: dict,
+    decoder: _Decoder,
     results: Iterator,
     on_error: str,
     progress: Progress,
-) -> dict:
-    """Write one shard under a temporary name from decoded results; rename when complete."""
+) -> tuple[Path, list[int], list[dict]]:
+    """Write one shard under its temporary name; returns (tmp path, kept ids, skipped records)."""
     height, width = frame_size
     split = plan.split
     num_frames = SPLIT_NUM_FRAMES[split]
-    has_masks = SPLIT_HAS_MASKS[split]
     planned = len(plan.videos)
-    final_path = out / plan.name
     tmp_path = out / (plan.name + TMP_SUFFIX)
     kept_ids: list[int] = []
     skipped: list[dict] = []
@@ -488,34 +553,35 @@ def _write_shard(
                 dtype=np.uint8,
                 chunks=(1, 1, height, width, 3),
                 track_times=False,
-                **frame_compression,
+                **parse_compression(codecs["frames"]),
             )
             masks = None
-            if has_masks:
+            if SPLIT_HAS_MASKS[split]:
                 masks = shard.create_dataset(
                     "masks",
-                    shape=(planned, num_frames, height, width),
-                    maxshape=(planned, num_frames, height, width),
+                    shape=(planned, NUM_FRAMES, height, width),
+                    maxshape=(planned, NUM_FRAMES, height, width),
                     dtype=np.uint8,
                     chunks=(1, 1, height, width),
                     track_times=False,
-                    **mask_compression,
+                    **parse_compression(codecs["masks"]),
                 )
-            for video_id, folder in plan.videos:
-                status, result_id, *payload = next(results)
-                if result_id != video_id:
-                    raise RuntimeError(f"decoder returned video {result_id} while {video_id} was expected")
-                if status == "error":
-                    bad_path, reason = payload
+            for video_id, _ in plan.videos:
+                result = next(results)
+                if result[1] != video_id:
+                    raise RuntimeError(f"decoder returned video {result[1]} while {video_id} was expected")
+                if result[0] == "error":
+                    _, _, bad_path, reason = result
                     if on_error == "stop":
                         raise RawDataError(bad_path, reason)
                     skipped.append(asdict(SkippedVideo(split, video_id, bad_path, reason, plan.name)))
                 else:
-                    video_frames, video_masks = payload
+                    _, _, slot, frame_chunks, mask_chunks = result
+                    frame_view, mask_view = _slot_views(decoder.slots, slot, split, frame_size)
                     row = len(kept_ids)
-                    frames[row] = video_frames
+                    _write_chunks(frames, row, frame_view, frame_chunks, codecs["frames"])
                     if masks is not None:
-                        masks[row] = video_masks
+                        _write_chunks(masks, row, mask_view, mask_chunks, codecs["masks"])
                     kept_ids.append(video_id)
                 progress.advance(1)
             if len(kept_ids) < planned:
@@ -523,26 +589,34 @@ def _write_shard(
                 if masks is not None:
                     masks.resize(len(kept_ids), axis=0)
             shard.create_dataset("video_ids", data=np.asarray(kept_ids, dtype=np.int64), track_times=False)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+    return tmp_path, kept_ids, skipped
+
+
+def _finish_shard(tmp_path: Path, final_path: Path) -> tuple[str, int]:
+    """Make a written shard durable, hash it and give it its final name (runs in a thread)."""
+    try:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         digest = sha256_file(tmp_path)
         size = tmp_path.stat().st_size
         os.replace(tmp_path, final_path)
-        _fsync_dir(out)
+        _fsync_dir(final_path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
-    entry = asdict(ShardEntry(split, plan.name, tuple(kept_ids), size, digest, has_masks, num_frames))
-    entry["video_ids"] = kept_ids
-    return {"entry": entry, "planned_ids": plan.planned_ids, "skipped": skipped}
+    return digest, size
 
 
 def default_workers() -> int:
+    """Decoder processes: the CPUs this job may use (Slurm's allocation first), minus the writer."""
     slurm_cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if slurm_cpus and slurm_cpus.isdigit():
-        return max(int(slurm_cpus), 1)
-    return max(len(os.sched_getaffinity(0)), 1)
+    cpus = int(slurm_cpus) if slurm_cpus and slurm_cpus.isdigit() else len(os.sched_getaffinity(0))
+    return max(cpus - 1, 1)
 
 
 def pack_dataset(
@@ -560,9 +634,10 @@ def pack_dataset(
 ) -> Manifest:
     """Pack the raw layout under ``src`` into shards plus manifest.json under ``out``.
 
-    ``on_error="stop"`` raises ``RawDataError`` naming the first bad file; missing files are found
-    before anything is written, and a decode failure removes the shard being written, so no partial
-    shard and no manifest is left behind. ``on_error="skip"`` leaves the video out and records it.
+    ``workers`` decoder processes feed one writer (0: decode in this process). ``on_error="stop"``
+    raises ``RawDataError`` naming the first bad file: missing files are found before anything is
+    written, and a decode failure removes the shard being written, so no partial shard and no
+    manifest is left behind. ``on_error="skip"`` leaves the video out and records it.
     """
     src = Path(src)
     out = Path(out)
@@ -575,17 +650,17 @@ def pack_dataset(
         raise ValueError(f"unknown split(s) {unknown}; expected a subset of {SPLITS}")
     if not src.is_dir():
         raise RawDataError(src, "source root does not exist")
-    frame_compression = parse_compression(compression)
-    mask_compression_kwargs = parse_compression(mask_compression)
+    config = _compression_config(compression, mask_compression, (0, 0))  # validates both settings
     size = tuple(frame_size) if frame_size is not None else source_frame_size(src)
-    workers = default_workers() if workers is None else max(int(workers), 1)
+    config["frame_size"] = list(size)
+    codecs = config["compression"]
+    workers = default_workers() if workers is None else max(int(workers), 0)
 
     plans, skipped = _plan(src, splits, shard_size, on_error)
     if not plans:
         raise RawDataError(src, f"no video folders found for splits {list(splits)} (expected <split>/video_<id>/)")
 
     out.mkdir(parents=True, exist_ok=True)
-    config = _compression_config(compression, mask_compression, size)
     previous = _completed_records(out, config)
     planned_names = {plan.name for plan in plans}
     for stale in out.iterdir():  # leftovers of a crash, or of an earlier pack with more shards
@@ -605,33 +680,54 @@ def pack_dataset(
 
     journal = {"config": config, "shards": dict(records)}
     atomic_write_json(out / JOURNAL_NAME, journal)
-    tasks = [(plan.split, vid, str(folder), size) for plan in pending for vid, folder in plan.videos]
+    tasks = [(plan.split, vid, str(folder), size, codecs["frames"], codecs["masks"])
+             for plan in pending for vid, folder in plan.videos]
     if pending:
         _log(
             f"packing {len(tasks)} videos into {len(pending)} shard(s) under {out} "
-            f"({len(plans) - len(pending)} kept), {workers} worker(s), frames {config['compression']['frames']}, "
-            f"masks {config['compression']['masks']}, frame size {size[0]}x{size[1]}",
+            f"({len(plans) - len(pending)} kept), {workers} decoder(s), frames {codecs['frames']}, "
+            f"masks {codecs['masks']}, frame size {size[0]}x{size[1]}",
             quiet,
         )
-    results = _decoded_in_order(tasks, workers)
-    try:
-        with Progress(len(tasks), "pack", unit="videos", enabled=not quiet) as progress:
-            for plan in pending:
-                record = _write_shard(
-                    out, plan, size, frame_compression, mask_compression_kwargs, results, on_error, progress
-                )
-                records[plan.name] = record
-                journal["shards"][plan.name] = record
+        decoder = _Decoder(min(workers, len(tasks)), size)
+        results = decoder.results(tasks)
+        finishing: deque = deque()  # (plan, kept ids, skipped, future) in shard order
+
+        def journal_finished(wait: bool) -> None:
+            while finishing and (wait or finishing[0][3].done()):
+                plan, kept_ids, shard_skipped, future = finishing.popleft()
+                digest, nbytes = future.result()
+                entry = asdict(ShardEntry(plan.split, plan.name, tuple(kept_ids), nbytes, digest,
+                                          SPLIT_HAS_MASKS[plan.split], SPLIT_NUM_FRAMES[plan.split]))
+                entry["video_ids"] = kept_ids
+                records[plan.name] = {"entry": entry, "planned_ids": plan.planned_ids, "skipped": shard_skipped}
+                journal["shards"][plan.name] = records[plan.name]
                 atomic_write_json(out / JOURNAL_NAME, journal)
-    finally:
-        results.close()  # stops the worker pool on errors too
+
+        finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcvp-shard-finisher")
+        try:
+            with Progress(len(tasks), "pack", unit="videos", enabled=not quiet) as progress:
+                for plan in pending:
+                    tmp_path, kept_ids, shard_skipped = _write_shard(
+                        out, plan, size, codecs, decoder, results, on_error, progress
+                    )
+                    future = finisher.submit(_finish_shard, tmp_path, out / plan.name)
+                    finishing.append((plan, kept_ids, shard_skipped, future))
+                    journal_finished(wait=False)
+        finally:
+            results.close()
+            decoder.close()
+            try:
+                journal_finished(wait=True)  # shards completed before an error stay usable
+            finally:
+                finisher.shutdown(wait=True)
 
     for plan in plans:
         skipped.extend(SkippedVideo(**s) for s in records[plan.name]["skipped"])
     manifest = Manifest(
         root=out,
         frame_size=size,
-        compression=config["compression"],
+        compression=dict(codecs),
         shards=[_shard_from_json(records[plan.name]["entry"]) for plan in plans],
         skipped=skipped,
         source=str(src.resolve()),
@@ -903,7 +999,8 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--verify", type=Path, metavar="DIR", help="re-hash the shards of a packed directory")
     action.add_argument("--stage", type=Path, metavar="DIR", help="copy a packed directory to node-local disk")
     parser.add_argument("--out", type=Path, help="packed output directory (with --src)")
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs available)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decoder processes feeding the writer; 0 decodes in the writer (default: CPUs - 1)")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="videos per shard")
     parser.add_argument("--compression", default=DEFAULT_COMPRESSION, help="frames: none | lzf | gzip:L")
     parser.add_argument("--mask-compression", default=DEFAULT_MASK_COMPRESSION, help="masks: none | lzf | gzip:L")

@@ -39,7 +39,13 @@ class StageSpec:
     # build_model(cfg, frame_size) -> nn.Module: lets later stages rebuild this stage's model from
     # its run dir (config + checkpoint). None for stages without a model of their own.
     build_model: Callable[..., Any] | None = None
+    # default_run_name(cfg) -> the run name under runs/<stage>/ when --run-dir is not given.
+    default_run_name: Callable[[Any], str] | None = None
     description: str = ""
+
+    def default_run_dir(self, cfg: Any, root: str | Path = "runs") -> Path:
+        name = self.default_run_name(cfg) if self.default_run_name is not None else "default"
+        return Path(root) / self.name / name
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A checkpoint is a directory ``checkpoints/step_00001000/``:
 
     state.pt   torch.save of a plain dict (model, optimizer, scheduler, scaler, step, epoch,
                sampler position, train config, identity, ...); loads with weights_only=True
-    rng.pt     list of per-rank RNG states (index = rank)
+    ranks.pt   list indexed by rank of per-rank state (RNG states, the rank's metrics window)
     extra.pt   optional: the task's extra state (any picklable object; trusted, weights_only=False)
     meta.json  format version, step, and per file its size and CRC32
 
@@ -34,7 +34,7 @@ log = logging.getLogger("hpcvp.train")
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.pt"
-RNG_FILE = "rng.pt"
+RANKS_FILE = "ranks.pt"
 EXTRA_FILE = "extra.pt"
 META_FILE = "meta.json"
 _NAME_RE = re.compile(r"^step_(\d{8,})$")
@@ -55,7 +55,7 @@ class Checkpoint:
     path: Path
     step: int
     state: dict[str, Any]
-    rng: list | None = None
+    ranks: list | None = None
     extra: Any = None
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -152,14 +152,14 @@ def save_checkpoint(
     checkpoints_dir: str | os.PathLike,
     step: int,
     state: dict[str, Any],
-    rng: list | None = None,
+    ranks: list | None = None,
     extra: Any = None,
     keep_last: int = 3,
 ) -> Path:
     """Atomically write checkpoint ``step`` and prune all but the newest ``keep_last``.
 
     Single writer: call on one process (the trainer calls it on rank 0 with every rank's RNG
-    state gathered into ``rng``).  Returns the final directory.
+    state gathered into ``ranks``).  Returns the final directory.
     """
     if keep_last < 1:
         raise ValueError("keep_last must be >= 1")
@@ -173,8 +173,8 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     files = {STATE_FILE: _write_torch(tmp / STATE_FILE, state)}
-    if rng is not None:
-        files[RNG_FILE] = _write_torch(tmp / RNG_FILE, rng)
+    if ranks is not None:
+        files[RANKS_FILE] = _write_torch(tmp / RANKS_FILE, ranks)
     if extra is not None:
         files[EXTRA_FILE] = _write_torch(tmp / EXTRA_FILE, extra)
     meta = {
@@ -219,7 +219,7 @@ def _verify_file(path: Path, expected: dict[str, int]) -> None:
 def load_checkpoint(
     path: str | os.PathLike,
     map_location: Any = "cpu",
-    load_rng: bool = True,
+    load_ranks: bool = True,
     load_extra: bool = True,
 ) -> Checkpoint:
     """Load and verify one checkpoint directory; raises CheckpointError naming the file."""
@@ -237,8 +237,8 @@ def load_checkpoint(
     if STATE_FILE not in files:
         raise CheckpointError(f"{meta_path}: no {STATE_FILE} listed")
     wanted = [STATE_FILE]
-    if load_rng and RNG_FILE in files:
-        wanted.append(RNG_FILE)
+    if load_ranks and RANKS_FILE in files:
+        wanted.append(RANKS_FILE)
     if load_extra and EXTRA_FILE in files:
         wanted.append(EXTRA_FILE)
     loaded: dict[str, Any] = {}
@@ -258,7 +258,7 @@ def load_checkpoint(
         path=path,
         step=int(meta["step"]),
         state=state,
-        rng=loaded.get(RNG_FILE),
+        ranks=loaded.get(RANKS_FILE),
         extra=loaded.get(EXTRA_FILE),
         meta=meta,
     )
@@ -268,7 +268,7 @@ def load_latest(
     checkpoints_dir: str | os.PathLike,
     map_location: Any = "cpu",
     quarantine: bool = False,
-    load_rng: bool = True,
+    load_ranks: bool = True,
     load_extra: bool = True,
 ) -> Checkpoint | None:
     """Newest checkpoint that loads and verifies; older ones are tried when it fails (warning).
@@ -282,7 +282,7 @@ def load_latest(
     failures = []
     for step, path in reversed(candidates):
         try:
-            ckpt = load_checkpoint(path, map_location, load_rng=load_rng, load_extra=load_extra)
+            ckpt = load_checkpoint(path, map_location, load_ranks=load_ranks, load_extra=load_extra)
         except CheckpointError as exc:
             failures.append(str(exc))
             message = f"checkpoint {path} is unusable, falling back to the previous one: {exc}"
@@ -306,7 +306,7 @@ def load_latest(
 
 def load_model_state(run_or_checkpoints_dir: str | os.PathLike, map_location: Any = "cpu"):
     """(step, model state_dict) of the newest usable checkpoint, for inference stages."""
-    ckpt = load_latest(run_or_checkpoints_dir, map_location, load_rng=False, load_extra=False)
+    ckpt = load_latest(run_or_checkpoints_dir, map_location, load_ranks=False, load_extra=False)
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {_checkpoints_dir(run_or_checkpoints_dir)}")
     return ckpt.step, ckpt.state["model"]

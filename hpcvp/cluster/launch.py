@@ -1,0 +1,507 @@
+"""``jobs/launch.py``: submit a stage (or the whole pipeline) to Slurm through submitit, or run it here.
+
+    python jobs/launch.py --stage seg --gpus 4 --cluster greene --account pr_123_general --data /scratch/$USER/packed
+    python jobs/launch.py --stage all --gpus 1            # no Slurm, no --data: built-in synthetic set, locally
+    python jobs/launch.py --status                        # table of the runs under ./runs
+
+On Slurm every job runs one task per GPU (tasks per node = --gpus), is requeued after a pre-timeout
+USR2 or a preemption once every rank has saved at a step boundary (at most --max-requeues times),
+and keeps submitit's files under ``<run dir>/slurm/<job id>/``. Nothing is submitted when a
+pre-flight check fails; ``--dry-run`` prints the batch script(s) and submitit parameters instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from hpcvp.cluster import preflight
+from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
+from hpcvp.cluster.sbatch import (
+    JobRequest,
+    constraint_for,
+    format_minutes,
+    parse_time_minutes,
+    render_submitit_script,
+    submitit_parameters,
+)
+from hpcvp.cluster.status import print_status, record_event, slurm_job_states
+
+WORKER_ENTRY = "hpcvp.stages.worker:run_worker"
+PACK_ENTRY = "hpcvp.data.shards:main"
+PIPELINE = ("pack", "seg", "pseudo-label", "simvp", "predict")
+SINGLE_STAGES = ("pack", "seg", "pseudo-label", "slot", "raft", "simvp", "predict")
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
+                   "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+DEFAULT_RUN_NAME = "default"
+
+
+class LaunchError(RuntimeError):
+    """A usage problem found before anything ran; printed as one message, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jobs/launch.py",
+        description=(
+            "Launch an hpcvp stage, or the whole pipeline, on an NYU Slurm cluster (Greene, Torch) through "
+            "submitit, on any Slurm cluster, or on this machine. Without Slurm on PATH and without --data it "
+            "runs locally on the built-in synthetic dataset."
+        ),
+    )
+    what = parser.add_argument_group("what to run")
+    what.add_argument("--stage", choices=(*SINGLE_STAGES, "all"),
+                      help="the stage to run; 'all' submits pack -> seg -> pseudo-label -> simvp (masks) -> predict "
+                           "as Slurm jobs chained with afterok dependencies (pack only with --src)")
+    what.add_argument("--data", metavar="DIR",
+                      help="packed dataset directory (with manifest.json); 'default' = the built-in synthetic set "
+                           "(built once). Without Slurm it defaults to 'default'")
+    what.add_argument("--src", metavar="DIR", type=Path,
+                      help="raw dataset root (train/ val/ unlabeled/ hidden/) for --stage pack, and for the pack job "
+                           "of --stage all, which then writes the packed set to --data")
+    what.add_argument("--run", metavar="NAME", default=DEFAULT_RUN_NAME,
+                      help="run name: the run dir is RUN_ROOT/<stage>/NAME; launching the same name again resumes it (default: default)")
+    what.add_argument("--run-root", metavar="DIR", type=Path, default=None,
+                      help="where run dirs live (default: $HPCVP_RUN_ROOT, else ./runs)")
+    what.add_argument("--preset", choices=("tiny", "full"), default=None,
+                      help="stage size preset (default: the cluster profile's: 'full' on Greene/Torch, "
+                           "'tiny' locally and on the local test cluster)")
+    what.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="stage config override, repeatable (e.g. train.max_steps=2000); with --stage all, "
+                           "'STAGE:KEY=VALUE' targets one stage and a bare KEY=VALUE goes to every stage that has KEY")
+
+    where = parser.add_argument_group("where and with what")
+    where.add_argument("--cluster", default="auto", metavar="NAME",
+                       help="cluster profile: auto (Slurm's ClusterName when sbatch is on PATH, else local), greene, "
+                            "torch, slurm-local, slurm, local, or one from ~/.config/hpcvp/clusters.json / $HPCVP_CLUSTERS")
+    where.add_argument("--gpus", type=int, default=1, metavar="N",
+                       help="GPUs per node = Slurm tasks per node (one rank per GPU); on clusters without GPUs "
+                            "(local, slurm-local) N CPU processes with gloo (default: 1)")
+    where.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes per job (default: 1)")
+    where.add_argument("--account", metavar="A", help="Slurm account (Greene: pr_<N>_general; Torch: torch_pr_*)")
+    where.add_argument("--partition", metavar="P", help="Slurm partition (checked against sinfo)")
+    where.add_argument("--constraint", metavar="C",
+                       help="Slurm --constraint, e.g. 'h200|l40s' on Torch (features checked against sinfo)")
+    where.add_argument("--gpu-type", metavar="T",
+                       help="GPU type: Greene puts it in --gres=gpu:T:N (rtx8000, v100, a100, h100); Torch in --constraint")
+    where.add_argument("--time", metavar="T", help="time limit: HH:MM:SS, D-HH:MM:SS, 90m, 2h (default: the profile's)")
+    where.add_argument("--mem", metavar="GB",
+                       help="memory per node in GB ('64' or '64G'; default: the profile's GB per GPU x --gpus)")
+    where.add_argument("--cpus-per-gpu", type=int, metavar="N", help="CPU cores per task (default: the profile's)")
+    where.add_argument("--preemptible", action="store_true",
+                       help="run as preemptible where the cluster offers it (Torch: --comment=preemption=yes;requeue=true); "
+                            "preempted jobs save and requeue")
+    where.add_argument("--container", metavar="SIF", type=Path,
+                       help="run python inside this Singularity image (singularity exec --nv ...)")
+    where.add_argument("--overlay", metavar="EXT3", type=Path,
+                       help="ext3 overlay with the Python environment, mounted read-only (its /ext3/env.sh is sourced)")
+    where.add_argument("--max-requeues", type=int, default=5, metavar="N",
+                       help="requeue after a time-out or preemption at most N times (default: 5)")
+    where.add_argument("--signal-seconds", type=int, metavar="S",
+                       help="send the pre-timeout USR2 this many seconds before the time limit (default: the profile's)")
+    where.add_argument("--dependency", metavar="DEP",
+                       help="Slurm dependency for the (first) job, e.g. afterok:12345")
+
+    actions = parser.add_argument_group("actions")
+    actions.add_argument("--dry-run", action="store_true",
+                         help="print the exact batch script(s) and submitit parameters (or local commands); submit nothing")
+    actions.add_argument("--status", action="store_true",
+                         help="print a table of the runs under the run root (stage, job id, sacct state, restarts, "
+                              "last checkpoint step, last metric) and exit")
+    actions.add_argument("--wait", action="store_true",
+                         help="after submitting, wait until the job(s) end and exit non-zero unless all COMPLETED")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class PlannedJob:
+    request: JobRequest
+    depends_on: str | None = None  # stage name of the job this one waits for
+    note: str = ""
+    job_id: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+def run_root_from(args: argparse.Namespace) -> Path:
+    if args.run_root is not None:
+        return args.run_root.expanduser().absolute()
+    return Path(os.environ.get("HPCVP_RUN_ROOT", "runs")).expanduser().absolute()
+
+
+def parse_mem_gb(text: str) -> float:
+    cleaned = text.strip().upper().removesuffix("B")
+    factor = 1.0
+    if cleaned.endswith("G"):
+        cleaned = cleaned[:-1]
+    elif cleaned.endswith("M"):
+        cleaned, factor = cleaned[:-1], 1 / 1024
+    elif cleaned.endswith("T"):
+        cleaned, factor = cleaned[:-1], 1024.0
+    try:
+        value = float(cleaned) * factor
+    except ValueError:
+        raise LaunchError(f"--mem {text}: expected GB per node, e.g. 64 or 64G") from None
+    if value <= 0:
+        raise LaunchError(f"--mem {text}: must be positive")
+    return value
+
+
+def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str, list[str]]:
+    """'STAGE:KEY=VALUE' goes to STAGE; a bare KEY=VALUE to every listed stage whose config has KEY."""
+    from hpcvp.stages import ConfigError, build_config
+
+    per_stage: dict[str, list[str]] = {s: [] for s in stages}
+    for item in overrides:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head and head in SINGLE_STAGES:
+            if head not in per_stage:
+                raise LaunchError(f"--set {item}: stage {head!r} is not part of this launch ({', '.join(stages)})")
+            per_stage[head].append(rest)
+            continue
+        takers = []
+        for stage in stages:
+            if stage == "pack":
+                continue
+            try:
+                build_config(stage, "tiny", [item])
+            except ConfigError:
+                continue
+            takers.append(stage)
+        if not takers:
+            raise LaunchError(f"--set {item}: no stage of this launch ({', '.join(stages)}) has that key")
+        for stage in takers:
+            per_stage[stage].append(item)
+    return per_stage
+
+
+def chain_overrides(stage: str, run_dirs: dict[str, Path]) -> list[str]:
+    """Config keys that wire a pipeline stage to the run dirs of the stages before it."""
+    from hpcvp.cluster import pipeline
+
+    return pipeline.wiring(stage, run_dirs)
+
+
+def stage_splits(stage: str) -> tuple[str, ...]:
+    from hpcvp.cluster import pipeline
+
+    return pipeline.SPLITS_READ.get(stage, ())
+
+
+def make_request(profile: ClusterProfile, args: argparse.Namespace, stage: str, run_dir: Path, data: str | None,
+                 preset: str, overrides: list[str]) -> JobRequest:
+    cpus_per_gpu = args.cpus_per_gpu or profile.cpus_per_gpu
+    try:
+        time_minutes = parse_time_minutes(args.time or profile.default_time)
+    except ValueError as exc:
+        raise LaunchError(f"--time: {exc}") from None
+    if stage == "pack":
+        gpus, cpus = 0, cpus_per_gpu * max(1, args.gpus)
+        module = PACK_ENTRY
+        argv = ["--src", str(args.src), "--out", str(data), "--workers", str(cpus), "--quiet"]
+    else:
+        gpus, cpus = args.gpus, cpus_per_gpu
+        module = WORKER_ENTRY
+        argv = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), "--preset", preset]
+        for item in overrides:
+            argv += ["--set", item]
+    mem_gb = parse_mem_gb(args.mem) if args.mem else profile.mem_per_gpu_gb * max(1, args.gpus)
+    env = {"OMP_NUM_THREADS": str(cpus), "PYTHONUNBUFFERED": "1"}
+    # The job imports hpcvp when it unpickles its callable: this checkout, even if not pip-installed.
+    package_root = Path(__file__).resolve().parents[2]
+    setup = [f"export PYTHONPATH={shlex.quote(str(package_root))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    return JobRequest(
+        stage=stage,
+        job_name=f"hpcvp-{stage}-{args.run}",
+        run_dir=run_dir,
+        module=module,
+        argv=argv,
+        gpus_per_node=gpus,
+        nodes=args.nodes if stage != "pack" else 1,
+        time_minutes=time_minutes,
+        mem_gb=mem_gb if profile.is_slurm else None,
+        cpus_per_task=cpus,
+        account=args.account,
+        partition=args.partition or profile.default_partition,
+        constraint=args.constraint,
+        gpu_type=args.gpu_type or profile.default_gpu_type,
+        comment=profile.preemptible_comment if args.preemptible else None,
+        container=args.container,
+        overlay=args.overlay,
+        max_requeues=args.max_requeues,
+        signal_seconds=args.signal_seconds if args.signal_seconds is not None else profile.signal_seconds,
+        env=env,
+        setup=setup,
+    )
+
+
+def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | None, preset: str) -> list[PlannedJob]:
+    run_root = run_root_from(args)
+    if args.stage == "all":
+        stages = list(PIPELINE)
+        if args.src is None or not profile.is_slurm:
+            stages.remove("pack")  # the data is already packed (or is the built-in set)
+    else:
+        stages = [args.stage]
+    run_dirs = {stage: run_root / stage / args.run for stage in stages}
+    per_stage = split_overrides(args.overrides, stages) if args.stage == "all" else {args.stage: list(args.overrides)}
+    jobs: list[PlannedJob] = []
+    previous: str | None = None
+    for stage in stages:
+        overrides = (chain_overrides(stage, run_dirs) if args.stage == "all" else []) + per_stage.get(stage, [])
+        request = make_request(profile, args, stage, run_dirs[stage], data, preset, overrides)
+        job = PlannedJob(request, depends_on=previous, overrides=overrides)
+        if previous is None and args.dependency:
+            request.dependency = args.dependency
+        jobs.append(job)
+        previous = stage
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight
+
+
+def run_preflight(profile: ClusterProfile, args: argparse.Namespace, jobs: list[PlannedJob], data: str | None,
+                  preset: str) -> list[preflight.Problem]:
+    from hpcvp.stages import ConfigError, build_config, get_stage
+
+    problems: list[preflight.Problem] = []
+    facts = preflight.SlurmFacts() if profile.is_slurm else None
+    problems += preflight.check_run_dir_writable(run_root_from(args))
+    problems += preflight.check_preemptible(profile, args.preemptible)
+    if args.overlay is not None and args.container is None:
+        problems.append(preflight.Problem("container", "--overlay needs --container SIF (the image to run in)"))
+    if args.container is not None and not args.container.exists():
+        problems.append(preflight.Problem("container", f"--container {args.container}: no such file"))
+    if args.overlay is not None and not args.overlay.exists():
+        problems.append(preflight.Problem("container", f"--overlay {args.overlay}: no such file"))
+    stages = [job.request.stage for job in jobs]
+    if "pack" in stages:
+        if args.src is None:
+            problems.append(preflight.Problem("data", "--stage pack needs --src RAW_ROOT (and --data OUT_DIR)"))
+        else:
+            problems += preflight.check_raw_source(args.src)
+        if not data:
+            problems.append(preflight.Problem("data", "--stage pack needs --data OUT_DIR for the packed set"))
+    elif data and (Path(data).exists() or not args.dry_run):
+        # (A dry run does not build the built-in set, so there may be nothing to check yet.)
+        needed = sorted({s for stage in stages for s in stage_splits(stage)})
+        problems += preflight.check_data(Path(data), needed)
+    for job in jobs:
+        request = job.request
+        if request.stage != "pack":
+            try:
+                spec = get_stage(request.stage)
+                build_config(spec, preset, job.overrides)
+            except ConfigError as exc:
+                problems.append(preflight.Problem("config", f"stage {request.stage}: {exc}"))
+                spec = None
+            if spec is not None and spec.writes_data and data and "pack" not in stages:
+                if not os.access(data, os.W_OK):
+                    problems.append(preflight.Problem(
+                        "data", f"--data {data}: stage {request.stage} writes into the packed set, which is not writable"))
+            problems += preflight.check_gpus(profile, request, facts)
+        if profile.is_slurm:
+            assert facts is not None
+            problems += preflight.check_account(profile, request, facts)
+            problems += preflight.check_partition_and_constraint(profile, request, facts)
+            problems += preflight.check_time(profile, request, facts)
+    # The same problem found for every job of a chain is reported once.
+    unique: list[preflight.Problem] = []
+    for problem in problems:
+        if problem not in unique:
+            unique.append(problem)
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def print_jobs_table(console, jobs: list[PlannedJob], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("stage", "job id", "after", "GPUs", "time", "run dir"):
+        table.add_column(name)
+    by_stage = {job.request.stage: job for job in jobs}
+    for job in jobs:
+        after = ""
+        if job.depends_on:
+            parent = by_stage[job.depends_on]
+            after = f"afterok:{parent.job_id or parent.request.stage}"
+        elif job.request.dependency:
+            after = job.request.dependency
+        r = job.request
+        gpus = f"{r.nodes}x{r.gpus_per_node}" if r.gpus_per_node else "cpu"
+        table.add_row(r.stage, job.job_id or "-", after, gpus, format_minutes(r.time_minutes), str(r.run_dir))
+    console.print(table)
+
+
+def dry_run(profile: ClusterProfile, jobs: list[PlannedJob], why: str, out=None) -> None:
+    """Print exactly what would be submitted (plain text: the script must not be re-wrapped)."""
+    from hpcvp.cluster.sbatch import python_command
+
+    out = out or sys.stdout
+    out.write(f"# dry run: {why}; nothing is submitted\n")
+    for index, job in enumerate(jobs, 1):
+        request = job.request
+        if job.depends_on:
+            request.dependency = f"afterok:<job id of {job.depends_on}>"
+        out.write(f"\n# ---- job {index}/{len(jobs)}: {request.stage}\n")
+        if profile.is_slurm:
+            params = submitit_parameters(profile, request)
+            out.write(f"# submitit.SlurmExecutor(folder={str(request.job_folder)!r}, "
+                      f"max_num_timeout={request.max_requeues}, python={python_command(profile, request)!r})\n")
+            out.write("# executor.update_parameters(**" + json.dumps(params, indent=2, sort_keys=True, default=str)
+                      .replace("\n", "\n# ") + ")\n")
+            out.write(f"# executor.submit(HpcvpJob({request.module!r}, {request.argv!r}, "
+                      f"max_requeues={request.max_requeues}))\n")
+            out.write("# the sbatch script submitit writes:\n")
+            out.write(render_submitit_script(profile, request))
+        else:
+            processes = max(1, request.gpus_per_node) * request.nodes
+            out.write(f"# {processes} local process(es) (RANK/WORLD_SIZE/MASTER_ADDR set per process):\n")
+            out.write(f"{request.module} {' '.join(shlex.quote(a) for a in request.argv)}\n")
+    out.flush()
+
+
+def wait_for_jobs(console, jobs: list[PlannedJob], poll_seconds: float = 5.0) -> bool:
+    ids = [job.job_id for job in jobs if job.job_id]
+    last: dict[str, str] = {}
+    while True:
+        states = slurm_job_states(ids)
+        for job_id in ids:
+            state = states[job_id].state if job_id in states else "UNKNOWN"
+            if last.get(job_id) != state:
+                console.print(f"job {job_id}: {state}")
+                last[job_id] = state
+        if all(last.get(j) in TERMINAL_STATES for j in ids):
+            return all(last[j] == "COMPLETED" for j in ids)
+        # A chain whose earlier job failed leaves later ones pending forever without kill-on-invalid-dep.
+        time.sleep(poll_seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission / local execution
+
+
+def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluster_line: str) -> None:
+    from hpcvp.cluster import executor
+
+    by_stage: dict[str, PlannedJob] = {}
+    for job in jobs:
+        request = job.request
+        if job.depends_on:
+            request.dependency = f"afterok:{by_stage[job.depends_on].job_id}"
+        submitted = executor.submit(profile, request)
+        job.job_id = str(submitted.job_id)
+        record_event(request.run_dir, event="submitted", job_id=job.job_id, via="submitit", stage=request.stage,
+                     cluster=profile.name, dependency=request.dependency or "", argv=request.argv)
+        by_stage[request.stage] = job
+    print_jobs_table(console, jobs, f"submitted to {cluster_line}")
+
+
+def run_jobs_locally(console, jobs: list[PlannedJob]) -> int:
+    from hpcvp.cluster import executor
+
+    for job in jobs:
+        request = job.request
+        processes = max(1, request.gpus_per_node) * request.nodes
+        record_event(request.run_dir, event="started", via="local", stage=request.stage, pid=os.getpid(),
+                     processes=processes, argv=request.argv)
+        console.print(f"hpcvp: {request.stage}: {processes} local process(es); run dir {request.run_dir}")
+        status = executor.run_local(request.module, request.argv, processes, log_dir=request.run_dir / "logs")
+        state = {0: "COMPLETED", executor.EXIT_REQUEUE: "PREEMPTED"}.get(status, "FAILED")
+        record_event(request.run_dir, event="finished", via="local", stage=request.stage, state=state, status=status)
+        if status == executor.EXIT_REQUEUE:
+            console.print(f"hpcvp: {request.stage} stopped after saving a checkpoint; run the same command to resume")
+            return status
+        if status != 0:
+            console.print(f"hpcvp: {request.stage} failed with exit status {status}")
+            return status
+    return 0
+
+
+def resolve_data(args: argparse.Namespace, profile: ClusterProfile, console, dry: bool) -> str | None:
+    """The packed data dir for the jobs (building the built-in set when asked or implied)."""
+    data = args.data
+    implied_default = data is None and not profile.is_slurm and args.stage != "pack"
+    if data == "default" or implied_default:
+        from hpcvp.data.default import default_cache_root, default_dataset_name, ensure_default_dataset
+
+        if dry:
+            return str(default_cache_root() / default_dataset_name() / "packed")
+        reason = "no Slurm here and no --data" if implied_default else "--data default"
+        console.print(f"hpcvp: {reason}: running {args.stage} on the built-in synthetic dataset "
+                      f"(built once under {default_cache_root()})")
+        return str(ensure_default_dataset())
+    if data is None:
+        if args.stage == "pack" or (args.stage == "all" and args.src is not None):
+            raise LaunchError("--stage pack needs --data OUT_DIR: where the packed set goes")
+        raise LaunchError(
+            f"--data is required on Slurm cluster profile {profile.name!r}: the packed set's directory "
+            "(pack it with --stage pack --src RAW --data OUT), or --data default for the built-in synthetic set"
+        )
+    return str(Path(data).expanduser().absolute())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = _console()
+    if args.status:
+        print_status(run_root_from(args), console)
+        return 0
+    if not args.stage:
+        parser.error("--stage is required (or --status)")
+    try:
+        profile, why = resolve_profile(args.cluster, load_profiles())
+        preset = args.preset or profile.default_preset
+        data = resolve_data(args, profile, console, args.dry_run)
+        jobs = plan_jobs(profile, args, data, preset)
+        problems = run_preflight(profile, args, jobs, data, preset)
+    except (ProfileError, LaunchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(profile, jobs, why)
+        if problems:
+            print(f"# {preflight.PreflightError(problems)}".replace("nothing was submitted", "a real launch would stop here"),
+                  file=sys.stderr)
+            return 2
+        return 0
+    if problems:
+        print(str(preflight.PreflightError(problems)), file=sys.stderr)
+        return 2
+    if not profile.is_slurm:
+        return run_jobs_locally(console, jobs)
+    submit_jobs(console, profile, jobs, why)
+    if args.wait:
+        return 0 if wait_for_jobs(console, jobs) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""Stage ``predict``: the frame-22 mask predictors side by side, and the hidden-set submission.
+
+Pipelines (each needs the run dirs named; a pipeline whose runs are absent is skipped, with the
+reason printed and written in the table):
+
+  a   U-Net masks of frames 1-11 -> SimVP (masks mode) -> mask 22             seg_run + simvp_masks_run
+  b   SimVP (frames mode) predicts frame 22 -> U-Net on it                     simvp_frames_run + seg_run
+  c   RAFT flow extrapolation: the U-Net mask of frame 11 moved 11 frames      raft_run + seg_run
+      ahead at the velocity -flow(11 -> 10) (see raft.extrapolate_mask)
+  d   copy the TRUE mask of frame 11 (a no-motion reference; val only)
+  e   U-Net on frame 11 (the deployable no-motion predictor)
+  a*, c*  (a) and (c) fed the TRUE masks of frames 1-11 (val only): how much of the gap to a
+      perfect input comes from the U-Net rather than from the dynamics model.
+
+Validation: one confusion matrix per pipeline over the whole split (all-reduced over ranks) ->
+macro Jaccard, in one table (rich on a terminal, markdown in ``jaccard.md``; also ``jaccard.json``).
+Hidden: the chosen deployable pipeline (``submission_pipeline``: a letter, or ``best`` = highest
+val Jaccard among a, b, c, e) writes ``submission.pt``, a uint8 tensor (N, H, W) ordered by video
+id (torch.save, atomic), and ``submission_ids.json`` with the ids in the same order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcvp.data.datasets import ClipDataset, HiddenDataset
+from hpcvp.data.layout import NUM_CLASSES, SPLITS
+from hpcvp.data.shards import load_manifest
+from hpcvp.eval.jaccard import ConfusionMatrix
+from hpcvp.stages import ConfigError, StageSpec
+from hpcvp.stages import common
+from hpcvp.stages.raft import extrapolate_mask, flow_between
+from hpcvp.stages.seg import segment_frames
+from hpcvp.stages.simvp import predict_frames, predict_masks
+from hpcvp.train.config import TrainConfig
+
+PIPELINES = {
+    "a": ("U-Net masks 1-11 -> SimVP masks", True),
+    "a*": ("true masks 1-11 -> SimVP masks (oracle input)", False),
+    "b": ("SimVP frames -> U-Net on frame 22", True),
+    "c": ("RAFT extrapolation of U-Net mask 11", True),
+    "c*": ("RAFT extrapolation of true mask 11 (oracle input)", False),
+    "d": ("copy true mask 11 (oracle input)", False),
+    "e": ("U-Net on frame 11", True),
+}
+DEPLOYABLE = [name for name, (_, ok) in PIPELINES.items() if ok]
+
+
+@dataclass
+class PredictConfig:
+    preset: str = "full"
+    # engine settings reused for inference: amp, num_workers (nothing is trained)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1, batch_size=8))
+    seg_run: str = common.default_run("seg")
+    simvp_masks_run: str = "runs/simvp/masks"
+    simvp_frames_run: str = "runs/simvp/frames"
+    raft_run: str = common.default_run("raft")
+    pipelines: str = "a,b,c,d,e"
+    oracle_rows: bool = True  # also score a* and c* (true input masks) on val
+    eval_split: str = "val"
+    eval_max_videos: int = 0  # 0 = whole split
+    hidden_split: str = "hidden"  # "" = no submission
+    submission_pipeline: str = "best"  # best | a | b | c | e
+    batch_size: int = 8  # videos per batch
+    frames_per_forward: int = 64  # U-Net chunk
+    extrapolation: str = "object"  # object (rigid per class region) | pixel
+    extrapolation_steps: float = 11.0  # frame 11 -> frame 22
+    num_pictures: int = 4
+
+    def validate(self) -> None:
+        wanted = self.pipeline_list()
+        bad = [p for p in wanted if p not in PIPELINES or p.endswith("*")]
+        if bad or not wanted:
+            raise ConfigError(f"pipelines={self.pipelines!r}: expected a comma list of a,b,c,d,e")
+        if self.submission_pipeline != "best" and self.submission_pipeline not in DEPLOYABLE:
+            raise ConfigError(f"submission_pipeline={self.submission_pipeline!r}: expected best or one of {DEPLOYABLE}")
+        if self.extrapolation not in ("object", "pixel"):
+            raise ConfigError(f"extrapolation={self.extrapolation!r}: expected object or pixel")
+        if self.eval_split not in SPLITS or (self.hidden_split and self.hidden_split not in SPLITS):
+            raise ConfigError(f"eval_split/hidden_split must be among {SPLITS}")
+
+    def pipeline_list(self) -> list[str]:
+        return [p.strip() for p in self.pipelines.split(",") if p.strip()]
+
+
+class Models:
+    """The earlier stages' models that could be loaded, and why the others could not."""
+
+    def __init__(self, cfg: PredictConfig, env, frame_size: tuple[int, int]):
+        self.missing: dict[str, str] = {}
+        self.steps: dict[str, int] = {}
+        self._cfgs: dict[str, Any] = {}
+        self.seg = self._load("seg", cfg.seg_run, "seg", None, env, frame_size)
+        wanted = set(cfg.pipeline_list())
+        self.simvp_masks = self._load("simvp_masks", cfg.simvp_masks_run, "simvp", "masks", env, frame_size) if "a" in wanted else None
+        self.simvp_frames = self._load("simvp_frames", cfg.simvp_frames_run, "simvp", "frames", env, frame_size) if "b" in wanted else None
+        self.raft = None
+        self.raft_updates = 12
+        if "c" in wanted:
+            self.raft = self._load("raft", cfg.raft_run, "raft", None, env, frame_size)
+            if self.raft is not None:
+                self.raft_updates = self._cfgs["raft"].model.num_flow_updates
+
+    def _load(self, key: str, run_dir: str, stage: str, mode: str | None, env, frame_size) -> nn.Module | None:
+        if not run_dir:
+            self.missing[key] = "run dir not configured"
+            return None
+        run_size = common.run_frame_size(run_dir)
+        if run_size is not None and tuple(run_size) != tuple(frame_size):
+            self.missing[key] = f"{run_dir} was trained on {run_size[0]}x{run_size[1]} frames, the data are {frame_size[0]}x{frame_size[1]}"
+            return None
+        try:
+            model, cfg, step = common.load_model_from_run(run_dir, stage, env.device)
+        except common.MissingRunError as exc:
+            self.missing[key] = str(exc)
+            return None
+        if mode is not None and cfg.mode != mode:
+            self.missing[key] = f"{run_dir} is a simvp {cfg.mode} run, {mode} needed"
+            return None
+        self._cfgs[key] = cfg
+        self.steps[key] = step
+        common.log(env, f"predict: {key} from {run_dir} (step {step})")
+        return model
+
+    def requirements(self, pipeline: str) -> list[str]:
+        return {
+            "a": ["seg", "simvp_masks"],
+            "a*": ["simvp_masks"],
+            "b": ["simvp_frames", "seg"],
+            "c": ["raft", "seg"],
+            "c*": ["raft"],
+            "d": [],
+            "e": ["seg"],
+        }[pipeline]
+
+    def available(self, pipeline: str) -> tuple[bool, str]:
+        for key in self.requirements(pipeline):
+            if getattr(self, key) is None:
+                return False, f"skipped: {key} unavailable ({self.missing.get(key, 'not loaded')})"
+        return True, "ok"
+
+
+def frames_from_float(frames: torch.Tensor) -> torch.Tensor:
+    """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), as the U-Net sees real frames."""
+    return (frames.float().clamp(0, 1) * 255.0).round().to(torch.uint8).movedim(1, -1)
+
+
+@torch.no_grad()
+def run_pipelines(
+    models: Models, names: list[str], frames_in: torch.Tensor, masks_in: torch.Tensor | None, cfg: PredictConfig
+) -> dict[str, torch.Tensor]:
+    """Predicted frame-22 masks (B, H, W) long for each pipeline in ``names`` (all available)."""
+    amp = cfg.train.amp
+    device = frames_in.device
+    out: dict[str, torch.Tensor] = {}
+    need_seg_all = any(n in names for n in ("a",))
+    need_seg_last = any(n in names for n in ("c", "e"))
+    seg_masks = None
+    if models.seg is not None and need_seg_all:
+        seg_masks = segment_frames(models.seg, frames_in, amp, cfg.frames_per_forward)
+    seg_last = seg_masks[:, -1] if seg_masks is not None else None
+    if seg_last is None and models.seg is not None and need_seg_last:
+        seg_last = segment_frames(models.seg, frames_in[:, -1], amp, cfg.frames_per_forward)
+    if "a" in names:
+        with common.autocast(device, amp):
+            out["a"] = predict_masks(models.simvp_masks, seg_masks)[:, -1].argmax(dim=1)
+    if "a*" in names and masks_in is not None:
+        with common.autocast(device, amp):
+            out["a*"] = predict_masks(models.simvp_masks, masks_in)[:, -1].argmax(dim=1)
+    if "b" in names:
+        with common.autocast(device, amp):
+            frame22 = predict_frames(models.simvp_frames, frames_in)[:, -1]
+        out["b"] = segment_frames(models.seg, frames_from_float(frame22), amp, cfg.frames_per_forward).long()
+    if "c" in names or ("c*" in names and masks_in is not None):
+        with common.autocast(device, amp):
+            # velocity at frame-11 pixels: where each pixel came from is p + flow(11 -> 10)(p), so
+            # it moves by -flow(11 -> 10)(p) per frame.
+            velocity = -flow_between(models.raft, frames_in[:, 10], frames_in[:, 9], models.raft_updates)
+        if "c" in names:
+            out["c"] = extrapolate_mask(seg_last, velocity, cfg.extrapolation_steps, cfg.extrapolation)
+        if "c*" in names and masks_in is not None:
+            out["c*"] = extrapolate_mask(masks_in[:, -1], velocity, cfg.extrapolation_steps, cfg.extrapolation)
+    if "d" in names and masks_in is not None:
+        out["d"] = masks_in[:, -1].long()
+    if "e" in names:
+        out["e"] = seg_last.long()
+    return {k: v.long() for k, v in out.items()}
+
+
+def _score_val(cfg: PredictConfig, models: Models, names: list[str], data_dir: Path, run_dir: Path, env) -> dict[str, float]:
+    dataset = ClipDataset(data_dir, cfg.eval_split, frames=True, masks=True, mask_source="true")
+    indices = common.spread_indices(len(dataset), cfg.eval_max_videos)
+    loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers, indices)
+    matrices = {name: ConfusionMatrix(NUM_CLASSES, device=env.device) for name in names}
+    rows: list[list] = []
+    titles: list[list[str]] = []
+    for batch in loader:
+        frames_in = batch["frames_in"].to(env.device)
+        masks_in = batch["masks_in"].to(env.device)
+        target = batch["masks_out"][:, -1].to(env.device)
+        preds = run_pipelines(models, names, frames_in, masks_in, cfg)
+        for name, pred in preds.items():
+            matrices[name].update(pred, target)
+        if env.rank == 0 and len(rows) < cfg.num_pictures:
+            for i in range(min(target.shape[0], cfg.num_pictures - len(rows))):
+                rows.append(
+                    [common.frame_image(frames_in[i, -1]), common.frame_image(batch["frames_out"][i, -1]), common.mask_image(target[i])]
+                    + [common.mask_image(preds[name][i]) for name in names]
+                )
+                titles.append(["frame 11", "true frame 22", "true mask 22"] + [f"({name})" for name in names])
+    for matrix in matrices.values():
+        matrix.all_reduce()
+    if env.rank == 0 and rows:
+        common.save_picture(Path(run_dir) / "pictures" / "predict_val.png", rows, titles)
+    return {name: matrix.jaccard() for name, matrix in matrices.items()}
+
+
+def _predict_hidden(cfg: PredictConfig, models: Models, pipeline: str, data_dir: Path, run_dir: Path, env) -> Path | None:
+    dataset = HiddenDataset(data_dir, cfg.hidden_split)
+    loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers)
+    ids: list[int] = []
+    masks: list[torch.Tensor] = []
+    for batch in loader:
+        frames_in = batch["frames_in"].to(env.device)
+        pred = run_pipelines(models, [pipeline], frames_in, None, cfg)[pipeline]
+        masks.append(pred.to(torch.uint8).cpu())
+        ids.extend(int(v) for v in batch["video_id"])
+    height, width = dataset.frame_size
+    part = Path(run_dir) / "parts" / f"{cfg.hidden_split}-rank{env.rank:04d}.pt"
+    common.atomic_torch_save(
+        {"video_ids": ids, "masks": torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.uint8)}, part
+    )
+    common.barrier(env)
+    path = None
+    if env.rank == 0:
+        all_ids: list[int] = []
+        all_masks: list[torch.Tensor] = []
+        for rank in range(env.world_size):
+            piece = Path(run_dir) / "parts" / f"{cfg.hidden_split}-rank{rank:04d}.pt"
+            loaded = torch.load(piece, weights_only=True)
+            all_ids.extend(loaded["video_ids"])
+            all_masks.append(loaded["masks"])
+        order = sorted(range(len(all_ids)), key=lambda i: all_ids[i])
+        stacked = torch.cat(all_masks)[order].contiguous()
+        sorted_ids = [all_ids[i] for i in order]
+        if len(set(sorted_ids)) != len(sorted_ids) or len(sorted_ids) != len(dataset):
+            raise RuntimeError(f"hidden predictions cover {len(set(sorted_ids))} of {len(dataset)} videos")
+        path = Path(run_dir) / "submission.pt"
+        common.atomic_torch_save(stacked, path)
+        common.write_json(
+            Path(run_dir) / "submission_ids.json",
+            {
+                "split": cfg.hidden_split,
+                "pipeline": pipeline,
+                "description": PIPELINES[pipeline][0],
+                "shape": list(stacked.shape),
+                "dtype": "uint8",
+                "video_ids": sorted_ids,
+            },
+        )
+        for rank in range(env.world_size):
+            with contextlib.suppress(FileNotFoundError):
+                (Path(run_dir) / "parts" / f"{cfg.hidden_split}-rank{rank:04d}.pt").unlink()
+    common.barrier(env)
+    return path
+
+
+def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
+    from hpcvp.train.loop import FitResult
+    from hpcvp.train.rundir import MetricsWriter, RunDir
+
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    rundir = RunDir(run_dir)
+    if env.rank == 0:
+        rundir.ensure()
+    common.barrier(env)
+    t0 = time.monotonic()
+    manifest = load_manifest(data_dir)
+    frame_size = manifest.frame_size
+    models = Models(cfg, env, frame_size)
+    requested = cfg.pipeline_list()
+    status: dict[str, str] = {}
+    names: list[str] = []
+    eval_split_ok = bool(manifest.shards_for(cfg.eval_split))
+    for name in requested + (["a*", "c*"] if cfg.oracle_rows else []):
+        if name.endswith("*") and name[0] not in requested:
+            continue
+        ok, why = models.available(name)
+        if ok and not PIPELINES[name][1] and not eval_split_ok:
+            ok, why = False, f"skipped: needs the true masks of {cfg.eval_split}"
+        status[name] = why
+        if ok:
+            names.append(name)
+        else:
+            common.log(env, f"predict: pipeline ({name}) {PIPELINES[name][0]}: {why}")
+    scores: dict[str, float] = {}
+    if eval_split_ok and names:
+        scores = _score_val(cfg, models, names, data_dir, run_dir, env)
+    elif not eval_split_ok:
+        common.log(env, f"predict: split {cfg.eval_split!r} is not packed in {data_dir}; no validation scores")
+
+    # ------------------------------------------------------------------ submission
+    deployable_scored = {n: s for n, s in scores.items() if PIPELINES[n][1] and not math.isnan(s)}
+    submission_pipeline = None
+    if cfg.submission_pipeline == "best":
+        if deployable_scored:
+            submission_pipeline = max(deployable_scored, key=deployable_scored.get)
+        else:
+            available = [n for n in DEPLOYABLE if n in names or models.available(n)[0]]
+            submission_pipeline = available[0] if available else None
+    elif models.available(cfg.submission_pipeline)[0]:
+        submission_pipeline = cfg.submission_pipeline
+    submission = None
+    if not cfg.hidden_split:
+        common.log(env, "predict: hidden_split is empty; no submission written")
+    elif not manifest.shards_for(cfg.hidden_split):
+        common.log(env, f"predict: split {cfg.hidden_split!r} is not packed in {data_dir}; no submission written")
+    elif submission_pipeline is None:
+        common.log(env, f"predict: no deployable pipeline available ({cfg.submission_pipeline}); no submission written")
+    else:
+        submission = _predict_hidden(cfg, models, submission_pipeline, data_dir, run_dir, env)
+
+    # ------------------------------------------------------------------ report
+    if env.rank == 0:
+        headers = ["pipeline", "description", f"{cfg.eval_split} Jaccard", "hidden-usable", "status"]
+        rows = []
+        for name, why in status.items():
+            score = scores.get(name, float("nan"))
+            rows.append([f"({name})", PIPELINES[name][0], score, "yes" if PIPELINES[name][1] else "no", why])
+        title = f"frame-22 mask Jaccard on {cfg.eval_split} ({len(common.spread_indices(len(manifest.video_ids(cfg.eval_split)), cfg.eval_max_videos)) if eval_split_ok else 0} videos)"
+        common.print_table(title, headers, rows)
+        lines = [f"# {title}\n", common.markdown_table(headers, rows)]
+        if submission is not None:
+            lines.append(f"\nSubmission: `{submission}` from pipeline ({submission_pipeline}) {PIPELINES[submission_pipeline][0]}.\n")
+            common.log(env, f"predict: submission {submission} from pipeline ({submission_pipeline})")
+        common.atomic_write_text(run_dir / "jaccard.md", "".join(lines))
+        common.write_json(
+            run_dir / "jaccard.json",
+            {
+                "split": cfg.eval_split,
+                "scores": {name: (None if math.isnan(s) else s) for name, s in scores.items()},
+                "status": status,
+                "checkpoint_steps": models.steps,
+                "submission": str(submission) if submission else None,
+                "submission_pipeline": submission_pipeline if submission else None,
+                "seconds": round(time.monotonic() - t0, 1),
+            },
+        )
+        writer = MetricsWriter(rundir.metrics_path)
+        writer.write({"step": 0, **{f"val_jaccard_{name.replace('*', '_oracle')}": s for name, s in scores.items()}, "time": time.time()})
+        writer.close()
+    common.barrier(env)
+    return FitResult(status="completed", step=0, stop_reason="predictions written")
+
+
+SPEC = StageSpec(
+    name="predict",
+    config_cls=PredictConfig,
+    run=run,
+    presets={
+        "tiny": {"train.num_workers": 0, "batch_size": 4, "num_pictures": 2},
+        "full": {"train.num_workers": 4, "batch_size": 16, "frames_per_forward": 176},
+    },
+    trains=False,
+    description="pipelines (a)-(e) scored on val; hidden submission tensor",
+)

@@ -1,0 +1,298 @@
+"""Stage ``raft``: torchvision's RAFT trained self-supervised on consecutive frames.
+
+There is no ground-truth flow, so the loss is photometric: frame t+1 warped back with the flow must
+look like frame t (census transform or SSIM+L1), counted only where the forward and backward flows
+agree (occluded pixels have no match), plus edge-aware smoothness; every one of RAFT's iterative
+flow updates is supervised, weighted gamma^(N-1-k) as in the RAFT paper. Both directions are
+computed in one batch (t->t+1 and t+1->t).
+
+Evaluation warps the true mask of frame t to t+1 with the flow from t+1 to t (nearest) and scores
+Jaccard against the true mask of t+1. ``extrapolate_mask`` is the flow-extrapolation predictor used
+by pipeline (c) of the predict stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from hpcvp.data.datasets import PairDataset, frames_to_float
+from hpcvp.data.layout import NUM_CLASSES, SPLITS
+from hpcvp.data.shards import load_manifest
+from hpcvp.eval.jaccard import ConfusionMatrix
+from hpcvp.eval.pictures import flow_image
+from hpcvp.models.raft import PRESETS as RAFT_PRESETS, VARIANTS, backward_warp, build_raft, estimate_flow, forward_consistency_occlusion
+from hpcvp.stages import ConfigError, StageSpec
+from hpcvp.stages import common
+from hpcvp.stages.losses import edge_aware_smoothness, masked_mean, photometric_loss
+from hpcvp.stages.seg import check_splits
+from hpcvp.train.config import TrainConfig
+
+
+@dataclass
+class RaftSettings:
+    variant: str = "large"  # small | large (torchvision raft_small / raft_large)
+    num_flow_updates: int = 12
+    weights_path: str = ""  # a local torchvision RAFT state dict to start from ("" = random init)
+
+
+@dataclass
+class RaftConfig:
+    preset: str = "full"
+    model: RaftSettings = field(default_factory=RaftSettings)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(max_steps=20000, batch_size=8, lr=2e-4, weight_decay=1e-5, eval_every=2000)
+    )
+    train_splits: str = "train,unlabeled"  # self-supervised: any video's frames
+    photometric: str = "census"  # census | ssim_l1
+    smooth_weight: float = 4.0
+    smooth_edge_weight: float = 150.0
+    occlusion: bool = True  # mask forward-backward inconsistent pixels out of the photometric loss
+    gamma: float = 0.8  # sequence weight of update k of N: gamma^(N-1-k)
+    eval_split: str = "val"
+    eval_max_pairs: int = 0  # 0 = every consecutive pair of the split
+    eval_batch_size: int = 16
+    num_pictures: int = 2
+
+    def validate(self) -> None:
+        if self.model.variant not in VARIANTS:
+            raise ConfigError(f"model.variant={self.model.variant!r}: expected one of {sorted(VARIANTS)}")
+        if self.photometric not in ("census", "ssim_l1"):
+            raise ConfigError(f"photometric={self.photometric!r}: expected census or ssim_l1")
+        if self.model.num_flow_updates < 1:
+            raise ConfigError("model.num_flow_updates must be >= 1")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"gamma={self.gamma}: expected 0 < gamma <= 1")
+        check_splits(self.train_splits, "train_splits")
+        if self.eval_split not in SPLITS:
+            raise ConfigError(f"eval_split={self.eval_split!r}: expected one of {SPLITS}")
+        if self.model.weights_path and not Path(self.model.weights_path).is_file():
+            raise ConfigError(f"model.weights_path={self.model.weights_path}: file not found")
+
+
+def build_raft_model(cfg: RaftConfig, frame_size: tuple[int, int] | None = None, with_weights: bool = False) -> nn.Module:
+    weights = cfg.model.weights_path if (with_weights and cfg.model.weights_path) else None
+    return build_raft(cfg.model.variant, weights)
+
+
+def flow_between(model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor, num_flow_updates: int) -> torch.Tensor:
+    """Final flow (B, 2, H, W) from uint8 frames (B, H, W, 3) a to b: pixel p of a moves to p + flow(p)."""
+    flows = estimate_flow(model, frames_to_float(frame_a), frames_to_float(frame_b), num_flow_updates)
+    return flows[-1].float()
+
+
+def in_bounds(flow: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) 1 where p + flow(p) lands inside the image."""
+    height, width = flow.shape[-2:]
+    ys = torch.arange(height, device=flow.device, dtype=flow.dtype).view(1, height, 1)
+    xs = torch.arange(width, device=flow.device, dtype=flow.dtype).view(1, 1, width)
+    x = xs + flow[:, 0]
+    y = ys + flow[:, 1]
+    inside = (x >= 0) & (x <= width - 1) & (y >= 0) & (y <= height - 1)
+    return inside.unsqueeze(1).to(flow.dtype)
+
+
+def self_supervised_flow_loss(
+    flows: list[torch.Tensor],
+    image_a: torch.Tensor,
+    image_b: torch.Tensor,
+    *,
+    photometric: str,
+    smooth_weight: float,
+    smooth_edge_weight: float,
+    occlusion: bool,
+    gamma: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of a flow sequence from image_a to image_b (both (2B, 3, H, W) with the batch's two
+    directions stacked: first half t->t+1, second half t+1->t).
+
+    The occlusion mask comes from the final (detached) flows: forward and backward flows must cancel.
+    """
+    final = flows[-1].detach().float()
+    half = final.shape[0] // 2
+    valid = in_bounds(final)
+    if occlusion:
+        fw, bw = final[:half], final[half:]
+        occluded = torch.cat([forward_consistency_occlusion(fw, bw), forward_consistency_occlusion(bw, fw)])
+        valid = valid * (1.0 - occluded)
+    count = len(flows)
+    total = image_a.new_zeros(())
+    weight_sum = 0.0
+    photo_last = smooth_last = image_a.new_zeros(())
+    for k, flow in enumerate(flows):
+        weight = gamma ** (count - 1 - k)
+        flow = flow.float()
+        warped = backward_warp(image_b, flow)  # ~ image_a where the flow is right
+        photo = masked_mean(photometric_loss(photometric, image_a, warped), valid)
+        smooth = edge_aware_smoothness(flow, image_a, smooth_edge_weight)
+        total = total + weight * (photo + smooth_weight * smooth)
+        weight_sum += weight
+        photo_last, smooth_last = photo, smooth
+    logs = {
+        "photometric": photo_last.detach(),
+        "smoothness": smooth_last.detach(),
+        "valid_frac": valid.mean().detach(),
+    }
+    return total / weight_sum, logs
+
+
+def extrapolate_mask(mask: torch.Tensor, velocity: torch.Tensor, steps: float, mode: str = "object") -> torch.Tensor:
+    """Move the objects of ``mask`` (B, H, W) ``steps`` frames ahead at constant ``velocity``.
+
+    velocity (B, 2, H, W) is the per-frame displacement (dx, dy) of the pixel at p *in this mask's
+    frame*: with RAFT, the negated flow from frame 11 to frame 10 (flow(11->10)(p) points to where
+    p came from, so -flow is where it goes next). Forward splatting: the label at p lands at
+    round(p + steps * v(p)). Background (class 0) is static and never splatted; where objects
+    collide the larger class id wins (deterministic); pixels nothing lands on become background.
+
+    mode "object": every class region moves rigidly with its mean velocity (robust to noisy flow);
+    "pixel": every pixel moves with its own velocity.
+    """
+    if mode not in ("object", "pixel"):
+        raise ValueError(f"extrapolation mode {mode!r}: expected object or pixel")
+    batch, height, width = mask.shape
+    labels = mask.long()
+    vel = velocity.float().permute(0, 2, 3, 1).reshape(batch, height * width, 2)
+    flat_labels = labels.reshape(batch, height * width)
+    if mode == "object":
+        group = (torch.arange(batch, device=mask.device).view(batch, 1) * NUM_CLASSES + flat_labels).reshape(-1)
+        sums = torch.zeros(batch * NUM_CLASSES, 2, device=mask.device).index_add_(0, group, vel.reshape(-1, 2))
+        counts = torch.bincount(group, minlength=batch * NUM_CLASSES).clamp_min(1).unsqueeze(1).float()
+        vel = (sums / counts)[group].reshape(batch, height * width, 2)
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=mask.device), torch.arange(width, device=mask.device), indexing="ij"
+    )
+    tx = torch.round(xs.reshape(1, -1).float() + steps * vel[..., 0]).long()
+    ty = torch.round(ys.reshape(1, -1).float() + steps * vel[..., 1]).long()
+    keep = (flat_labels != 0) & (tx >= 0) & (tx < width) & (ty >= 0) & (ty < height)
+    target = torch.arange(batch, device=mask.device).view(batch, 1) * (height * width) + ty * width + tx
+    out = torch.zeros(batch * height * width, dtype=torch.long, device=mask.device)
+    out.scatter_reduce_(0, target[keep], flat_labels[keep], reduce="amax")
+    return out.reshape(batch, height, width)
+
+
+class RaftTask:
+    def __init__(self, cfg: RaftConfig, data_dir: Path, env):
+        self.cfg = cfg
+        self.data_dir = Path(data_dir)
+        self.env = env
+        self.frame_size = load_manifest(self.data_dir).frame_size
+        self._eval_dataset: Dataset | None = None
+
+    def build_model(self) -> nn.Module:
+        return build_raft_model(self.cfg, self.frame_size, with_weights=True)
+
+    def train_dataset(self) -> Dataset:
+        parts = [PairDataset(self.data_dir, split, masks=False) for split in check_splits(self.cfg.train_splits, "train_splits")]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device):
+        f0 = frames_to_float(batch["frame0"].to(device, non_blocking=True))
+        f1 = frames_to_float(batch["frame1"].to(device, non_blocking=True))
+        image_a, image_b = torch.cat([f0, f1]), torch.cat([f1, f0])
+        flows = estimate_flow(model, image_a, image_b, self.cfg.model.num_flow_updates)
+        return self_supervised_flow_loss(
+            flows,
+            image_a,
+            image_b,
+            photometric=self.cfg.photometric,
+            smooth_weight=self.cfg.smooth_weight,
+            smooth_edge_weight=self.cfg.smooth_edge_weight,
+            occlusion=self.cfg.occlusion,
+            gamma=self.cfg.gamma,
+        )
+
+    def _eval_data(self) -> Dataset:
+        if self._eval_dataset is None:
+            self._eval_dataset = PairDataset(self.data_dir, self.cfg.eval_split, mask_source="true", masks=True)
+        return self._eval_dataset
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
+        net = common.unwrap(model)
+        was_training = net.training
+        net.eval()
+        dataset = self._eval_data()
+        indices = common.spread_indices(len(dataset), self.cfg.eval_max_pairs)
+        loader = common.eval_loader(dataset, env, self.cfg.eval_batch_size, self.cfg.train.num_workers, indices)
+        warped_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
+        copy_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
+        rows: list[list] = []
+        for batch in loader:
+            frame0, frame1 = batch["frame0"].to(env.device), batch["frame1"].to(env.device)
+            mask0, mask1 = batch["mask0"].to(env.device), batch["mask1"].to(env.device)
+            with common.autocast(env.device, self.cfg.train.amp):
+                # mask(t+1)(p) = mask(t)(p + flow(t+1 -> t)(p)): backward warping needs the flow
+                # defined on frame t+1's pixels.
+                flow_back = flow_between(net, frame1, frame0, self.cfg.model.num_flow_updates)
+            warped = backward_warp(mask0, flow_back)
+            warped_cm.update(warped, mask1)
+            copy_cm.update(mask0, mask1)
+            if env.rank == 0 and len(rows) < self.cfg.num_pictures:
+                for i in range(min(frame0.shape[0], self.cfg.num_pictures - len(rows))):
+                    rows.append(
+                        [
+                            common.frame_image(frame0[i]),
+                            common.frame_image(frame1[i]),
+                            flow_image(-flow_back[i]),
+                            common.mask_image(mask0[i]),
+                            common.mask_image(warped[i]),
+                            common.mask_image(mask1[i]),
+                        ]
+                    )
+        warped_cm.all_reduce()
+        copy_cm.all_reduce()
+        net.train(was_training)
+        if env.rank == 0 and rows:
+            titles = [["frame t", "frame t+1", "-flow(t+1->t)", "mask t", "mask t warped", "mask t+1"] for _ in rows]
+            common.save_picture(common.picture_path(run, step, "raft_val"), rows, titles)
+        return {"val_warp_jaccard": warped_cm.jaccard(), "val_copy_jaccard": copy_cm.jaccard()}
+
+    def identity(self) -> dict:
+        return {"stage": "raft", "variant": self.cfg.model.variant, "frame_size": list(self.frame_size)}
+
+    def describe(self) -> dict:
+        return {"stage": "raft", "model": asdict(self.cfg.model), "photometric": self.cfg.photometric}
+
+
+def run(cfg: RaftConfig, data_dir: Path, run_dir: Path, env):
+    from hpcvp.train.loop import Trainer
+    from hpcvp.train.rundir import RunDir
+
+    return Trainer(RaftTask(cfg, data_dir, env), cfg.train, RunDir(run_dir), env).fit()
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    tiny = {f"model.{k}": v for k, v in RAFT_PRESETS["tiny"].items()}
+    tiny.update(
+        {
+            "train.max_steps": 10,
+            "train.batch_size": 2,
+            "train.lr": 4e-4,
+            "train.eval_every": 0,
+            "train.log_every": 5,
+            "train.save_every_steps": 0,
+            "train.num_workers": 0,
+            "eval_max_pairs": 8,
+            "eval_batch_size": 8,
+            "num_pictures": 1,
+        }
+    )
+    full = {f"model.{k}": v for k, v in RAFT_PRESETS["full"].items()}
+    full.update({"train.num_workers": 6, "eval_max_pairs": 4000, "eval_batch_size": 16})
+    return {"tiny": tiny, "full": full}
+
+
+SPEC = StageSpec(
+    name="raft",
+    config_cls=RaftConfig,
+    run=run,
+    presets=_presets(),
+    build_model=build_raft_model,
+    description="torchvision RAFT, self-supervised photometric training; val warp Jaccard",
+)

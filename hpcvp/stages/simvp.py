@@ -1,0 +1,349 @@
+"""Stage ``simvp``: SimVP video prediction, frames 1-11 -> 12-22.
+
+Two modes:
+- ``frames``: RGB in, RGB out, MSE. Used by pipeline (b): the U-Net segments the predicted frame 22.
+- ``masks``: 49-class masks in (true masks, or the U-Net's pseudo-masks), per-pixel class logits
+  out, cross-entropy; ``loss=ce+lovasz`` (or ``lovasz``) adds the Lovász-softmax IoU surrogate on
+  frame 22 for fine-tuning (start from a cross-entropy run with ``init_from=RUN_DIR``). Pipeline (a)
+  feeds it the U-Net's masks of frames 1-11.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+
+from hpcvp.data.datasets import ClipDataset, frames_to_float
+from hpcvp.data.layout import NUM_CLASSES, NUM_INPUT_FRAMES, SPLITS
+from hpcvp.data.shards import load_manifest
+from hpcvp.eval.jaccard import ConfusionMatrix
+from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS, TRANSLATORS, SimVP
+from hpcvp.stages import ConfigError, StageSpec
+from hpcvp.stages import common
+from hpcvp.stages.losses import lovasz_softmax
+from hpcvp.stages.seg import check_splits
+from hpcvp.train.config import TrainConfig
+
+MODES = ("frames", "masks")
+MASK_LOSSES = ("ce", "lovasz", "ce+lovasz")
+FRAME_LOSSES = ("mse", "mse+l1")
+
+
+@dataclass
+class SimVPSettings:
+    hid_S: int = 64
+    hid_T: int = 512
+    N_S: int = 4
+    N_T: int = 8
+    translator: str = "gsta"  # gsta | incepu
+    mask_embedding: bool = False  # masks mode: learned nn.Embedding(49, embed_dim) instead of one-hot
+    embed_dim: int = 16
+    mlp_ratio: float = 8.0
+    drop_path: float = 0.0
+
+
+@dataclass
+class SimVPConfig:
+    preset: str = "full"
+    mode: str = "masks"  # frames | masks
+    model: SimVPSettings = field(default_factory=SimVPSettings)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            max_steps=30000, batch_size=16, lr=1e-3, schedule="onecycle", eval_every=2000
+        )
+    )
+    train_splits: str = "train"  # masks mode: "train,unlabeled" with mask_source=any after pseudo-labelling
+    mask_source: str = "true"  # true | pseudo | any
+    loss: str = ""  # masks: ce | lovasz | ce+lovasz; frames: mse | mse+l1; "" = ce / mse
+    lovasz_weight: float = 1.0
+    lovasz_frames: str = "last"  # last (frame 22, the scored one) | all
+    last_frame_weight: float = 1.0  # extra weight of frame 22 in the per-frame loss (1 = uniform)
+    init_from: str = ""  # simvp run dir whose weights start this run (fine-tuning); "" = scratch
+    eval_split: str = "val"
+    eval_max_videos: int = 0  # 0 = whole split
+    eval_batch_size: int = 16
+    num_pictures: int = 2
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
+        losses = MASK_LOSSES if self.mode == "masks" else FRAME_LOSSES
+        if self.loss and self.loss not in losses:
+            raise ConfigError(f"loss={self.loss!r}: mode {self.mode} takes one of {losses}")
+        if self.model.translator not in TRANSLATORS:
+            raise ConfigError(f"model.translator={self.model.translator!r}: expected one of {TRANSLATORS}")
+        if self.mask_source not in ("true", "pseudo", "any"):
+            raise ConfigError(f"mask_source={self.mask_source!r}: expected true, pseudo or any")
+        if self.lovasz_frames not in ("last", "all"):
+            raise ConfigError(f"lovasz_frames={self.lovasz_frames!r}: expected last or all")
+        check_splits(self.train_splits, "train_splits")
+        if self.eval_split not in SPLITS:
+            raise ConfigError(f"eval_split={self.eval_split!r}: expected one of {SPLITS}")
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or ("ce" if self.mode == "masks" else "mse")
+
+
+def build_simvp(cfg: SimVPConfig, frame_size: tuple[int, int]) -> nn.Module:
+    masks = cfg.mode == "masks"
+    m = cfg.model
+    return SimVP(
+        in_frames=NUM_INPUT_FRAMES,
+        out_frames=NUM_INPUT_FRAMES,
+        channels=NUM_CLASSES if masks else 3,
+        out_channels=NUM_CLASSES if masks else 3,
+        height=frame_size[0],
+        width=frame_size[1],
+        hid_S=m.hid_S,
+        hid_T=m.hid_T,
+        N_S=m.N_S,
+        N_T=m.N_T,
+        translator=m.translator,
+        mask_embedding=masks and m.mask_embedding,
+        embed_dim=m.embed_dim,
+        mlp_ratio=m.mlp_ratio,
+        drop_path=m.drop_path,
+    )
+
+
+def predict_masks(model: nn.Module, masks_in: torch.Tensor) -> torch.Tensor:
+    """uint8/long masks (B, 11, H, W) -> logits (B, 11, 49, H, W) of frames 12-22."""
+    return model(masks_in.long())
+
+
+def predict_frames(model: nn.Module, frames_in: torch.Tensor) -> torch.Tensor:
+    """uint8 frames (B, 11, H, W, 3) -> float frames (B, 11, 3, H, W) of 12-22 (unclamped)."""
+    return model(frames_to_float(frames_in))
+
+
+def _frame_weights(cfg: SimVPConfig, frames: int, device) -> torch.Tensor:
+    weights = torch.ones(frames, device=device)
+    weights[-1] = cfg.last_frame_weight
+    return weights / weights.sum()
+
+
+class SimVPTask:
+    def __init__(self, cfg: SimVPConfig, data_dir: Path, env):
+        self.cfg = cfg
+        self.data_dir = Path(data_dir)
+        self.env = env
+        self.frame_size = load_manifest(self.data_dir).frame_size
+        self._eval_dataset: Dataset | None = None
+
+    @property
+    def masks_mode(self) -> bool:
+        return self.cfg.mode == "masks"
+
+    def build_model(self) -> nn.Module:
+        model = build_simvp(self.cfg, self.frame_size)
+        if self.cfg.init_from:
+            source, source_cfg, step = common.load_model_from_run(self.cfg.init_from, "simvp", torch.device("cpu"))
+            if source_cfg.mode != self.cfg.mode:
+                raise ConfigError(f"init_from={self.cfg.init_from}: a {source_cfg.mode} run, this is a {self.cfg.mode} run")
+            model.load_state_dict(source.state_dict())
+            common.log(self.env, f"simvp: initialised from {self.cfg.init_from} (step {step})")
+        return model
+
+    def train_dataset(self) -> Dataset:
+        parts = [
+            ClipDataset(
+                self.data_dir,
+                split,
+                frames=not self.masks_mode,
+                masks=self.masks_mode,
+                mask_source=self.cfg.mask_source,
+            )
+            for split in check_splits(self.cfg.train_splits, "train_splits")
+        ]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def loss(self, model: nn.Module, batch: dict, device: torch.device):
+        weights = _frame_weights(self.cfg, NUM_INPUT_FRAMES, device)
+        if self.masks_mode:
+            masks_in = batch["masks_in"].to(device, non_blocking=True)
+            target = batch["masks_out"].to(device, non_blocking=True).long()
+            logits = predict_masks(model, masks_in).float()
+            name = self.cfg.loss_name
+            logs: dict[str, Any] = {}
+            loss = logits.new_zeros(())
+            if "ce" in name.split("+"):
+                # (B, T, C, H, W) -> per-frame mean CE, weighted over frames
+                ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(dim=(0, 2, 3))
+                ce = (ce * weights).sum()
+                loss = loss + ce
+                logs["ce"] = ce.detach()
+            if "lovasz" in name:
+                if self.cfg.lovasz_frames == "last":
+                    lov = lovasz_softmax(logits[:, -1], target[:, -1])
+                else:
+                    lov = lovasz_softmax(logits.flatten(0, 1), target.flatten(0, 1))
+                loss = loss + self.cfg.lovasz_weight * lov
+                logs["lovasz"] = lov.detach()
+            return loss, logs
+        frames_in = batch["frames_in"].to(device, non_blocking=True)
+        target = frames_to_float(batch["frames_out"].to(device, non_blocking=True))
+        pred = predict_frames(model, frames_in).float()
+        mse = ((pred - target) ** 2).mean(dim=(0, 2, 3, 4))
+        loss = (mse * weights).sum()
+        logs = {"mse": loss.detach()}
+        if self.cfg.loss_name == "mse+l1":
+            l1 = ((pred - target).abs().mean(dim=(0, 2, 3, 4)) * weights).sum()
+            loss = loss + l1
+            logs["l1"] = l1.detach()
+        return loss, logs
+
+    def _eval_data(self) -> Dataset:
+        if self._eval_dataset is None:
+            self._eval_dataset = ClipDataset(
+                self.data_dir, self.cfg.eval_split, frames=True, masks=self.masks_mode, mask_source="true"
+            )
+        return self._eval_dataset
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
+        net = common.unwrap(model)
+        was_training = net.training
+        net.eval()
+        dataset = self._eval_data()
+        indices = common.spread_indices(len(dataset), self.cfg.eval_max_videos)
+        loader = common.eval_loader(dataset, env, self.cfg.eval_batch_size, self.cfg.train.num_workers, indices)
+        try:
+            if self.masks_mode:
+                return self._evaluate_masks(net, loader, env, run, step)
+            return self._evaluate_frames(net, loader, env, run, step)
+        finally:
+            net.train(was_training)
+
+    def _evaluate_masks(self, net, loader, env, run, step) -> dict[str, float]:
+        # Inputs are the TRUE masks of frames 1-11 here (an upper bound for pipeline (a), which
+        # feeds the U-Net's masks; see the predict stage).
+        confusion = ConfusionMatrix(NUM_CLASSES, device=env.device)
+        copy_last = ConfusionMatrix(NUM_CLASSES, device=env.device)
+        rows: list[list] = []
+        for batch in loader:
+            masks_in = batch["masks_in"].to(env.device)
+            target = batch["masks_out"].to(env.device)
+            with common.autocast(env.device, self.cfg.train.amp):
+                logits = predict_masks(net, masks_in)
+            pred = logits[:, -1].argmax(dim=1)
+            confusion.update(pred, target[:, -1])
+            copy_last.update(masks_in[:, -1], target[:, -1])
+            if env.rank == 0 and len(rows) < self.cfg.num_pictures:
+                frames = batch["frames_in"]
+                for i in range(min(pred.shape[0], self.cfg.num_pictures - len(rows))):
+                    rows.append(
+                        [common.frame_image(frames[i, -1]), common.mask_image(masks_in[i, -1]),
+                         common.mask_image(target[i, -1]), common.mask_image(pred[i])]
+                    )
+        confusion.all_reduce()
+        copy_last.all_reduce()
+        if env.rank == 0 and rows:
+            titles = [["frame 11", "mask 11 (input)", "true mask 22", "SimVP mask 22"] for _ in rows]
+            common.save_picture(common.picture_path(run, step, "simvp_masks_val"), rows, titles)
+        return {"val_jaccard_true_inputs": confusion.jaccard(), "val_jaccard_copy_last": copy_last.jaccard()}
+
+    def _evaluate_frames(self, net, loader, env, run, step) -> dict[str, float]:
+        sums = {"se_all": 0.0, "se_last": 0.0, "se_copy_last": 0.0, "pixels_all": 0.0, "pixels_last": 0.0}
+        rows: list[list] = []
+        titles: list[list[str]] = []
+        for batch in loader:
+            frames_in = batch["frames_in"].to(env.device)
+            target = frames_to_float(batch["frames_out"].to(env.device))
+            with common.autocast(env.device, self.cfg.train.amp):
+                pred = predict_frames(net, frames_in)
+            pred = pred.float().clamp(0, 1)
+            sums["se_all"] += float(((pred - target) ** 2).sum())
+            sums["se_last"] += float(((pred[:, -1] - target[:, -1]) ** 2).sum())
+            last_in = frames_to_float(frames_in[:, -1])
+            sums["se_copy_last"] += float(((last_in - target[:, -1]) ** 2).sum())
+            sums["pixels_all"] += float(target.numel())
+            sums["pixels_last"] += float(target[:, -1].numel())
+            if env.rank == 0 and len(rows) < 2 * self.cfg.num_pictures:
+                show = [0, 5, 10]
+                for i in range(min(pred.shape[0], self.cfg.num_pictures - len(rows) // 2)):
+                    rows.append([common.frame_image(frames_in[i, t]) for t in show] + [common.frame_image(target[i, t]) for t in show])
+                    titles.append([f"in {t + 1}" for t in show] + [f"true {t + 12}" for t in show])
+                    rows.append([common.frame_image(frames_in[i, -1])] * 3 + [common.frame_image(pred[i, t]) for t in show])
+                    titles.append(["frame 11"] * 3 + [f"SimVP {t + 12}" for t in show])
+        sums = common.all_reduce_sum(sums, env.device)
+        if env.rank == 0 and rows:
+            common.save_picture(common.picture_path(run, step, "simvp_frames_val"), rows, titles)
+        pixels_all, pixels_last = max(sums["pixels_all"], 1.0), max(sums["pixels_last"], 1.0)
+        return {
+            "val_mse": sums["se_all"] / pixels_all,
+            "val_mse_frame22": sums["se_last"] / pixels_last,
+            "val_mse_copy_last": sums["se_copy_last"] / pixels_last,
+        }
+
+    def identity(self) -> dict:
+        return {
+            "stage": "simvp",
+            "mode": self.cfg.mode,
+            "model": asdict(self.cfg.model),
+            "frame_size": list(self.frame_size),
+        }
+
+    def describe(self) -> dict:
+        return {"stage": "simvp", "mode": self.cfg.mode, "loss": self.cfg.loss_name, "train_splits": self.cfg.train_splits}
+
+
+def run(cfg: SimVPConfig, data_dir: Path, run_dir: Path, env):
+    from hpcvp.train.loop import Trainer
+    from hpcvp.train.rundir import RunDir
+
+    return Trainer(SimVPTask(cfg, data_dir, env), cfg.train, RunDir(run_dir), env).fit()
+
+
+def default_run_name(cfg: SimVPConfig) -> str:
+    # Pipelines need one run of each mode; by default they live side by side.
+    return cfg.mode
+
+
+def _presets() -> dict[str, dict[str, Any]]:
+    tiny = {f"model.{k}": v for k, v in SIMVP_PRESETS["tiny"].items()}
+    tiny.update(
+        {
+            "train.max_steps": 30,
+            "train.batch_size": 4,
+            "train.lr": 3e-3,
+            "train.weight_decay": 0.0,
+            "train.eval_every": 0,
+            "train.log_every": 5,
+            "train.save_every_steps": 0,
+            "train.num_workers": 0,
+            "eval_max_videos": 8,
+            "eval_batch_size": 8,
+            "num_pictures": 1,
+        }
+    )
+    full = {f"model.{k}": v for k, v in SIMVP_PRESETS["full"].items()}
+    full.update(
+        {
+            "train.max_steps": 30000,
+            "train.batch_size": 16,
+            "train.lr": 1e-3,
+            "train.eval_every": 2000,
+            "train.num_workers": 6,
+            "eval_max_videos": 0,
+            "eval_batch_size": 32,
+        }
+    )
+    return {"tiny": tiny, "full": full}
+
+
+SPEC = StageSpec(
+    name="simvp",
+    config_cls=SimVPConfig,
+    run=run,
+    presets=_presets(),
+    build_model=build_simvp,
+    default_run_name=default_run_name,
+    description="SimVP (gSTA / Inception-U): frames or masks 1-11 -> 12-22",
+)

@@ -1,0 +1,141 @@
+"""The process every launcher starts (srun task, submitit job, torchrun worker, or a plain shell):
+
+    python -m hpcvp.stages.worker --stage seg [--data DIR] [--run-dir DIR] [--preset tiny|full]
+                                  [--set key=value ...] [--stage-local]
+
+It builds the stage config (defaults, preset, overrides; a bad key fails here, before anything
+starts), joins the process group described by the environment (Slurm, torchrun, or none), finds
+the data (``--data``, or the embedded default dataset), optionally stages it to node-local disk,
+records the config in ``RUN_DIR/stage_config.json`` and runs the stage. Exit status: 0 when the
+stage completed, ``EXIT_REQUEUE`` (75) when it was preempted and saved, 2 for a bad command line.
+``run_worker(argv) -> int`` does the same in-process (submitit, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from hpcvp.stages import PRESET_NAMES, STAGES, ConfigError, build_config, flatten, get_stage, save_stage_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hpcvp.stages.worker",
+        description="Run one hpcvp stage in this process (one rank of a distributed job).",
+    )
+    parser.add_argument("--stage", help="stage name (see --list)")
+    parser.add_argument("--data", type=Path, help="packed dataset dir (default: the embedded synthetic dataset)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="run directory (default: RUNS_ROOT/<stage>/default; simvp: RUNS_ROOT/simvp/<mode>)",
+    )
+    parser.add_argument("--runs-root", type=Path, default=Path("runs"), help="root of default run dirs (default: runs)")
+    parser.add_argument(
+        "--preset",
+        choices=[*PRESET_NAMES, "auto"],
+        default="auto",
+        help="model/training sizes: tiny (tests, CPU) or full (published); auto = full on CUDA, tiny otherwise",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key; dotted keys reach nested configs (train.lr=3e-4, model.hid_S=32)",
+    )
+    parser.add_argument(
+        "--stage-local",
+        action="store_true",
+        help="copy the shards to node-local disk ($SLURM_TMPDIR or $TMPDIR) first and read them there",
+    )
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--list", action="store_true", help="list the stages and exit")
+    return parser
+
+
+def resolve_preset(preset: str) -> str:
+    if preset != "auto":
+        return preset
+    import torch
+
+    return "full" if torch.cuda.is_available() else "tiny"
+
+
+def _say(message: str) -> None:
+    print(f"[hpcvp] {message}", file=sys.stderr, flush=True)
+
+
+def run_worker(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, spec in sorted(STAGES.items()):
+            print(f"{name:14s} {spec.description}")
+        return 0
+    if not args.stage:
+        parser.error("--stage is required (see --list)")
+    try:
+        spec = get_stage(args.stage)
+        preset = resolve_preset(args.preset)
+        cfg = build_config(spec, preset, args.overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"hpcvp worker: {exc}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir if args.run_dir is not None else spec.default_run_dir(cfg, args.runs_root)
+    if args.print_config:
+        for key, value in flatten(cfg).items():
+            print(f"{key}={value}")
+        print(f"# run_dir={run_dir}")
+        return 0
+
+    from hpcvp.data.shards import load_manifest, stage_to_local
+    from hpcvp.train.checkpoint import latest_step
+    from hpcvp.train.dist import init_distributed, teardown
+
+    env = init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes)
+    try:
+        if args.data is not None:
+            data_dir = args.data
+        else:
+            from hpcvp.data.default import ensure_default_dataset
+
+            data_dir = ensure_default_dataset()
+        shared_data_dir = Path(data_dir)
+        if args.stage_local:
+            if spec.writes_data:
+                if env.rank == 0:
+                    _say(f"--stage-local ignored: stage {spec.name} writes into {shared_data_dir}, which must stay shared")
+            else:
+                data_dir = stage_to_local(shared_data_dir)
+        manifest = load_manifest(data_dir)
+        if env.rank == 0:
+            _say(
+                f"stage {spec.name} ({preset}) | {env.world_size} rank(s) on {env.device} via {env.launcher} | "
+                f"data {data_dir} ({manifest.frame_size[0]}x{manifest.frame_size[1]}) | run {run_dir}"
+            )
+        data_facts = {"frame_size": list(manifest.frame_size), "data_dir": str(shared_data_dir)}
+        # A run that already has checkpoints keeps its recorded config until the engine accepted
+        # the new one (a refused resume must not leave a config that does not fit the weights).
+        if env.rank == 0 and (not spec.trains or latest_step(run_dir) is None):
+            save_stage_config(run_dir, spec.name, cfg, data_facts)
+        result = spec.run(cfg, Path(data_dir), Path(run_dir), env)
+        if env.rank == 0 and spec.trains:
+            save_stage_config(run_dir, spec.name, cfg, data_facts)
+        if env.rank == 0:
+            _say(f"stage {spec.name}: {result.status} at step {result.step}" + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else ""))
+        return result.exit_code
+    finally:
+        teardown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_worker(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

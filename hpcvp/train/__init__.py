@@ -1,0 +1,51 @@
+"""Generic DDP training engine (knows nothing about the competition).
+
+Stages implement a ``TrainTask`` and call ``Trainer(task, cfg, run, env).fit()``; see loop.py for
+the step-boundary protocol, checkpoint.py for the one checkpoint format.
+"""
+
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_step,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    load_model_state,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .dist import DistEnv, detect_launch, expand_nodelist, init_distributed, single_process_env, teardown
+from .loop import FitResult, IdentityMismatchError, Trainer, TrainTask, move_to_device
+from .progress import TrainProgress
+from .rundir import RunDir
+from .sampler import ResumableDistributedSampler
+from .signals import EXIT_REQUEUE, PreemptionFlag
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "DistEnv",
+    "EXIT_REQUEUE",
+    "FitResult",
+    "IdentityMismatchError",
+    "PreemptionFlag",
+    "ResumableDistributedSampler",
+    "RunDir",
+    "TrainConfig",
+    "TrainProgress",
+    "TrainTask",
+    "Trainer",
+    "detect_launch",
+    "expand_nodelist",
+    "init_distributed",
+    "latest_step",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest",
+    "load_model_state",
+    "move_to_device",
+    "save_checkpoint",
+    "single_process_env",
+    "teardown",
+]

@@ -1,0 +1,675 @@
+"""The training loop.  A stage plugs in a TrainTask; the loop owns everything else: devices, DDP,
+mixed precision, accumulation, clipping, schedules, data order, evaluation cadence, checkpoints,
+preemption and metrics.
+
+Step boundary protocol (the same on every rank, so no rank ever runs on alone):
+  1. optimizer step ``s`` done; ``task.after_step`` (optional)
+  2. one all-reduce(MAX) of [signal received, time-based save due (rank 0's clock)]
+  3. signal -> log line if due, save (once), return "preempted"
+  4. evaluation if due (then the signal is agreed again: evaluations can be long)
+  5. metrics line if due (training logs averaged over ranks, plus evaluation metrics)
+  6. checkpoint if due by steps, by minutes, or at the last step
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+
+from . import dist as hdist
+from .checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_latest,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .optim import build_optimizer, build_scheduler
+from .progress import TrainProgress
+from .rng import (
+    TAG_LOADER,
+    TAG_STEP,
+    capture_rng_state,
+    mix_seed,
+    restore_rng_state,
+    seed_everything,
+    seed_globals,
+    worker_init_fn,
+)
+from .rundir import MetricsWriter, RunDir
+from .sampler import ResumableDistributedSampler, SeededSamples
+from .signals import EXIT_REQUEUE, PreemptionFlag, signal_name
+
+log = logging.getLogger("hpcvp.train")
+
+CHECKPOINT_STATE_VERSION = 1
+
+# TrainConfig keys whose change on resume does not alter the trained weights.
+_HARMLESS_KEYS = {
+    "eval_every", "eval_at_end", "save_every_steps", "save_every_minutes", "keep_last",
+    "num_workers", "prefetch_factor", "log_every", "progress", "preempt_signal",
+    "dist_timeout_minutes", "compile", "compile_backend",
+}
+
+
+@runtime_checkable
+class TrainTask(Protocol):
+    """What a stage provides.  Optional extras the trainer uses when present:
+
+    - ``collate_fn`` attribute: DataLoader collate function
+    - ``extra_state() -> object`` / ``load_extra_state(obj)``: small picklable state saved with
+      every checkpoint (rank 0's copy) and handed back on resume
+    - ``after_step(model, step, env)``: called on every rank after each optimizer step
+    - ``describe() -> dict``: written into config.json under "task"
+    """
+
+    def build_model(self) -> nn.Module: ...
+
+    def train_dataset(self) -> Dataset: ...
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[Tensor, dict[str, float]]: ...
+
+    def evaluate(self, model: nn.Module, env: hdist.DistEnv, run: RunDir, step: int) -> dict[str, float]: ...
+
+    def identity(self) -> dict: ...
+
+
+@dataclass
+class FitResult:
+    status: str  # "completed" | "preempted"
+    step: int
+    stop_reason: str = ""
+    signal: str | None = None  # e.g. "SIGUSR2" when preempted
+    resumed_from: int | None = None
+    checkpoint: str | None = None  # last checkpoint written or resumed from
+
+    @property
+    def exit_code(self) -> int:
+        """Process exit status for the worker: EXIT_REQUEUE when preempted, else 0."""
+        return EXIT_REQUEUE if self.status == "preempted" else 0
+
+
+class IdentityMismatchError(ValueError):
+    """Resuming a run whose checkpoint was trained with different model/data settings."""
+
+
+def move_to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
+    """Tensors inside dicts/lists/tuples moved to ``device`` (helper for TrainTask.loss)."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, dict):
+        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(value, tuple):
+        value = list(value)
+    return {prefix: value}
+
+
+def identity_differences(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, checkpoint value, current value) for every differing identity key."""
+    a, b = _flatten(saved), _flatten(current)
+    missing = object()
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            diffs.append((key, "<absent>" if va is missing else va, "<absent>" if vb is missing else vb))
+    return diffs
+
+
+def _jsonable(value: Any) -> Any:
+    """Identity values as JSON would round-trip them (tuples -> lists, paths -> str)."""
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+class Trainer:
+    def __init__(self, task: TrainTask, cfg: TrainConfig, run: RunDir, env: hdist.DistEnv):
+        cfg.validate()
+        self.task = task
+        self.cfg = cfg
+        self.run = run if isinstance(run, RunDir) else RunDir(run)
+        self.env = env
+        self.device = env.device
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # this rank's samples of the current epoch consumed by the loop
+        self._last_saved_step: int | None = None
+        self._last_checkpoint: str | None = None
+        self._resumed_from: int | None = None
+        self._window: dict[str, Any] = {}
+        self._window_micro = 0
+        self._window_steps = 0
+        self._window_t0 = 0.0
+        self._grad_norm: Tensor | None = None
+        self._lr = cfg.lr
+        self._iter = None
+        self._pending: dict[str, Any] | None = None  # metrics line waiting for an evaluation
+
+    # ------------------------------------------------------------------ collectives
+    def _ctrl_group(self):
+        return hdist.control_group()
+
+    def _agree(self, local_signal: int, save_due: int = 0) -> tuple[int, int]:
+        """MAX over ranks of [signal number, save due]; one small CPU collective per step."""
+        if not self.env.distributed:
+            return local_signal, save_due
+        flags = torch.tensor([local_signal, save_due], dtype=torch.int64)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._ctrl_group())
+        return int(flags[0]), int(flags[1])
+
+    def _broadcast_from_main(self, obj: Any) -> Any:
+        if not self.env.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._ctrl_group())
+        return box[0]
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self) -> None:
+        cfg, env = self.cfg, self.env
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # identical initial weights on every rank (DDP would broadcast rank 0's anyway)
+        seed_everything(cfg.seed)
+        model = self.task.build_model()
+        if cfg.sync_batchnorm and env.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(env.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.module = model
+        self.ddp: DDP | None = None
+        train_model: nn.Module = model
+        if env.distributed:
+            self.ddp = DDP(
+                model,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=cfg.find_unused_parameters,
+                gradient_as_bucket_view=True,
+            )
+            train_model = self.ddp
+        if cfg.compile:
+            train_model = torch.compile(train_model, backend=cfg.compile_backend)
+        self.train_model = train_model
+        self.optimizer = build_optimizer(model, cfg, env.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+
+        amp = cfg.amp
+        if amp == "auto":
+            amp = "bf16" if env.device.type == "cuda" else "off"
+        if amp == "fp16" and env.device.type != "cuda":
+            raise ValueError("TrainConfig.amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=(amp == "fp16"))
+
+        dataset = self.task.train_dataset()
+        n = len(dataset)
+        self.sampler = ResumableDistributedSampler(
+            n,
+            env.world_size,
+            env.rank,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            drop_last=True,
+            with_sample_seeds=cfg.seed_samples,
+        )
+        self.batches_per_epoch = self.sampler.per_rank // cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"train dataset has {n} samples: {self.sampler.per_rank} per rank over "
+                f"{env.world_size} rank(s), fewer than TrainConfig.batch_size={cfg.batch_size}"
+            )
+        self._loader_gen = torch.Generator()
+        collate = getattr(self.task, "collate_fn", None)
+        loader_kwargs: dict[str, Any] = {}
+        if cfg.num_workers > 0:
+            loader_kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
+        self.loader = DataLoader(
+            SeededSamples(dataset) if cfg.seed_samples else dataset,
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            pin_memory=env.device.type == "cuda",
+            drop_last=True,
+            worker_init_fn=worker_init_fn,
+            generator=self._loader_gen,
+            **loader_kwargs,
+        )
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ data
+    def _next_batch(self):
+        while True:
+            if self._iter is None:
+                self.sampler.set_epoch(self.epoch, self.position)
+                self._loader_gen.manual_seed(
+                    mix_seed(TAG_LOADER, self.cfg.seed, self.epoch, self.env.rank) >> 1
+                )
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self.epoch += 1
+                self.position = 0
+                self._iter = None
+                continue
+            self.position += self.cfg.batch_size
+            return batch
+
+    # ------------------------------------------------------------------ metrics window
+    def _window_add(self, loss: Tensor, logs: dict[str, Any]) -> None:
+        items = {"loss": loss.detach()}
+        items.update(logs or {})
+        for key, value in items.items():
+            if isinstance(value, Tensor):
+                value = value.detach().to(torch.float64)
+            else:
+                value = float(value)
+            current = self._window.get(key)
+            self._window[key] = value if current is None else current + value
+        self._window_micro += 1
+
+    def _window_state(self) -> dict[str, Any]:
+        """This rank's partial sums, exactly (float64 -> python float is lossless)."""
+        return {
+            "sums": {k: float(v) for k, v in self._window.items()},
+            "micro": self._window_micro,
+            "steps": self._window_steps,
+        }
+
+    def _reduce_window(self) -> dict[str, float]:
+        """Mean over ranks and micro-batches of the window's logs (a collective)."""
+        keys = sorted(self._window)
+        micro = self._window_micro
+        values = [self._window[k] for k in keys]
+        vec = torch.tensor(
+            [float(v) if not isinstance(v, Tensor) else 0.0 for v in values] + [float(micro)],
+            dtype=torch.float64,
+        )
+        tensor_positions = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
+        if tensor_positions:
+            # one device->host copy for all tensor-valued logs instead of one sync per key
+            on_host = torch.stack([values[i] for i in tensor_positions]).cpu()
+            vec[tensor_positions] = on_host
+        if self.env.distributed:
+            if self.env.backend == "nccl":
+                vec = vec.to(self.device)
+                dist.all_reduce(vec)
+                vec = vec.cpu()
+            else:
+                dist.all_reduce(vec)
+        total_micro = max(1.0, float(vec[-1]))
+        means = {k: float(vec[i]) / total_micro for i, k in enumerate(keys)}
+        self._window = {}
+        self._window_micro = 0
+        return means
+
+    # ------------------------------------------------------------------ one step
+    def _train_step(self, step: int) -> None:
+        """Optimizer step number ``step`` (1-based): grad_accum micro-batches, then update."""
+        cfg = self.cfg
+        accum = cfg.grad_accum
+        cuda = self.device.type == "cuda"
+        for micro in range(accum):
+            batch = self._next_batch()
+            # everything random in this micro-step is a function of (seed, rank, step, micro)
+            seed_globals(mix_seed(TAG_STEP, cfg.seed, self.env.rank, step, micro), cuda=cuda)
+            sync = (
+                self.ddp.no_sync()
+                if self.ddp is not None and micro < accum - 1
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with self._autocast():
+                    loss, logs = self.task.loss(self.train_model, batch, self.device)
+                self.scaler.scale(loss / accum).backward()
+            self._window_add(loss, logs)
+        if cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self._lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._window_steps += 1
+
+    # ------------------------------------------------------------------ resume / save
+    def _resume(self) -> None:
+        cfg, env, run = self.cfg, self.env, self.run
+        chosen: Checkpoint | None = None
+        if env.is_main:
+            try:
+                chosen = load_latest(run.checkpoints, map_location="cpu", quarantine=True)
+                message = (None, None if chosen is None else str(chosen.path))
+            except CheckpointError as exc:
+                message = (str(exc), None)
+        else:
+            message = None
+        error, path = self._broadcast_from_main(message)
+        if error:
+            raise CheckpointError(error)
+        if path is None:
+            if env.is_main:
+                run.truncate_metrics(0)
+            return
+        ckpt = chosen if env.is_main else load_checkpoint(Path(path), map_location="cpu")
+        state = ckpt.state
+
+        saved_identity = state.get("identity", {})
+        current_identity = _jsonable(self.task.identity())
+        diffs = identity_differences(saved_identity, current_identity)
+        if diffs:
+            lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
+            raise IdentityMismatchError(
+                f"cannot resume {run.path} from {ckpt.path.name}: model/data identity differs in "
+                f"key(s) {[k for k, _, _ in diffs]}:\n{lines}\n"
+                "Use a new run name, or restore the settings the run was started with."
+            )
+        saved_cfg = state.get("train_config", {})
+        changed = sorted(
+            k for k, v in cfg.to_dict().items()
+            if k not in _HARMLESS_KEYS and k in saved_cfg and saved_cfg[k] != v
+        )
+        saved_threads = state.get("num_threads")
+        if saved_threads is not None and saved_threads != torch.get_num_threads():
+            # CPU reductions split work by thread count; floats then differ in the last bits
+            changed.append(f"torch threads {saved_threads}->{torch.get_num_threads()}")
+        if changed and env.is_main:
+            log.warning(
+                "resuming %s with changed training settings %s; the run will not be bitwise "
+                "equal to an uninterrupted one", run.path, changed,
+            )
+
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if hasattr(self.scheduler, "total_steps"):
+            self.scheduler.total_steps = max(self.scheduler.total_steps, cfg.max_steps)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        saved_world = int(state.get("world_size", env.world_size))
+        ranks = ckpt.ranks or []
+        if saved_world == env.world_size and len(ranks) == env.world_size:
+            restore_rng_state(ranks[env.rank]["rng"])
+            window = ranks[env.rank]["window"]
+            self._window = dict(window["sums"])
+            self._window_micro = int(window["micro"])
+        else:
+            # same global progress in the epoch order, re-split over the new world size
+            self.position = min(self.sampler.per_rank, self.position * saved_world // env.world_size)
+            if env.is_main:
+                log.warning(
+                    "resuming %s with %d rank(s), checkpoint has %d: data order continues, RNG "
+                    "states are not restored (not bitwise reproducible)",
+                    run.path, env.world_size, saved_world,
+                )
+        if ckpt.extra is not None and hasattr(self.task, "load_extra_state"):
+            self.task.load_extra_state(ckpt.extra)
+        self._last_saved_step = self.step
+        self._last_checkpoint = str(ckpt.path)
+        self._resumed_from = self.step
+        self._pending = state.get("pending_eval")
+        if env.is_main:
+            # a postponed evaluation rewrites its step's line, which must not exist yet
+            run.truncate_metrics(self.step - 1 if self._pending is not None else self.step)
+
+    def _save(self, step: int) -> None:
+        if self._last_saved_step == step:
+            return
+        env = self.env
+        mine = {"rng": capture_rng_state(), "window": self._window_state()}
+        if env.distributed:
+            gathered = [None] * env.world_size if env.is_main else None
+            dist.gather_object(mine, gathered, dst=0, group=self._ctrl_group())
+        else:
+            gathered = [mine]
+        result: tuple[str | None, str | None] = (None, None)
+        if env.is_main:
+            try:
+                state = {
+                    "version": CHECKPOINT_STATE_VERSION,
+                    "step": step,
+                    "epoch": self.epoch,
+                    "position": self.position,
+                    "world_size": env.world_size,
+                    "num_threads": torch.get_num_threads(),
+                    "model": self.module.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "train_config": self.cfg.to_dict(),
+                    "identity": _jsonable(self.task.identity()),
+                    "pending_eval": self._pending,
+                }
+                extra = self.task.extra_state() if hasattr(self.task, "extra_state") else None
+                path = save_checkpoint(
+                    self.run.checkpoints, step, state, ranks=gathered, extra=extra,
+                    keep_last=self.cfg.keep_last,
+                )
+                result = (None, str(path))
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                log.exception("checkpoint save at step %d failed", step)
+                result = (f"checkpoint save at step {step} failed on rank 0: {exc!r}", None)
+        # every rank waits for the write and learns whether it worked (no rank runs on alone)
+        error, path = self._broadcast_from_main(result)
+        if error:
+            raise CheckpointError(error)
+        self._last_saved_step = step
+        self._last_checkpoint = path
+        self._last_save_time = time.monotonic()
+
+    # ------------------------------------------------------------------ eval / log
+    def _evaluate(self, step: int) -> dict[str, float]:
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                metrics = self.task.evaluate(self.module, self.env, self.run, step)
+        finally:
+            self.module.train(was_training)
+        return {k: float(v) for k, v in (metrics or {}).items()}
+
+    def _log(self, step: int, eval_metrics: dict[str, float] | None, write: bool = True):
+        """Reduce the window over ranks (a collective) and, on rank 0, build the metrics line;
+        written now, or returned when it must wait for an evaluation (preemption)."""
+        means = self._reduce_window()
+        now = time.monotonic()
+        elapsed = max(1e-9, now - self._window_t0)
+        samples = (
+            self._window_steps * self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
+        )
+        rate = samples / elapsed if self._window_steps else None
+        self._window_steps = 0
+        self._window_t0 = now
+        if not self.env.is_main:
+            return None
+        record: dict[str, Any] = {"step": step, "epoch": self.epoch, "lr": self._lr}
+        record.update(means)
+        if self._grad_norm is not None:
+            record["grad_norm"] = float(self._grad_norm)
+        record["samples_per_s"] = rate
+        loss = means.get("loss")
+        self._progress.update(step, loss, rate)
+        if loss is not None and not math.isfinite(loss):
+            log.warning("step %d: loss is %s", step, loss)
+        if not write:
+            return record
+        self._write_record(record, eval_metrics)
+        return None
+
+    def _write_record(self, record: dict[str, Any], eval_metrics: dict[str, float] | None) -> None:
+        record = dict(record)
+        rate = record.pop("samples_per_s", None)
+        if eval_metrics:
+            record.update(eval_metrics)
+        record["samples_per_s"] = rate
+        record["time"] = time.time()
+        self._metrics.write(record)
+
+    def _run_pending_eval(self) -> None:
+        """The evaluation a preemption postponed (its step's metrics line waited for it)."""
+        pending, self._pending = self._pending, None
+        eval_metrics = self._evaluate(pending["step"])
+        if self.env.is_main:
+            self._write_record(pending, eval_metrics)
+
+    def _write_config(self) -> None:
+        existing = self.run.read_config() or {}
+        existing.update(
+            {
+                "train": self.cfg.to_dict(),
+                "identity": _jsonable(self.task.identity()),
+                "engine": {
+                    "world_size": self.env.world_size,
+                    "launcher": self.env.launcher,
+                    "backend": self.env.backend,
+                    "device": str(self.device),
+                    "resumed_from": self._resumed_from,
+                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            }
+        )
+        if hasattr(self.task, "describe"):
+            existing["task"] = _jsonable(self.task.describe())
+        self.run.write_config(existing)
+
+    def _attach_log_file(self) -> logging.Handler:
+        handler = logging.FileHandler(self.run.logs / f"engine.rank{self.env.rank}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("hpcvp").addHandler(handler)
+        if logging.getLogger("hpcvp").level == logging.NOTSET:
+            logging.getLogger("hpcvp").setLevel(logging.INFO)
+        return handler
+
+    # ------------------------------------------------------------------ fit
+    def fit(self) -> FitResult:
+        cfg, env, run = self.cfg, self.env, self.run
+        run.ensure()
+        handler = self._attach_log_file()
+        flag = PreemptionFlag(cfg.preempt_signal)
+        if not flag.install():
+            log.warning("not on the main thread: preemption signals are not handled")
+        self._progress = TrainProgress(0, enabled=False)
+        self._metrics = None
+        try:
+            self._build()
+            self._resume()
+            if env.is_main:
+                self._write_config()
+                self._metrics = MetricsWriter(run.metrics_path)
+                label = f"{run.path.parent.name}/{run.path.name}"
+                self._progress = TrainProgress(cfg.max_steps, self.step, label, cfg.progress)
+                if self._resumed_from is not None:
+                    self._progress.message(f"{label}: resumed from step {self._resumed_from}")
+            self.module.train()
+            self._window_t0 = self._last_save_time = time.monotonic()
+            return self._loop(flag)
+        finally:
+            flag.uninstall()
+            self._progress.close()
+            if self._metrics is not None:
+                self._metrics.close()
+            self._iter = None
+            self.loader = None  # shuts down persistent DataLoader workers
+            logging.getLogger("hpcvp").removeHandler(handler)
+            handler.close()
+
+    def _result(self, status: str, reason: str, signum: int = 0) -> FitResult:
+        return FitResult(
+            status=status,
+            step=self.step,
+            stop_reason=reason,
+            signal=signal_name(signum) if signum else None,
+            resumed_from=self._resumed_from,
+            checkpoint=self._last_checkpoint,
+        )
+
+    def _stop_for_signal(self, signum: int, log_due: bool, eval_due: bool = False) -> FitResult:
+        if eval_due:
+            # No time to evaluate now: the step's line is kept in the checkpoint and written
+            # after the postponed evaluation, on resume (the metrics stay as if never stopped).
+            record = self._log(self.step, None, write=False)
+            self._pending = self._broadcast_from_main(record)
+        elif log_due:
+            self._log(self.step, None)
+        self._save(self.step)
+        if self.step >= self.cfg.max_steps and not eval_due:
+            return self._result(
+                "completed", f"max_steps reached ({signal_name(signum)} at the last step)", signum
+            )
+        reason = f"{signal_name(signum)} received by at least one rank; saved at step {self.step}"
+        if self.env.is_main:
+            self._progress.message(reason)
+        log.info(reason)
+        return self._result("preempted", reason, signum)
+
+    def _loop(self, flag: PreemptionFlag) -> FitResult:
+        cfg, env = self.cfg, self.env
+        if self._pending is not None:
+            self._run_pending_eval()
+        if self.step >= cfg.max_steps:
+            return self._result("completed", f"checkpoint already at step {self.step}")
+        minutes = cfg.save_every_minutes * 60.0
+        while self.step < cfg.max_steps:
+            self._train_step(self.step + 1)
+            self.step += 1
+            step = self.step
+            if hasattr(self.task, "after_step"):
+                self.task.after_step(self.module, step, env)
+            last = step >= cfg.max_steps
+            log_due = step % cfg.log_every == 0 or last
+            time_due = int(
+                env.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= minutes
+            )
+            eval_due = bool(
+                (cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_at_end)
+            )
+            signum, time_due = self._agree(flag.signum, time_due)
+            if signum:
+                return self._stop_for_signal(signum, log_due, eval_due)
+            eval_metrics = None
+            if eval_due:
+                eval_metrics = self._evaluate(step)
+                log_due = True
+                signum, _ = self._agree(flag.signum)
+                if signum:
+                    self._log(step, eval_metrics)
+                    return self._stop_for_signal(signum, log_due=False)
+            if log_due:
+                self._log(step, eval_metrics)
+            if last or time_due or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+                self._save(step)
+        return self._result("completed", f"max_steps={cfg.max_steps} reached")

@@ -1,0 +1,137 @@
+"""Real torch.distributed (gloo, 2 processes): coordinated preemption and bitwise-exact resume.
+
+Each rank is a separate `python -m hpcvp.train.toy` process, launched with torchrun-style or
+Slurm-style (SLURM_PROCID / SLURM_NTASKS / SLURM_JOB_NODELIST / SLURM_JOB_ID) environments.
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcvp.train import EXIT_REQUEUE, RunDir, latest_step, load_latest
+from hpcvp.train.dist import PORT_BASE, PORT_SPAN
+from hpcvp.train.toy import tree_differences
+
+REPO = Path(__file__).resolve().parents[1]
+# 96 samples / 2 ranks / (batch 4 x accumulation 2) = 6 steps per epoch; saves every 4 steps
+CFG = dict(max_steps=28, batch_size=4, grad_accum=2, log_every=1, num_workers=0,
+           save_every_steps=4, save_every_minutes=0, eval_every=7, lr=0.01)
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _free_port_for_slurm() -> tuple[int, int]:
+    """A free port p in the range port_from_job_id maps to, and a job id mapping to it."""
+    rng = random.Random()
+    for _ in range(200):
+        port = PORT_BASE + rng.randrange(PORT_SPAN)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port, 3_000_000 + (port - PORT_BASE)  # (3_000_000 % PORT_SPAN == 0)
+    raise RuntimeError("no free port")
+
+
+def _launch(run_dir: Path, launcher: str, extra_args=(), stdout_rank0=False):
+    port, job_id = _free_port_for_slurm()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    base["PYTHONPATH"] = str(REPO) + os.pathsep + base.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "hpcvp.train.toy", "--run-dir", str(run_dir), *extra_args]
+    for k, v in CFG.items():
+        cmd += ["--set", f"{k}={v}"]
+    procs = []
+    for rank in range(2):
+        env = dict(base)
+        if launcher == "torchrun":
+            env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        else:
+            env.update(SLURM_JOB_ID=str(job_id), SLURM_PROCID=str(rank), SLURM_NTASKS="2",
+                       SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="localhost",
+                       SLURM_TASKS_PER_NODE="2")
+        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def _finish(procs, timeout=240):
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        lines = [l for l in out.splitlines() if l.startswith("HPCVP_RESULT ")]
+        assert lines, f"rank exited {proc.returncode} without a result:\n{out}\n{err}"
+        results.append((proc.returncode, json.loads(lines[-1].split(" ", 1)[1])))
+    return results
+
+
+def _assert_stopped_together(results, step, signal_name):
+    for code, res in results:
+        assert code == EXIT_REQUEUE, results
+        assert (res["status"], res["step"], res["signal"]) == ("preempted", step, signal_name)
+
+
+def _metrics(run):
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")}
+            for r in run.read_metrics()]
+
+
+@pytest.mark.slow
+def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
+    rng = random.Random(1337)
+    ref = RunDir(tmp_path / "ref")
+    run = RunDir(tmp_path / "run")
+    # the reference runs while the first interrupted segment runs (4 processes at most)
+    ref_procs = _launch(ref.path, "torchrun")
+    # 1) every rank signalled, right after the save at step 4
+    first = _finish(_launch(run.path, "torchrun", ["--signal-at", "5"]))
+    _assert_stopped_together(first, 5, "SIGUSR2")
+    for code, res in _finish(ref_procs):
+        assert (code, res["status"], res["step"]) == (0, "completed", 28)
+    # 2) only rank 1 signalled, at a save step (the save happens once)
+    _assert_stopped_together(
+        _finish(_launch(run.path, "torchrun", ["--signal-at", "8", "--signal-rank", "1"])),
+        8, "SIGUSR2")
+    # 3) Slurm-style launch; only rank 0 gets SIGTERM at a random mid-epoch step
+    mid = rng.choice([s for s in range(9, 20) if s % 4 and s % 6])
+    _assert_stopped_together(
+        _finish(_launch(run.path, "slurm", ["--signal-at", str(mid), "--signal-rank", "0",
+                                           "--signal", "TERM"])),
+        mid, "SIGTERM")
+    assert latest_step(run) == mid
+    # 4) a signal from outside, at a random moment, to rank 1 only
+    procs = _launch(run.path, "slurm", ["--step-sleep-s", "0.05"])
+    wait_for = mid + rng.randint(1, 4)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        steps = [r["step"] for r in run.read_metrics()] if run.metrics_path.exists() else []
+        if steps and steps[-1] >= wait_for:
+            break
+        assert procs[0].poll() is None, procs[0].communicate()
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.05))
+    procs[1].send_signal(signal.SIGUSR2)
+    results = _finish(procs)
+    stopped = results[0][1]["step"]
+    assert wait_for <= stopped < CFG["max_steps"]
+    _assert_stopped_together(results, stopped, "SIGUSR2")
+    # 5) to the end
+    for code, res in _finish(_launch(run.path, "torchrun")):
+        assert (code, res["status"], res["step"], res["resumed_from"]) == (0, "completed", 28, stopped)
+
+    a, b = load_latest(ref.checkpoints).state, load_latest(run.checkpoints).state
+    assert not tree_differences(a["model"], b["model"]), "weights differ"
+    assert not tree_differences(a["optimizer"], b["optimizer"]), "optimizer state differs"
+    assert [r["step"] for r in run.read_metrics()] == list(range(1, 29))
+    assert _metrics(ref) == _metrics(run)
+    assert sorted(p.name for p in run.pictures.iterdir()) == [
+        f"eval_{s:08d}.json" for s in (7, 14, 21, 28)
+    ]
