@@ -74,6 +74,10 @@ else
     hpcvp_srun=(srun --kill-on-bad-exit=0 --ntasks-per-node="$hpcvp_tasks_per_node")
 fi
 
+# One intra-op thread pool per task, sized to its cores (torch would otherwise use every core per task).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
+export PYTHONUNBUFFERED=1
+
 mkdir -p "$hpcvp_run_dir" || hpcvp_fail "cannot create the run dir $hpcvp_run_dir"
 printf '{"event": "started", "job_id": "%s", "via": "sbatch", "stage": "%s", "restart": %s, "cluster": "%s", "time": "%s"}\n' \
     "$hpcvp_job" "$hpcvp_stage" "$hpcvp_restart" "${SLURM_CLUSTER_NAME:-}" "$(date -Iseconds)" >>"$hpcvp_run_dir/jobs.jsonl"

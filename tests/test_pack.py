@@ -246,6 +246,13 @@ def _wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.02)
 
 
+def journaled(out: Path) -> set[str]:
+    try:
+        return set(json.loads((out / JOURNAL_NAME).read_text())["shards"])
+    except (FileNotFoundError, ValueError):
+        return set()
+
+
 def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     """SIGKILL a pack while it writes its third shard, resume, compare with an uninterrupted pack."""
     raw = tiny_raw({"train": list(range(8)), "val": [1000, 1001]})
@@ -266,9 +273,9 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
         env=subprocess_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for(lambda: (out / "train-001.h5").exists() and (out / "train-002.h5.tmp").exists(), 60,
-                  "train-001.h5 and train-002.h5.tmp")
-        time.sleep(0.2)
+        _wait_for(lambda: "train-001.h5" in journaled(out) and (out / "train-002.h5.tmp").exists(), 60,
+                  "train-001.h5 journaled and train-002.h5.tmp started")
+        time.sleep(0.2)  # the packer is now blocked on the FIFO
         assert process.poll() is None, process.stdout.read().decode()
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the packer and its worker processes
@@ -287,6 +294,7 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert f"{out / 'train-000.h5'}: complete and verified, kept" in result.stderr
+    assert f"{out / 'train-001.h5'}: complete and verified, kept" in result.stderr
     assert {name: (out / name).stat().st_ino for name in kept} == kept  # not rewritten
     assert shard_hashes(out) == shard_hashes(reference)
     assert len(shard_hashes(out)) == 5

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from hpcvp.train.checkpoint import (
     load_model_state,
     save_checkpoint,
 )
+from hpcvp.train.rng import capture_rng_state, restore_rng_state
 from hpcvp.train.rundir import RunDir
 from hpcvp.train.toy import ToyTask, tree_differences
 
@@ -95,6 +97,20 @@ def test_all_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     with pytest.warns(CheckpointWarning):
         with pytest.raises(CheckpointError, match="no usable checkpoint"):
             load_latest(ckpts)
+
+
+def _draw():
+    return (random.random(), float(np.random.rand()), torch.rand(()).item(), torch.randn(3).tolist())
+
+
+def test_rng_states_survive_a_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # numpy's cached gaussian is part of the state too
+    save_checkpoint(tmp_path, 1, {"step": 1}, ranks=[capture_rng_state()])
+    expected = _draw()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    restore_rng_state(load_latest(tmp_path).ranks[0])  # loaded with weights_only=True
+    assert _draw() == expected
 
 
 # ------------------------------------------------------------------ SIGKILL during a write

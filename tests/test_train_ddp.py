@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from hpcvp.train import EXIT_REQUEUE, RunDir, latest_step, load_latest
 from hpcvp.train.dist import PORT_BASE, PORT_SPAN
@@ -127,7 +128,10 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     for code, res in _finish(_launch(run.path, "torchrun")):
         assert (code, res["status"], res["step"], res["resumed_from"]) == (0, "completed", 28, stopped)
 
-    a, b = load_latest(ref.checkpoints).state, load_latest(run.checkpoints).state
+    final = load_latest(run.checkpoints)
+    assert len(final.ranks) == 2  # every rank's RNG state, and they differ (per-rank seeding)
+    assert not torch.equal(final.ranks[0]["rng"]["torch"], final.ranks[1]["rng"]["torch"])
+    a, b = load_latest(ref.checkpoints).state, final.state
     assert not tree_differences(a["model"], b["model"]), "weights differ"
     assert not tree_differences(a["optimizer"], b["optimizer"]), "optimizer state differs"
     assert [r["step"] for r in run.read_metrics()] == list(range(1, 29))

@@ -155,10 +155,14 @@ def run_local(entry: str, argv: Sequence[str], processes: int, env: dict[str, st
         f"sys.exit(int(getattr(importlib.import_module({module_name!r}), {function_name or 'main'!r})(sys.argv[1:])))"
     )
     port = free_port()
+    # Share the cores: by default every torch process would start one thread per core.
+    threads = str(max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+                      // processes))
     children: list[subprocess.Popen] = []
     logs = []
     for rank in range(processes):
         child_env = dict(os.environ)
+        child_env.setdefault("OMP_NUM_THREADS", threads)
         child_env.update(env or {})
         child_env.update(
             RANK=str(rank), WORLD_SIZE=str(processes), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(processes),

@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what = parser.add_argument_group("what to run")
     what.add_argument("--stage", choices=(*SINGLE_STAGES, "all"),
-                      help="the stage to run; 'all' submits pack -> seg -> pseudo-label -> simvp (masks) -> predict "
-                           "as Slurm jobs chained with afterok dependencies (pack only with --src)")
+                      help="the stage to run; 'all' runs pack -> seg -> pseudo-label -> simvp (masks) -> predict, "
+                           "on Slurm as jobs chained with afterok dependencies (pack only with --src)")
     what.add_argument("--data", metavar="DIR",
                       help="packed dataset directory (with manifest.json); 'default' = the built-in synthetic set "
                            "(built once). Without Slurm it defaults to 'default'")
@@ -253,7 +253,7 @@ def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | Non
     run_root = run_root_from(args)
     if args.stage == "all":
         stages = list(PIPELINE)
-        if args.src is None or not profile.is_slurm:
+        if args.src is None:
             stages.remove("pack")  # the data is already packed (or is the built-in set)
     else:
         stages = [args.stage]
@@ -333,6 +333,11 @@ def run_preflight(profile: ClusterProfile, args: argparse.Namespace, jobs: list[
 # Output
 
 
+def say(message: str) -> None:
+    """One plain line (never re-wrapped: scripts and tests read these)."""
+    print(message, flush=True)
+
+
 def _console():
     from rich.console import Console
 
@@ -343,8 +348,9 @@ def print_jobs_table(console, jobs: list[PlannedJob], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for name in ("stage", "job id", "after", "GPUs", "time", "run dir"):
-        table.add_column(name)
+    for name in ("stage", "job id", "after", "GPUs", "time"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("run dir", overflow="fold")
     by_stage = {job.request.stage: job for job in jobs}
     for job in jobs:
         after = ""
@@ -368,7 +374,7 @@ def dry_run(profile: ClusterProfile, jobs: list[PlannedJob], why: str, out=None)
     for index, job in enumerate(jobs, 1):
         request = job.request
         if job.depends_on:
-            request.dependency = f"afterok:<job id of {job.depends_on}>"
+            request.dependency = f"afterok:{job.depends_on.upper().replace('-', '_')}_JOB_ID"
         out.write(f"\n# ---- job {index}/{len(jobs)}: {request.stage}\n")
         if profile.is_slurm:
             params = submitit_parameters(profile, request)
@@ -395,7 +401,7 @@ def wait_for_jobs(console, jobs: list[PlannedJob], poll_seconds: float = 5.0) ->
         for job_id in ids:
             state = states[job_id].state if job_id in states else "UNKNOWN"
             if last.get(job_id) != state:
-                console.print(f"job {job_id}: {state}")
+                say(f"job {job_id}: {state}")
                 last[job_id] = state
         if all(last.get(j) in TERMINAL_STATES for j in ids):
             return all(last[j] == "COMPLETED" for j in ids)
@@ -431,15 +437,15 @@ def run_jobs_locally(console, jobs: list[PlannedJob]) -> int:
         processes = max(1, request.gpus_per_node) * request.nodes
         record_event(request.run_dir, event="started", via="local", stage=request.stage, pid=os.getpid(),
                      processes=processes, argv=request.argv)
-        console.print(f"hpcvp: {request.stage}: {processes} local process(es); run dir {request.run_dir}")
+        say(f"hpcvp: {request.stage}: {processes} local process(es); run dir {request.run_dir}")
         status = executor.run_local(request.module, request.argv, processes, log_dir=request.run_dir / "logs")
         state = {0: "COMPLETED", executor.EXIT_REQUEUE: "PREEMPTED"}.get(status, "FAILED")
         record_event(request.run_dir, event="finished", via="local", stage=request.stage, state=state, status=status)
         if status == executor.EXIT_REQUEUE:
-            console.print(f"hpcvp: {request.stage} stopped after saving a checkpoint; run the same command to resume")
+            say(f"hpcvp: {request.stage} stopped after saving a checkpoint; run the same command to resume")
             return status
         if status != 0:
-            console.print(f"hpcvp: {request.stage} failed with exit status {status}")
+            say(f"hpcvp: {request.stage} failed with exit status {status}")
             return status
     return 0
 
@@ -447,15 +453,15 @@ def run_jobs_locally(console, jobs: list[PlannedJob]) -> int:
 def resolve_data(args: argparse.Namespace, profile: ClusterProfile, console, dry: bool) -> str | None:
     """The packed data dir for the jobs (building the built-in set when asked or implied)."""
     data = args.data
-    implied_default = data is None and not profile.is_slurm and args.stage != "pack"
+    implied_default = data is None and not profile.is_slurm and args.stage != "pack" and args.src is None
     if data == "default" or implied_default:
         from hpcvp.data.default import default_cache_root, default_dataset_name, ensure_default_dataset
 
         if dry:
             return str(default_cache_root() / default_dataset_name() / "packed")
         reason = "no Slurm here and no --data" if implied_default else "--data default"
-        console.print(f"hpcvp: {reason}: running {args.stage} on the built-in synthetic dataset "
-                      f"(built once under {default_cache_root()})")
+        say(f"hpcvp: {reason}: running {args.stage} on the built-in synthetic dataset "
+            f"(built once under {default_cache_root()})")
         return str(ensure_default_dataset())
     if data is None:
         if args.stage == "pack" or (args.stage == "all" and args.src is not None):

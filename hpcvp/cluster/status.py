@@ -120,7 +120,7 @@ def slurm_job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
     return states
 
 
-def last_metric(run_dir: Path, max_keys: int = 3) -> str:
+def last_metric(run_dir: Path, max_keys: int = 2) -> str:
     """The last metrics.jsonl line as 'step N: key=value ...' (a torn last line is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
@@ -219,18 +219,26 @@ def collect_status(run_root: Path) -> list[RunStatus]:
     return [run_status(run_dir, states) for run_dir in runs]
 
 
+STAGE_ORDER = ("pack", "seg", "pseudo-label", "slot", "raft", "simvp", "predict")
+
+
 def status_table(rows: list[RunStatus], run_root: Path):
     from rich.table import Table
 
     table = Table(title=f"hpcvp runs under {run_root}")
-    for name, justify in (("stage", "left"), ("run", "left"), ("job id", "right"), ("via", "left"),
-                          ("state", "left"), ("restarts", "right"), ("checkpoint step", "right"),
-                          ("last metric", "left")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
+    table.add_column("stage", no_wrap=True)
+    table.add_column("run", overflow="fold")
+    table.add_column("job id", justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("restarts", justify="right")
+    table.add_column("ckpt step", justify="right")
+    table.add_column("last metric", overflow="fold")
+    order = {name: i for i, name in enumerate(STAGE_ORDER)}
+    for row in sorted(rows, key=lambda r: (order.get(r.stage, len(order)), r.stage, r.run)):
         style = STATE_STYLES.get(row.state, "")
+        job = row.job_id if row.via in ("submitit", "-") else f"{row.job_id} ({row.via})"
         table.add_row(
-            row.stage, row.run, row.job_id, row.via,
+            row.stage, row.run, job,
             f"[{style}]{row.state}[/]" if style else row.state,
             str(row.restarts), "-" if row.checkpoint_step is None else str(row.checkpoint_step),
             row.metric or "-",

@@ -691,36 +691,31 @@ def pack_dataset(
         )
         decoder = _Decoder(min(workers, len(tasks)), size)
         results = decoder.results(tasks)
-        finishing: deque = deque()  # (plan, kept ids, skipped, future) in shard order
 
-        def journal_finished(wait: bool) -> None:
-            while finishing and (wait or finishing[0][3].done()):
-                plan, kept_ids, shard_skipped, future = finishing.popleft()
-                digest, nbytes = future.result()
-                entry = asdict(ShardEntry(plan.split, plan.name, tuple(kept_ids), nbytes, digest,
-                                          SPLIT_HAS_MASKS[plan.split], SPLIT_NUM_FRAMES[plan.split]))
-                entry["video_ids"] = kept_ids
-                records[plan.name] = {"entry": entry, "planned_ids": plan.planned_ids, "skipped": shard_skipped}
-                journal["shards"][plan.name] = records[plan.name]
-                atomic_write_json(out / JOURNAL_NAME, journal)
+        def finish_and_journal(plan: _ShardPlan, tmp_path: Path, kept_ids: list[int], shard_skipped: list[dict]):
+            # Runs in the finisher thread, one shard at a time in shard order; only this thread
+            # writes the journal once packing has started.
+            digest, nbytes = _finish_shard(tmp_path, out / plan.name)
+            entry = asdict(ShardEntry(plan.split, plan.name, tuple(kept_ids), nbytes, digest,
+                                      SPLIT_HAS_MASKS[plan.split], SPLIT_NUM_FRAMES[plan.split]))
+            entry["video_ids"] = kept_ids
+            records[plan.name] = {"entry": entry, "planned_ids": plan.planned_ids, "skipped": shard_skipped}
+            journal["shards"][plan.name] = records[plan.name]
+            atomic_write_json(out / JOURNAL_NAME, journal)
 
         finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpcvp-shard-finisher")
+        finishing = []
         try:
             with Progress(len(tasks), "pack", unit="videos", enabled=not quiet) as progress:
                 for plan in pending:
-                    tmp_path, kept_ids, shard_skipped = _write_shard(
-                        out, plan, size, codecs, decoder, results, on_error, progress
-                    )
-                    future = finisher.submit(_finish_shard, tmp_path, out / plan.name)
-                    finishing.append((plan, kept_ids, shard_skipped, future))
-                    journal_finished(wait=False)
+                    written = _write_shard(out, plan, size, codecs, decoder, results, on_error, progress)
+                    finishing.append(finisher.submit(finish_and_journal, plan, *written))
         finally:
             results.close()
             decoder.close()
-            try:
-                journal_finished(wait=True)  # shards completed before an error stay usable
-            finally:
-                finisher.shutdown(wait=True)
+            finisher.shutdown(wait=True)  # shards completed before an error stay journaled and usable
+        for future in finishing:
+            future.result()  # re-raise a failure to finish a shard (e.g. disk full)
 
     for plan in plans:
         skipped.extend(SkippedVideo(**s) for s in records[plan.name]["skipped"])

@@ -108,27 +108,31 @@ def parse_value(text: Any, tp: Any, key: str) -> Any:
     return text
 
 
-def set_dotted(cfg: Any, key: str, value: Any, *, source: str = "--set") -> Any:
+def set_dotted(cfg: Any, key: str, value: Any, *, source: str = "--set", _full_key: str | None = None) -> Any:
     """Return a copy of dataclass ``cfg`` with dotted ``key`` set (value converted to the field type)."""
+    full_key = _full_key or key
     head, _, rest = key.partition(".")
     if not dataclasses.is_dataclass(cfg):
-        raise ConfigError(f"{source} {key}: cannot descend into a non-config value")
+        raise ConfigError(f"{source} {full_key}: cannot descend into a non-config value")
     names = {f.name for f in dataclasses.fields(cfg)}
     if head not in names:
         raise ConfigError(
-            f"{source} {key}: unknown key {head!r} in {type(cfg).__name__}; "
+            f"{source} {full_key}: unknown key {head!r} in {type(cfg).__name__}; "
             f"known keys: {', '.join(sorted(names))}"
         )
     current = getattr(cfg, head)
     if rest:
         if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{source} {key}: {head!r} is not a nested config")
-        new = set_dotted(current, rest, value, source=source)
+            raise ConfigError(f"{source} {full_key}: {head!r} is not a nested config")
+        new = set_dotted(current, rest, value, source=source, _full_key=full_key)
     else:
         if dataclasses.is_dataclass(current):
-            raise ConfigError(f"{source} {key}: {head!r} is a nested config; set one of its keys ({head}.KEY)")
-        new = parse_value(value, _field_types(type(cfg))[head], key)
-    return dataclasses.replace(cfg, **{head: new})
+            raise ConfigError(f"{source} {full_key}: {head!r} is a nested config; set one of its keys ({head}.KEY)")
+        new = parse_value(value, _field_types(type(cfg))[head], full_key)
+    try:
+        return dataclasses.replace(cfg, **{head: new})
+    except ValueError as exc:  # e.g. TrainConfig.__post_init__ validation
+        raise ConfigError(f"{source} {full_key}={value}: {exc}") from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

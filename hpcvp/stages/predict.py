@@ -269,6 +269,8 @@ def _predict_hidden(cfg: PredictConfig, models: Models, pipeline: str, data_dir:
         for rank in range(env.world_size):
             with contextlib.suppress(FileNotFoundError):
                 (Path(run_dir) / "parts" / f"{cfg.hidden_split}-rank{rank:04d}.pt").unlink()
+        with contextlib.suppress(OSError):
+            (Path(run_dir) / "parts").rmdir()
     common.barrier(env)
     return path
 
@@ -280,7 +282,7 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     rundir = RunDir(run_dir)
     if env.rank == 0:
-        rundir.ensure()
+        rundir.pictures.mkdir(parents=True, exist_ok=True)
     common.barrier(env)
     t0 = time.monotonic()
     manifest = load_manifest(data_dir)

@@ -53,6 +53,7 @@ class RaftConfig:
     smooth_weight: float = 4.0
     smooth_edge_weight: float = 150.0
     occlusion: bool = True  # mask forward-backward inconsistent pixels out of the photometric loss
+    occlusion_min_valid: float = 0.5  # per sample: below this consistent fraction, no occlusion mask
     gamma: float = 0.8  # sequence weight of update k of N: gamma^(N-1-k)
     eval_split: str = "val"
     eval_max_pairs: int = 0  # 0 = every consecutive pair of the split
@@ -107,6 +108,7 @@ def self_supervised_flow_loss(
     smooth_edge_weight: float,
     occlusion: bool,
     gamma: float,
+    occlusion_min_valid: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of a flow sequence from image_a to image_b (both (2B, 3, H, W) with the batch's two
     directions stacked: first half t->t+1, second half t+1->t).
@@ -119,7 +121,12 @@ def self_supervised_flow_loss(
     if occlusion:
         fw, bw = final[:half], final[half:]
         occluded = torch.cat([forward_consistency_occlusion(fw, bw), forward_consistency_occlusion(bw, fw)])
-        valid = valid * (1.0 - occluded)
+        masked = valid * (1.0 - occluded)
+        # An untrained RAFT's two directions do not cancel anywhere, which would mask out almost
+        # every pixel and leave nothing to learn from: samples whose consistent fraction is below
+        # occlusion_min_valid fall back to the in-bounds mask alone.
+        enough = masked.flatten(1).mean(1) >= occlusion_min_valid
+        valid = torch.where(enough.view(-1, 1, 1, 1), masked, valid)
     count = len(flows)
     total = image_a.new_zeros(())
     weight_sum = 0.0
@@ -147,8 +154,9 @@ def extrapolate_mask(mask: torch.Tensor, velocity: torch.Tensor, steps: float, m
     velocity (B, 2, H, W) is the per-frame displacement (dx, dy) of the pixel at p *in this mask's
     frame*: with RAFT, the negated flow from frame 11 to frame 10 (flow(11->10)(p) points to where
     p came from, so -flow is where it goes next). Forward splatting: the label at p lands at
-    round(p + steps * v(p)). Background (class 0) is static and never splatted; where objects
+    p + round(steps * v(p)). Background (class 0) is static and never splatted; where objects
     collide the larger class id wins (deterministic); pixels nothing lands on become background.
+    Displacements are rounded half up.
 
     mode "object": every class region moves rigidly with its mean velocity (robust to noisy flow);
     "pixel": every pixel moves with its own velocity.
@@ -167,8 +175,10 @@ def extrapolate_mask(mask: torch.Tensor, velocity: torch.Tensor, steps: float, m
     ys, xs = torch.meshgrid(
         torch.arange(height, device=mask.device), torch.arange(width, device=mask.device), indexing="ij"
     )
-    tx = torch.round(xs.reshape(1, -1).float() + steps * vel[..., 0]).long()
-    ty = torch.round(ys.reshape(1, -1).float() + steps * vel[..., 1]).long()
+    # Round the displacement (half up), not the landing position: a rigidly moving region keeps
+    # its shape (round-half-to-even of positions would shift alternate rows differently).
+    tx = xs.reshape(1, -1) + torch.floor(steps * vel[..., 0] + 0.5).long()
+    ty = ys.reshape(1, -1) + torch.floor(steps * vel[..., 1] + 0.5).long()
     keep = (flat_labels != 0) & (tx >= 0) & (tx < width) & (ty >= 0) & (ty < height)
     target = torch.arange(batch, device=mask.device).view(batch, 1) * (height * width) + ty * width + tx
     out = torch.zeros(batch * height * width, dtype=torch.long, device=mask.device)
@@ -205,6 +215,7 @@ class RaftTask:
             smooth_edge_weight=self.cfg.smooth_edge_weight,
             occlusion=self.cfg.occlusion,
             gamma=self.cfg.gamma,
+            occlusion_min_valid=self.cfg.occlusion_min_valid,
         )
 
     def _eval_data(self) -> Dataset:

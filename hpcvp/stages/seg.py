@@ -360,6 +360,8 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
     finally:
         flag.uninstall()
     if env.rank == 0:
+        with contextlib.suppress(OSError):
+            (run_dir / "parts").rmdir()
         common.write_json(run_dir / "pseudo_label.json", summary)
     return FitResult(status="completed", step=step)
 

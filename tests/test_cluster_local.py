@@ -1,0 +1,94 @@
+"""The launcher without Slurm: the embedded default (no sbatch, no --data), local multi-process
+runs with gloo, and a signal reaching the launcher (every process saves; relaunching resumes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpcvp.cluster import launch
+from hpcvp.cluster.executor import EXIT_REQUEUE
+from hpcvp.cluster.status import read_events, run_status
+
+REPO = Path(__file__).resolve().parents[1]
+FAST_SEG = ["--set", "train.batch_size=4", "--set", "train.log_every=1", "--set", "eval_max_frames=4"]
+
+
+@pytest.fixture
+def no_slurm(tmp_path, monkeypatch, default_dataset_dir):
+    """No sbatch on PATH, and the embedded dataset's cache pointed at the already-built one."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("HPCVP_CACHE", str(default_dataset_dir.parent.parent))
+    monkeypatch.delenv("HPCVP_CLUSTERS", raising=False)
+    return default_dataset_dir
+
+
+def test_embedded_default_runs_here_in_process(no_slurm, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    status = launch.main(["--stage", "seg", "--gpus", "1", "--run-root", str(runs), "--set", "train.max_steps=3",
+                          *FAST_SEG])
+    captured = capsys.readouterr()
+    assert status == 0, captured.out + captured.err
+    said = [line for line in captured.out.splitlines() if "no Slurm here and no --data" in line]
+    assert len(said) == 1 and "built-in synthetic dataset" in said[0]
+    assert f"data {no_slurm}" in captured.err  # the worker ran on the embedded set
+    row = run_status(runs / "seg" / "default")
+    assert (row.state, row.checkpoint_step) == ("COMPLETED", 3)
+
+
+def test_dry_run_locally_prints_the_commands(no_slurm, tmp_path, capsys):
+    status = launch.main(["--stage", "all", "--gpus", "2", "--run-root", str(tmp_path / "runs"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "no sbatch on PATH" in out
+    jobs = out.split("# ---- job ")[1:]
+    assert [j.split(":", 1)[1].split()[0] for j in jobs] == ["seg", "pseudo-label", "simvp", "predict"]  # no pack
+    assert all("2 local process(es)" in j for j in jobs)
+    assert not (tmp_path / "runs" / "seg").exists()
+
+
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read() if process.stdout else "launcher ended early"
+        if metrics.exists():
+            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip().endswith("}")]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"no step {step} within {timeout}s")
+
+
+def test_two_local_processes_stop_together_and_resume(no_slurm, tmp_path):
+    runs = tmp_path / "runs"
+    command = [sys.executable, str(REPO / "jobs" / "launch.py"), "--stage", "seg", "--gpus", "2",
+               "--run-root", str(runs), "--set", "train.max_steps=30", *FAST_SEG]
+    env = dict(os.environ)
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = runs / "seg" / "default"
+    wait_for_step(run_dir, 3, first)
+    first.send_signal(signal.SIGUSR2)  # the launcher passes it on to both processes
+    out, _ = first.communicate(timeout=180)
+    assert first.returncode == EXIT_REQUEUE, out
+    assert "stopped after saving a checkpoint" in out and "2 rank(s) on cpu via torchrun" in out
+    assert run_status(run_dir).state == "PREEMPTED"
+    saved = run_status(run_dir).checkpoint_step
+    assert saved is not None and 3 <= saved < 30
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"resumed from step {saved}" in second.stdout + second.stderr
+    row = run_status(run_dir)
+    assert (row.state, row.checkpoint_step, row.restarts) == ("COMPLETED", 30, 1)
+    assert [e["event"] for e in read_events(run_dir)] == ["started", "finished", "started", "finished"]

@@ -1,0 +1,311 @@
+"""Every stage runs through the worker entry point and the training engine on tiny synthetic shards
+(40x60): seg -> pseudo-label -> simvp (masks on true+pseudo masks, frames) -> raft -> slot ->
+predict; plus 2 gloo ranks through the worker CLI (torchrun-style environment) and preemption."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpcvp.data.datasets import ClipDataset, FrameDataset
+from hpcvp.data.layout import NUM_CLASSES
+from hpcvp.data.shards import load_manifest
+from hpcvp.stages.worker import run_worker
+from hpcvp.train.signals import EXIT_REQUEUE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(synthetic_packed, tmp_path_factory) -> Path:
+    # pseudo-labelling writes into the dataset dir: work on a private copy
+    target = tmp_path_factory.mktemp("stage-data") / "packed"
+    shutil.copytree(synthetic_packed, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def work(data_dir: Path, run_dir: Path, stage: str, *overrides: str) -> int:
+    argv = ["--stage", stage, "--data", str(data_dir), "--run-dir", str(run_dir), "--preset", "tiny"]
+    for item in overrides:
+        argv += ["--set", item]
+    return run_worker(argv)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def pictures(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "pictures").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def seg_run(data_dir, runs) -> Path:
+    run_dir = runs / "seg" / "default"
+    assert work(data_dir, run_dir, "seg", "train.max_steps=6", "train.log_every=2", "eval_max_frames=16") == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def pseudo_labelled(data_dir, runs, seg_run) -> Path:
+    assert work(data_dir, runs / "pseudo-label" / "default", "pseudo-label", f"seg_run={seg_run}") == 0
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def simvp_masks_run(pseudo_labelled, runs) -> Path:
+    run_dir = runs / "simvp" / "masks"
+    code = work(
+        pseudo_labelled, run_dir, "simvp", "mode=masks", "train_splits=train,unlabeled", "mask_source=any",
+        "loss=ce+lovasz", "train.max_steps=3", "train.batch_size=2", "train.log_every=1", "eval_max_videos=2",
+    )
+    assert code == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def simvp_frames_run(data_dir, runs) -> Path:
+    run_dir = runs / "simvp" / "frames"
+    code = work(data_dir, run_dir, "simvp", "mode=frames", "train.max_steps=3", "train.batch_size=2", "eval_max_videos=2")
+    assert code == 0
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def raft_run(data_dir, runs) -> Path:
+    run_dir = runs / "raft" / "default"
+    code = work(data_dir, run_dir, "raft", "train.max_steps=2", "train.batch_size=1", "train_splits=train", "eval_max_pairs=2")
+    assert code == 0
+    return run_dir
+
+
+def test_seg_trains_and_evaluates(seg_run):
+    lines = metrics(seg_run)
+    assert [line["step"] for line in lines] == [2, 4, 6]
+    assert 0.0 <= lines[-1]["val_jaccard"] <= 1.0
+    assert all(np.isfinite(line["loss"]) for line in lines)
+    assert pictures(seg_run) == ["step0000006_seg_val.png"]
+    stage_config = json.loads((seg_run / "stage_config.json").read_text())
+    assert stage_config["stage"] == "seg" and stage_config["data"]["frame_size"] == [40, 60]
+    assert stage_config["config"]["train"]["max_steps"] == 6
+
+
+def test_pseudo_label_writes_mask_shards_matching_the_unet(pseudo_labelled, seg_run):
+    from hpcvp.stages.common import load_model_from_run
+    from hpcvp.stages.seg import segment_frames
+
+    manifest = load_manifest(pseudo_labelled)
+    labelled = {entry.split for entry in manifest.pseudo_masks}
+    assert labelled == {"unlabeled", "hidden"}
+    clips = ClipDataset(pseudo_labelled, "unlabeled", frames=True, masks=True, mask_source="pseudo")
+    assert len(clips) == len(manifest.video_ids("unlabeled"))
+    model, _, _ = load_model_from_run(seg_run, "seg", torch.device("cpu"))
+    for index in (0, len(clips) - 1):
+        item = clips[index]
+        frames = torch.cat([item["frames_in"], item["frames_out"]])
+        masks = torch.cat([item["masks_in"], item["masks_out"]])
+        assert masks.dtype == torch.uint8 and int(masks.max()) < NUM_CLASSES
+        assert torch.equal(masks, segment_frames(model, frames, "off"))
+    # a second run with the same checkpoint does nothing
+    before = (pseudo_labelled / "manifest.json").read_text()
+    assert work(pseudo_labelled, seg_run.parent.parent / "pseudo-label" / "again", "pseudo-label", f"seg_run={seg_run}") == 0
+    assert (pseudo_labelled / "manifest.json").read_text() == before
+
+
+def test_simvp_masks_trains_on_true_and_pseudo_masks(simvp_masks_run):
+    lines = metrics(simvp_masks_run)
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert {"ce", "lovasz", "val_jaccard_true_inputs", "val_jaccard_copy_last"} <= set(lines[-1])
+    assert pictures(simvp_masks_run) == ["step0000003_simvp_masks_val.png"]
+
+
+def test_simvp_frames_trains(simvp_frames_run):
+    last = metrics(simvp_frames_run)[-1]
+    assert last["step"] == 3 and last["val_mse"] > 0 and last["val_mse_copy_last"] > 0
+    assert pictures(simvp_frames_run) == ["step0000003_simvp_frames_val.png"]
+
+
+def test_raft_trains_self_supervised_and_loads_a_saved_state_dict(raft_run, data_dir, tmp_path):
+    last = metrics(raft_run)[-1]
+    assert last["step"] == 2
+    assert {"photometric", "smoothness", "val_warp_jaccard", "val_copy_jaccard"} <= set(last)
+    assert pictures(raft_run) == ["step0000002_raft_val.png"]
+
+    from hpcvp.models.raft import build_raft
+    from hpcvp.stages import build_config
+    from hpcvp.stages.raft import RaftTask
+    from hpcvp.train.dist import single_process_env
+
+    torch.manual_seed(123)
+    saved = build_raft("small").state_dict()
+    weights = tmp_path / "raft_small.pth"
+    torch.save(saved, weights)
+    cfg = build_config("raft", "tiny", [f"model.weights_path={weights}"])
+    model = RaftTask(cfg, data_dir, single_process_env()).build_model()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_slot_trains_and_names_slots(data_dir, runs, seg_run):
+    run_dir = runs / "slot" / "default"
+    code = work(data_dir, run_dir, "slot", "train.max_steps=3", f"seg_run={seg_run}", "eval_max_frames=8")
+    assert code == 0
+    last = metrics(run_dir)[-1]
+    assert -1.0 <= last["val_fg_ari"] <= 1.0
+    assert {"val_slot_jaccard_true_labels", "val_slot_jaccard_unet_labels", "val_mse"} <= set(last)
+    assert pictures(run_dir) == ["step0000003_slot_val.png"]
+
+
+def test_predict_writes_submission_and_table(data_dir, runs, seg_run, simvp_masks_run, simvp_frames_run, raft_run):
+    run_dir = runs / "predict" / "default"
+    code = work(
+        data_dir, run_dir, "predict", f"seg_run={seg_run}", f"simvp_masks_run={simvp_masks_run}",
+        f"simvp_frames_run={simvp_frames_run}", f"raft_run={raft_run}", "submission_pipeline=a",
+    )
+    assert code == 0
+    submission = torch.load(run_dir / "submission.pt", weights_only=True)
+    hidden_ids = sorted(load_manifest(data_dir).video_ids("hidden"))
+    assert submission.dtype == torch.uint8
+    assert submission.shape == (len(hidden_ids), 40, 60)
+    assert int(submission.max()) <= NUM_CLASSES - 1
+    ids = json.loads((run_dir / "submission_ids.json").read_text())
+    assert ids["video_ids"] == hidden_ids and ids["pipeline"] == "a"
+    report = json.loads((run_dir / "jaccard.json").read_text())
+    assert set(report["scores"]) == {"a", "b", "c", "d", "e", "a*", "c*"}
+    assert all(0.0 <= s <= 1.0 for s in report["scores"].values())
+    table = (run_dir / "jaccard.md").read_text()
+    assert "| (a) |" in table and "| (e) |" in table
+    assert (run_dir / "pictures" / "predict_val.png").is_file()
+
+
+def test_predict_skips_pipelines_without_runs(data_dir, runs, seg_run, capsys):
+    run_dir = runs / "predict" / "partial"
+    code = work(
+        data_dir, run_dir, "predict", f"seg_run={seg_run}", f"simvp_masks_run={runs / 'absent'}",
+        f"simvp_frames_run={runs / 'absent'}", f"raft_run={runs / 'absent'}",
+    )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "pipeline (a)" in err and "skipped" in err and "absent" in err
+    report = json.loads((run_dir / "jaccard.json").read_text())
+    assert set(report["scores"]) == {"d", "e"}
+    assert report["submission_pipeline"] == "e"  # the only deployable one left
+    assert torch.load(run_dir / "submission.pt", weights_only=True).dtype == torch.uint8
+
+
+# ---------------------------------------------------------------------------------------------
+# subprocesses: two gloo ranks, preemption
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def _launch_two_ranks(argv: list[str]) -> list[subprocess.Popen]:
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = _worker_env(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hpcvp.stages.worker", *argv], env=env, cwd=REPO_ROOT,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+        )
+    return procs
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
+    results = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        results.append((proc.returncode, out))
+    return results
+
+
+def test_two_gloo_ranks_train_and_pseudo_label_through_the_worker_cli(pseudo_labelled, seg_run, runs, tmp_path):
+    run_dir = runs / "seg" / "ddp"
+    procs = _launch_two_ranks(
+        ["--stage", "seg", "--data", str(pseudo_labelled), "--run-dir", str(run_dir), "--preset", "tiny",
+         "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "eval_max_frames=9"]
+    )
+    for code, out in _wait_all(procs):
+        assert code == 0, out
+    last = metrics(run_dir)[-1]
+    assert last["step"] == 3 and "val_jaccard" in last
+    assert json.loads((run_dir / "config.json").read_text())["engine"]["world_size"] == 2
+
+    # pseudo-labelling split over two ranks must store exactly what one rank stores
+    copy = tmp_path / "data"
+    shutil.copytree(pseudo_labelled, copy)
+    procs = _launch_two_ranks(
+        ["--stage", "pseudo-label", "--data", str(copy), "--run-dir", str(tmp_path / "pl"), "--preset", "tiny",
+         "--set", f"seg_run={seg_run}", "--set", "overwrite=true", "--set", "videos_per_batch=1"]
+    )
+    for code, out in _wait_all(procs):
+        assert code == 0, out
+    for split in ("unlabeled", "hidden"):
+        one = FrameDataset(pseudo_labelled, split, mask_source="pseudo", masks=True)
+        two = FrameDataset(copy, split, mask_source="pseudo", masks=True)
+        assert len(one) == len(two)
+        for index in range(0, len(one), 5):
+            assert one[index]["video_id"] == two[index]["video_id"]
+            assert torch.equal(one[index]["mask"], two[index]["mask"])
+    assert not (tmp_path / "pl" / "parts").exists()
+
+
+def test_preempted_worker_exits_requeue_and_resumes(data_dir, tmp_path):
+    run_dir = tmp_path / "seg-preempt"
+    argv = [sys.executable, "-m", "hpcvp.stages.worker", "--stage", "seg", "--data", str(data_dir),
+            "--run-dir", str(run_dir), "--preset", "tiny", "--set", "train.max_steps=100000",
+            "--set", "train.log_every=1", "--set", "train.save_every_steps=0", "--set", "train.batch_size=2"]
+    proc = subprocess.Popen(argv, env=_worker_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, out
+    saved = metrics(run_dir)[-1]["step"]
+    from hpcvp.train.checkpoint import latest_step
+
+    assert latest_step(run_dir) == saved
+    code = work(data_dir, run_dir, "seg", f"train.max_steps={saved + 2}", "train.log_every=1",
+                "train.save_every_steps=0", "train.batch_size=2")
+    assert code == 0
+    assert [line["step"] for line in metrics(run_dir)][-3:] == [saved, saved + 1, saved + 2]
