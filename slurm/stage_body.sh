@@ -108,6 +108,13 @@ hpcvp_requeue() {  # hpcvp_requeue REASON: requeue this job unless the cap is re
         hpcvp_log "not requeueing ($1): already restarted $hpcvp_restart time(s), HPCVP_MAX_REQUEUES=$hpcvp_max_requeues; resubmit to resume from the checkpoint"
         exit "$hpcvp_requeue_status"
     fi
+    # Only a job still RUNNING is requeued here: a cancelled one (scancel) must stay cancelled, and a
+    # scheduler that preempts with requeue does the requeue itself.
+    hpcvp_state="$(scontrol -o show job "$hpcvp_job" 2>/dev/null | tr ' ' '\n' | sed -n 's/^JobState=//p')"
+    if [ "$hpcvp_state" != RUNNING ]; then
+        hpcvp_log "not requeueing ($1): the job is ${hpcvp_state:-gone}"
+        exit "$hpcvp_requeue_status"
+    fi
     if scontrol requeue "$hpcvp_job"; then
         hpcvp_log "requeued ($1); the next run resumes from the checkpoint in $hpcvp_run_dir"
         exit 0
@@ -117,11 +124,14 @@ hpcvp_requeue() {  # hpcvp_requeue REASON: requeue this job unless the cap is re
 }
 
 # ----------------------------------------------------------------------------- run
+if [ -n "$hpcvp_signalled" ]; then  # told to stop before anything started: nothing to save
+    hpcvp_requeue "SIG$hpcvp_signalled arrived before the stage started"
+fi
 hpcvp_log "run dir $hpcvp_run_dir; ${hpcvp_container[*]:+container: ${hpcvp_container[*]}; }${hpcvp_srun[*]} ${hpcvp_command[*]}"
 "${hpcvp_srun[@]}" "${hpcvp_container[@]}" "${hpcvp_command[@]}" &
 hpcvp_step_pid=$!
-if [ "$hpcvp_signalled" = USR2 ]; then  # the signal came while srun was being started
-    hpcvp_on_signal USR2
+if [ "$hpcvp_signal_count" -gt 0 ] && [ "$hpcvp_signalled" = USR2 ]; then
+    hpcvp_on_signal USR2  # it came while srun was being started: pass it on now
 fi
 while :; do
     hpcvp_signals_before="$hpcvp_signal_count"

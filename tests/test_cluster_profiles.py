@@ -306,6 +306,13 @@ def test_time_rules(tmp_path):
     assert "profile max_time" in messages(preflight.check_time(greene, request(tmp_path, time_minutes=49 * 60), no_limits))
 
 
+def test_memory_rule(tmp_path):
+    facts = FakeFacts(partitions={"gpu": preflight.PartitionInfo("gpu", True, None, 48, 4, set(), max_mem_mb=384000)})
+    assert preflight.check_memory(request(tmp_path, mem_gb=256), facts) == []
+    assert "exceeds the largest node of partition 'gpu' (384000 MB" in messages(
+        preflight.check_memory(request(tmp_path, mem_gb=512), facts))
+
+
 def test_preemptible_only_where_offered():
     assert preflight.check_preemptible(load_profiles()["torch"], True) == []
     assert "no preemptible" in messages(preflight.check_preemptible(load_profiles()["greene"], True))
@@ -412,8 +419,11 @@ class FakeJobEnvironment:
 def test_saved_job_requeues_once_on_rank_zero(monkeypatch):
     import submitit
 
+    from hpcvp.cluster import executor
+
     FakeJobEnvironment.calls = []
     monkeypatch.setattr(submitit, "JobEnvironment", FakeJobEnvironment)
+    monkeypatch.setattr(executor, "slurm_job_state", lambda job_id: "RUNNING")
     job = HpcvpJob("json:dumps", [], max_requeues=3)
     with pytest.raises(SystemExit) as leave:
         job._requeue_after_save(rank=1, restarts=0)
@@ -426,6 +436,11 @@ def test_saved_job_requeues_once_on_rank_zero(monkeypatch):
     assert FakeJobEnvironment.calls == [1]
     resubmitted = job.checkpoint()
     assert resubmitted.function is job
+    # Cancelled (or being requeued by a preempting scheduler): saved, but not requeued from here.
+    monkeypatch.setattr(executor, "slurm_job_state", lambda job_id: "COMPLETING")
+    with pytest.raises(SystemExit) as leave:
+        job._requeue_after_save(rank=0, restarts=0)
+    assert leave.value.code == EXIT_REQUEUE and FakeJobEnvironment.calls == [1]
 
 
 def test_job_failure_is_an_error(monkeypatch):
@@ -460,3 +475,7 @@ def test_slurm_status_uses_sacct_state(tmp_path):
     record_event(run_dir, event="submitted", job_id="42", via="submitit")
     status = run_status(run_dir, {"42": SlurmJobState("42", "RUNNING", 2)})
     assert (status.job_id, status.state, status.restarts) == ("42", "RUNNING", 2)
+
+
+def test_scoped_override_for_a_single_stage():
+    assert launch.split_overrides(["seg:train.lr=1", "train.nope=2"], ["seg"]) == {"seg": ["train.lr=1", "train.nope=2"]}

@@ -10,6 +10,7 @@ with gloo standing for 2 GPUs) on the embedded synthetic dataset:
 - ``sbatch slurm/seg.sbatch`` with the pre-timeout USR2 sent to the batch shell (what
   ``--signal=B:USR2@S`` does): forwarded to the tasks, requeued by the script, same weights;
 - ``--stage all``: pack -> seg -> pseudo-label -> simvp -> predict run by Slurm in order;
+- ``scancel``: every rank saves, and the job stays cancelled (no requeue of a cancelled job);
 - every pre-flight refusal, with nothing submitted; ``--status`` over all of it.
 """
 
@@ -79,6 +80,8 @@ def sacct_attempts(job_id: str) -> list[dict[str, str]]:
     out = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobIDRaw,State,Start,End"],
                          capture_output=True, text=True, check=True).stdout
     rows = [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line.strip()]
+    for row in rows:
+        row["state"] = row["state"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
     return [r for r in rows if r["id"] == job_id]
 
 
@@ -202,6 +205,22 @@ def test_sbatch_template_forwards_signal_requeues_and_matches(packed, run_root, 
     assert_same_weights(run_dir, reference_run)
 
 
+def test_scancel_saves_and_stays_cancelled(packed, run_root):
+    """SIGTERM from scancel makes every rank save (like a preemption), but the job is not requeued."""
+    assert launch.main(seg_args(packed, run_root, "cancelled")) == 0
+    run_dir = run_root / "seg" / "cancelled"
+    job_id = job_id_of(run_dir)
+    wait_for_step(run_dir, job_id, 2)
+    subprocess.run(["scancel", job_id], check=True)
+    assert wait_until_done(job_id) == "CANCELLED"
+    time.sleep(3)  # had it been requeued, a second attempt would be listed by now
+    assert [a["state"] for a in sacct_attempts(job_id)] == ["CANCELLED"]
+    assert "so it is not requeued here" in logs_of(run_dir)
+    from hpcvp.train.checkpoint import latest_step
+
+    assert latest_step(run_dir) is not None and latest_step(run_dir) >= 2  # the state was saved
+
+
 def test_stage_all_runs_the_chain_in_order(packed, run_root, tmp_path):
     raw = packed.parent / "raw"
     assert (raw / "train").is_dir(), f"the default dataset keeps its raw layout next to {packed}"
@@ -238,8 +257,9 @@ def squeue_count() -> int:
     (["--account", "pr_999_general"], "[account]", "sacctmgr knows no association"),
     (["--partition", "gpuu"], "[partition]", "no such partition (sinfo: cpu, gpu)"),
     (["--constraint", "cpu|h200"], "[constraint]", "feature 'h200' is on no node"),
-    (["--gpus", "3"], "[gpus]", "allows at most 2 per node"),
+    (["--gpus", "99"], "[gpus]", "CPUs per node, 1 per GPU task) allows at most"),
     (["--partition", "gpu", "--time", "2:00:00"], "[time]", "exceeds the MaxTime of partition 'gpu' (sinfo) of 01:00:00"),
+    (["--mem", "100000"], "[mem]", "exceeds the largest node of partition 'cpu'"),
     (["--data", "MISSING"], "[data]", "no manifest"),
     (["--run-root", "BLOCKED"], "[run-dir]", "not writable"),
     (["--cluster", "strict-local"], "[account]", "requires --account"),
@@ -272,6 +292,8 @@ def test_preflight_refuses_before_submitting(packed, run_root, tmp_path, monkeyp
 def test_status_reports_every_run(run_root, reference_run, capsys, monkeypatch):
     rows = {(r.stage, r.run): r for r in collect_status(run_root)}
     assert rows[("seg", "reference")].state == "COMPLETED" and rows[("seg", "reference")].restarts == 0
+    if ("seg", "cancelled") in rows:
+        assert rows[("seg", "cancelled")].state == "CANCELLED"
     for name in ("interrupted", "sbatch"):
         if ("seg", name) in rows:  # (absent only when that test was deselected)
             assert rows[("seg", name)].state == "COMPLETED"

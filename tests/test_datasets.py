@@ -18,6 +18,7 @@ from hpcvp.data.datasets import (
     FrameDataset,
     HiddenDataset,
     PairDataset,
+    frame_reader,
     frames_to_float,
     shard_handle,
 )
@@ -111,6 +112,24 @@ def test_hidden_dataset_gives_the_eleven_input_frames(synthetic_packed, raw_vide
     np.testing.assert_array_equal(item["frames_in"].numpy(), raw_videos["hidden"][item["video_id"]][0])
     val = HiddenDataset(synthetic_packed, "val")[0]  # predicting on val uses the same input
     np.testing.assert_array_equal(val["frames_in"].numpy(), raw_videos["val"][val["video_id"]][0][:11])
+
+
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip:1"])
+def test_every_compression_reads_back_the_raw_pixels(synthetic_raw, raw_videos, tmp_path, compression):
+    out = tmp_path / "packed"
+    pack_dataset(synthetic_raw, out, splits=["val", "hidden"], compression=compression, mask_compression=compression,
+                 workers=0, quiet=True)
+    # uncompressed frames are read with preadv at HDF5's chunk offsets; compressed ones through h5py
+    assert (frame_reader(out / "val-000.h5").offsets is not None) == (compression == "none")
+    for item in ClipDataset(out, "val"):
+        frames, masks = raw_videos["val"][item["video_id"]]
+        np.testing.assert_array_equal(torch.cat([item["frames_in"], item["frames_out"]]).numpy(), frames)
+        np.testing.assert_array_equal(torch.cat([item["masks_in"], item["masks_out"]]).numpy(), masks)
+    pairs = PairDataset(out, "val")
+    item = pairs[len(pairs) - 1]
+    np.testing.assert_array_equal(item["frame1"].numpy(), raw_videos["val"][item["video_id"]][0][21])
+    for item in HiddenDataset(out):
+        np.testing.assert_array_equal(item["frames_in"].numpy(), raw_videos["hidden"][item["video_id"]][0])
 
 
 def test_frames_to_float():

@@ -91,6 +91,16 @@ def test_simvp_full_preset_builds_and_matches_published_size():
     assert downsample_strides(2) == [2, 2]
 
 
+@pytest.mark.parametrize("name", ["tiny", "full"])
+def test_every_preset_builds(name):
+    assert UNet(**preset("unet", name)).num_classes == 49
+    assert SimVP(translator="incepu", **preset("simvp", name)).hid_S == preset("simvp", name)["hid_S"]
+    assert SlotAttentionAutoEncoder(160, 240, **preset("slot", name)).num_slots == preset("slot", name)["num_slots"]
+    assert build_raft(preset("raft", name)["variant"]) is not None
+    with pytest.raises(KeyError, match="preset"):
+        preset("unet", "huge")
+
+
 def test_simvp_rejects_bad_inputs():
     model = SimVP(height=40, width=60, **preset("simvp", "tiny"))
     with pytest.raises(ValueError, match="40x60"):

@@ -53,7 +53,7 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
     assert payload["format"] == "hpcvp-shards" and payload["format_version"] == FORMAT_VERSION
     # frame size comes from the generator's hpcvp_synthetic.json (40x60), not the 160x240 default
     assert manifest.frame_size == TINY_SIZE == tuple(payload["frame_size"])
-    assert payload["compression"] == {"frames": "none", "masks": "lzf"}
+    assert payload["compression"] == {"frames": "none", "masks": "gzip:1"}
     names = [shard.path for shard in manifest.shards]
     assert names == ["train-000.h5", "train-001.h5", "val-000.h5", "unlabeled-000.h5", "hidden-000.h5"]
     assert payload["totals"]["videos"] == 16 and payload["totals"]["shards"] == 5
@@ -74,7 +74,7 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
             assert list(handle["video_ids"][:]) == list(shard.video_ids)
             assert ("masks" in handle) == shard.has_masks == (shard.split in ("train", "val"))
             if shard.has_masks:
-                assert handle["masks"].compression == "lzf" and handle["masks"].chunks == (1, 1, *TINY_SIZE)
+                assert handle["masks"].compression == "gzip" and handle["masks"].chunks == (1, 1, *TINY_SIZE)
                 assert handle["masks"].shape == (len(shard.video_ids), NUM_FRAMES, *TINY_SIZE)
             for row, video_id in enumerate(shard.video_ids):
                 raw_frames, raw_masks = read_video(raw_videos[video_id], shard.split, TINY_SIZE)
@@ -227,6 +227,23 @@ def test_rerun_keeps_verified_shards_and_rewrites_a_corrupted_one(tiny_raw, tmp_
     shutil.rmtree(raw / "train" / "video_2")
     pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert sorted(p.name for p in out.glob("*.h5")) == ["hidden-000.h5", "train-000.h5"]
+
+
+def test_packing_a_split_later_keeps_the_others(tiny_raw, tmp_path):
+    raw = tiny_raw({"train": [0, 1], "unlabeled": [2000]})
+    out = tmp_path / "out"
+    pack_dataset(raw, out, frame_size=TINY_SIZE, workers=0, quiet=True)
+    inodes = {p.name: p.stat().st_ino for p in out.glob("*.h5")}
+    write_tiny_video(raw, "hidden", 15000)  # the hidden set arrives late
+    pack_dataset(raw, out, splits=["hidden"], frame_size=TINY_SIZE, workers=0, quiet=True)
+    manifest = load_manifest(out)
+    assert [s.path for s in manifest.shards] == ["train-000.h5", "unlabeled-000.h5", "hidden-000.h5"]
+    assert {p.name: p.stat().st_ino for p in out.glob("*.h5") if p.name in inodes} == inodes
+    assert verify_dataset(out).ok
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds \['train', 'unlabeled'\] packed at 40x60"):
+        pack_dataset(raw, out, splits=["hidden"], compression="lzf", frame_size=TINY_SIZE, workers=0, quiet=True)
+    assert (out / "manifest.json").read_bytes() == before
 
 
 def test_pack_is_byte_identical_across_runs_and_worker_counts(tiny_raw, tmp_path):
@@ -400,11 +417,41 @@ def test_stage_to_local_copies_checks_and_reuses(tiny_raw, tmp_path, monkeypatch
     assert not list((tmp_path / "other-node").rglob("*.tmp"))
 
 
-def test_stage_cli(tiny_raw, tmp_path, capsys):
-    raw = tiny_raw({"val": [1000]})
+def test_stage_cli_and_split_subset(tiny_raw, tmp_path, capsys):
+    raw = tiny_raw({"train": [0, 1], "val": [1000], "unlabeled": [2000]})
     out = tmp_path / "packed"
     pack_dataset(raw, out, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert pack_main(["--stage", str(out), "--stage-dest", str(tmp_path / "local"), "--quiet"]) == 0
     staged = Path(capsys.readouterr().out.strip())
     assert staged.parent == tmp_path / "local" / "hpcvp-data"
     assert shard_hashes(staged) == shard_hashes(out)
+    assert pack_main(["--stage", str(out), "--stage-dest", str(tmp_path / "local"), "--stage-splits", "train,val",
+                      "--quiet"]) == 0
+    subset = Path(capsys.readouterr().out.strip())
+    assert subset != staged and sorted(shard_hashes(subset)) == ["train-000.h5", "val-000.h5"]
+    assert load_manifest(subset).splits == ["train", "val"] and verify_dataset(subset).ok
+    assert pack_main(["--stage", str(out), "--stage-dest", str(tmp_path / "local"), "--stage-splits", "hidden"]) == 2
+    assert "split(s) ['hidden'] are not packed" in capsys.readouterr().err
+
+
+def test_progress_is_plain_lines_in_logs_and_a_bar_on_a_terminal():
+    import io
+
+    from hpcvp.data.progress import Progress
+
+    log = io.StringIO()
+    with Progress(3, "pack", unit="videos", stream=log, log_every_s=0) as progress:
+        for _ in range(3):
+            progress.advance()
+    lines = log.getvalue().splitlines()
+    assert len(lines) == 4 and "pack: 3/3 videos (100%)" in lines[-1]
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    with Progress(3, "pack", unit="videos", stream=terminal) as progress:
+        progress.advance(3)
+    assert "\x1b[" in terminal.getvalue() and "3/3" in terminal.getvalue()

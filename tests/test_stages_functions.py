@@ -193,3 +193,26 @@ def test_rank_shard_sampler_covers_each_index_once():
     shards = [list(RankShardSampler(range(7), r, 3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(7))
     assert [len(s) for s in shards] == [3, 2, 2]
+
+
+def test_simvp_copy_last_prior_starts_at_the_no_motion_prediction():
+    from hpcvp.stages import build_config
+    from hpcvp.stages.simvp import CopyLastPrior, build_simvp
+
+    torch.manual_seed(0)
+    masks_cfg = build_config("simvp", "tiny", ["mode=masks", "model.copy_prior=6"])
+    model = build_simvp(masks_cfg, (40, 60)).eval()
+    assert isinstance(model, CopyLastPrior)
+    masks_in = torch.randint(0, 49, (2, 11, 40, 60))
+    with torch.no_grad():
+        pred = model(masks_in).argmax(dim=2)  # (B, 11, H, W)
+    assert (pred == masks_in[:, -1:]).float().mean() > 0.95
+    assert model.prior_scale.requires_grad
+
+    frames_cfg = build_config("simvp", "tiny", ["mode=frames", "model.residual=true"])
+    model = build_simvp(frames_cfg, (40, 60)).eval()
+    frames_in = torch.rand(2, 11, 3, 40, 60)
+    with torch.no_grad():
+        assert torch.allclose(model(frames_in) - model.simvp(frames_in), frames_in[:, -1:].expand(-1, 11, -1, -1, -1), atol=1e-5)
+    # off by default: the plain published model
+    assert not isinstance(build_simvp(build_config("simvp", "tiny"), (40, 60)), CopyLastPrior)

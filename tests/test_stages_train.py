@@ -226,44 +226,47 @@ def _worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _launch_two_ranks(argv: list[str]) -> list[subprocess.Popen]:
+def _launch_two_ranks(argv: list[str], log_dir: Path) -> list[tuple[subprocess.Popen, Path]]:
     port = str(_free_port())
     procs = []
+    log_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(2):
         env = _worker_env(
             RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
             MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
         )
-        procs.append(
-            subprocess.Popen(
+        log = log_dir / f"rank{rank}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "hpcvp.stages.worker", *argv], env=env, cwd=REPO_ROOT,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                stdout=out, stderr=subprocess.STDOUT,
             )
-        )
+        procs.append((proc, log))
     return procs
 
 
-def _wait_all(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
-    results = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-        results.append((proc.returncode, out))
-    return results
+def _wait_all(procs: list[tuple[subprocess.Popen, Path]], timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()  # SIGKILL: the worker catches SIGTERM as a preemption signal
+                proc.wait()
+    for rank, (proc, log) in enumerate(procs):
+        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{log.read_text()}"
 
 
 def test_two_gloo_ranks_train_and_pseudo_label_through_the_worker_cli(pseudo_labelled, seg_run, runs, tmp_path):
     run_dir = runs / "seg" / "ddp"
     procs = _launch_two_ranks(
         ["--stage", "seg", "--data", str(pseudo_labelled), "--run-dir", str(run_dir), "--preset", "tiny",
-         "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "eval_max_frames=9"]
+         "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "eval_max_frames=9"],
+        tmp_path / "logs-seg",
     )
-    for code, out in _wait_all(procs):
-        assert code == 0, out
+    _wait_all(procs)
     last = metrics(run_dir)[-1]
     assert last["step"] == 3 and "val_jaccard" in last
     assert json.loads((run_dir / "config.json").read_text())["engine"]["world_size"] == 2
@@ -273,10 +276,10 @@ def test_two_gloo_ranks_train_and_pseudo_label_through_the_worker_cli(pseudo_lab
     shutil.copytree(pseudo_labelled, copy)
     procs = _launch_two_ranks(
         ["--stage", "pseudo-label", "--data", str(copy), "--run-dir", str(tmp_path / "pl"), "--preset", "tiny",
-         "--set", f"seg_run={seg_run}", "--set", "overwrite=true", "--set", "videos_per_batch=1"]
+         "--set", f"seg_run={seg_run}", "--set", "overwrite=true", "--set", "videos_per_batch=1"],
+        tmp_path / "logs-pseudo",
     )
-    for code, out in _wait_all(procs):
-        assert code == 0, out
+    _wait_all(procs)
     for split in ("unlabeled", "hidden"):
         one = FrameDataset(pseudo_labelled, split, mask_source="pseudo", masks=True)
         two = FrameDataset(copy, split, mask_source="pseudo", masks=True)

@@ -7,6 +7,7 @@ Slurm-style (SLURM_PROCID / SLURM_NTASKS / SLURM_JOB_NODELIST / SLURM_JOB_ID) en
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -68,7 +69,7 @@ def _finish(procs, timeout=240):
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=timeout)
-        lines = [l for l in out.splitlines() if l.startswith("HPCVP_RESULT ")]
+        lines = [line for line in out.splitlines() if line.startswith("HPCVP_RESULT ")]
         assert lines, f"rank exited {proc.returncode} without a result:\n{out}\n{err}"
         results.append((proc.returncode, json.loads(lines[-1].split(" ", 1)[1])))
     return results
@@ -139,3 +140,57 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     assert sorted(p.name for p in run.pictures.iterdir()) == [
         f"eval_{s:08d}.json" for s in (7, 14, 21, 28)
     ]
+
+
+def _slurm_available() -> bool:
+    if shutil.which("srun") is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_srun_tasks_stop_together_on_scancel_signal(tmp_path):
+    """The deployment path: srun starts 2 tasks (Slurm env), Slurm delivers USR2 to both."""
+    if not _slurm_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no Slurm cluster answers (tools/slurm_local_cluster.sh up)")
+        pytest.skip("no Slurm cluster")
+    run = RunDir(tmp_path / "srun")
+    name = f"hpcvp-engine-test-{os.getpid()}"
+    toy = [sys.executable, "-m", "hpcvp.train.toy", "--run-dir", str(run.path),
+           "--set", "max_steps=200", "--set", "batch_size=8", "--set", "log_every=1",
+           "--set", "num_workers=0"]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    srun = ["srun", "-n", "2", "-c", "1", "-J", name]
+    proc = subprocess.Popen(srun + toy + ["--step-sleep-s", "0.05"], env=env, cwd=REPO,
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run.metrics_path.exists() and len(run.read_metrics()) >= 10):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "srun job did not start training"
+            time.sleep(0.1)
+        job = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert len(job) == 1, job
+        subprocess.run(["scancel", "--signal=USR2", job[0]], check=True)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    results = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
+               if line.startswith("HPCVP_RESULT ")]
+    assert len(results) == 2, out
+    assert {r["status"] for r in results} == {"preempted"}
+    assert len({r["step"] for r in results}) == 1 and results[0]["step"] < 200
+    assert proc.returncode == EXIT_REQUEUE, out  # srun passes the tasks' status on
+    done = subprocess.run(srun + toy, env=env, cwd=REPO, text=True, capture_output=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [r["step"] for r in run.read_metrics()] == list(range(1, 201))

@@ -129,6 +129,15 @@ def test_resume_at_max_steps_does_nothing(reference, tmp_path):
     assert [r["step"] for r in reference.read_metrics()] == list(range(1, 21))
 
 
+def test_time_based_saves_and_keep_last(tmp_path):
+    run = RunDir(tmp_path / "toy" / "timed")
+    _fit(run, save_every_steps=0, save_every_minutes=1e-9, keep_last=2, max_steps=8)
+    assert [p.name for p in sorted(run.checkpoints.iterdir())] == ["step_00000007", "step_00000008"]
+    run2 = RunDir(tmp_path / "toy" / "untimed")
+    _fit(run2, save_every_steps=0, save_every_minutes=0, max_steps=8)
+    assert [p.name for p in run2.checkpoints.iterdir()] == ["step_00000008"]  # the final one
+
+
 def test_schedules_step_once_per_iteration(tmp_path):
     run = RunDir(tmp_path / "toy" / "cosine")
     _fit(run, schedule="cosine", lr=0.1, warmup_frac=0.25, min_lr_frac=0.1, eval_every=0,

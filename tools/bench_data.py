@@ -191,10 +191,11 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of decode/pack (best of)")
     parser.add_argument("--compressions", default=",".join(COMPRESSIONS))
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    parser.add_argument("--only-pack", action="store_true", help="measure (a) only (for quick checks)")
     args = parser.parse_args(argv)
 
-    from hpcvp.data.datasets import ClipDataset, close_shard_handles, shard_handle
-    from hpcvp.data.shards import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION, load_manifest
+    from hpcvp.data.datasets import ClipDataset, close_shard_handles
+    from hpcvp.data.shards import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION
     from hpcvp.data.synthetic import generate_dataset
 
     raw = args.work_dir / f"raw-{args.videos}"
@@ -222,6 +223,9 @@ def main(argv=None) -> int:
         decode_rate, pack_rate = len(tasks) / min(decode_times), len(tasks) / min(pack_times)
         rows_a.append((workers, decode_rate, pack_rate))
         log(f"(a) workers={workers}: decode {decode_rate:.1f} videos/s, pack {pack_rate:.1f} videos/s")
+
+    if args.only_pack:
+        return 0
 
     # (c) every compression applied to frames and masks: pack speed, stored size, read speed.
     compressions = [c.strip() for c in args.compressions.split(",") if c.strip()]

@@ -34,9 +34,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcvp.train import RunDir, TrainConfig, Trainer, init_distributed, single_process_env  # noqa: E402
+from hpcvp.train import (  # noqa: E402
+    RunDir,
+    TrainConfig,
+    Trainer,
+    init_distributed,
+    single_process_env,
+)
 from hpcvp.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-
+from hpcvp.train.rng import seed_everything  # noqa: E402
 
 # --------------------------------------------------------------------------- workload
 
@@ -56,7 +62,10 @@ class ImageMaskData(Dataset):
         return {"image": self.images[i], "mask": self.masks[i]}
 
 
-def make_net(classes: int = 8, width: int = 32) -> nn.Module:
+def make_net(kind: str = "conv", classes: int = 8, width: int = 32) -> nn.Module:
+    if kind == "null":
+        # next to no compute: what remains is the loop's own per-step cost
+        return nn.Conv2d(3, classes, 1)
     return nn.Sequential(
         nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
         nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
@@ -77,7 +86,7 @@ class BenchTask:
         self.stamps = stamps
 
     def build_model(self):
-        return make_net()
+        return make_net(self.args.kind)
 
     def train_dataset(self):
         return ImageMaskData(self.args.samples, self.args.hw)
@@ -114,9 +123,9 @@ def run_engine(args, env, workdir: Path) -> list[float]:
 
 def run_bare(args, env) -> list[float]:
     """What one would write by hand: same model/optimizer/schedule/clipping/data, nothing else."""
-    torch.manual_seed(0)
+    seed_everything(0)  # the Trainer's initial weights (TrainConfig.seed=0), for a fair race
     device = env.device
-    model = make_net().to(device)
+    model = make_net(args.kind).to(device)
     train_model = DDP(model) if env.distributed else model
     data = ImageMaskData(args.samples, args.hw)
     if env.distributed:
@@ -181,6 +190,7 @@ def overhead_rounds(args, env, workdir: Path) -> list[tuple[float, float]]:
 
 def _ddp_worker(rank: int, args, port: int, workdir: str, queue) -> None:
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
     env = init_distributed(
         env={"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
@@ -202,6 +212,7 @@ def summarize(rounds) -> dict:
             "bare_ms": statistics.median(bare) * 1e3,
             "engine_ms": statistics.median(engine) * 1e3,
             "overhead_pct": statistics.median(ratios) * 100,
+            "best_pct": (min(engine) / min(bare) - 1.0) * 100,
             "min_pct": min(ratios) * 100,
             "max_pct": max(ratios) * 100,
         }
@@ -268,22 +279,32 @@ def machine_line() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="write the markdown report here")
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps not timed")
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--hw", type=int, default=48)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--null-steps", type=int, default=300)
     parser.add_argument("--ddp", action="store_true", help="also 2-process DDP over gloo")
     parser.add_argument("--sizes-mb", default="10,100,500")
     parser.add_argument("--ckpt-repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.kind = "conv"
     torch.set_num_threads(args.threads)
+    # Denormal floats slow CPU math several-fold and appear or not depending on the weights'
+    # trajectory: flushing them keeps the race about the loop, not about luck.
+    torch.set_flush_denormal(True)
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_", dir=args.workdir))
     started = datetime.datetime.now().astimezone()
+    load_before = os.getloadavg()
     try:
+        print("per-step cost of the loop itself (null model):", flush=True)
+        null_args = argparse.Namespace(**{**vars(args), "kind": "null", "hw": 4,
+                                          "steps": args.null_steps, "skip": 50, "samples": 4096})
+        null = summarize(overhead_rounds(null_args, single_process_env(), workdir))
         print("loop overhead, 1 process:", flush=True)
         single = summarize(overhead_rounds(args, single_process_env(), workdir))
         ddp = None
@@ -307,38 +328,51 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    own_us = (null["cpu"]["engine_ms"] - null["cpu"]["bare_ms"]) * 1e3
     cmd = "python tools/bench_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "## Training engine (`tools/bench_train.py`)",
         "",
         f"- Date: {started:%Y-%m-%d %H:%M %Z}",
         f"- Machine: {machine_line()}",
+        f"- Load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in load_before)}, at end "
+        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} (other jobs share the machine: the "
+        "spread between rounds below is theirs)",
         f"- Command: `{cmd.strip()}`",
         f"- Workload: conv net (~{sum(p.numel() for p in make_net().parameters()) / 1e3:.0f}k params) "
         f"on {args.batch}x3x{args.hw}x{args.hw} images with per-pixel cross-entropy, AdamW, "
-        f"OneCycle, grad clipping, fp32 on CPU, DataLoader num_workers=0, {args.threads} torch "
-        f"thread(s) per process; {args.steps} steps per run, first {args.skip} untimed, "
+        f"OneCycle, grad clipping, fp32 on CPU (denormals flushed), DataLoader num_workers=0, "
+        f"same initial weights, {args.threads} torch thread(s) per process; {args.steps} steps per run, first {args.skip} untimed, "
         f"{args.rounds} interleaved rounds (order alternates).",
         "",
         "### Loop overhead vs a bare PyTorch loop",
         "",
-        "| setting | clock | bare loop ms/step | hpcvp Trainer ms/step | overhead (median of rounds) | range over rounds |",
-        "|---|---|---:|---:|---:|---:|",
+        "| setting | clock | bare loop ms/step | hpcvp Trainer ms/step | overhead (median of rounds) | best vs best | range over rounds |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, summary in (("1 process", single), ("2 processes, DDP gloo", ddp)):
+    for name, summary in (("null model (1x1 conv, 16x3x4x4), 1 process", null),
+                          ("conv net, 1 process", single), ("conv net, 2 processes, DDP gloo", ddp)):
         if summary is None:
             continue
         for clock in ("cpu", "wall"):
             s = summary[clock]
             lines.append(
                 f"| {name} | {clock} | {s['bare_ms']:.2f} | {s['engine_ms']:.2f} | "
-                f"{s['overhead_pct']:+.2f}% | {s['min_pct']:+.2f}% .. {s['max_pct']:+.2f}% |"
+                f"{s['overhead_pct']:+.2f}% | {s['best_pct']:+.2f}% | "
+                f"{s['min_pct']:+.2f}% .. {s['max_pct']:+.2f}% |"
             )
     lines += [
         "",
+        f"Absolute per-step cost of the Trainer's own work (null model, medians): "
+        f"{own_us:+.0f} us CPU per step at batch {args.batch}, i.e. "
+        f"{own_us / 1e3 / single['cpu']['bare_ms'] * 100:+.2f}% of the conv net's "
+        f"{single['cpu']['bare_ms']:.1f} ms step (this estimate does not suffer from the "
+        "machine's step-to-step noise the direct race above has).",
+        "",
         "Per run: median over steps of the per-step time (wall clock, and CPU time of the "
         "process); per setting: medians over rounds, and the overhead is the median over rounds "
-        "of (Trainer / bare - 1). On a shared machine the CPU-time row is the reliable one.",
+        "of (Trainer / bare - 1); 'best vs best' compares the fastest round of each. On a shared "
+        "machine the CPU-time rows are the more reliable ones.",
         "",
         "The Trainer's extra per-step work: per-sample and per-micro-step RNG seeding, the loss "
         "kept on device for logging, one small CPU all-reduce (stop flag, save-by-minutes "

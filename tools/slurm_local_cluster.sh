@@ -110,6 +110,16 @@ write_if_changed() {
 }
 
 # ---------------------------------------------------------------------------------------------
+ensure_hostname_resolves() {
+    # Jobs find rank 0 through the node name (SLURM_JOB_NODELIST): it must resolve.
+    local host
+    host="$(hostname -s)"
+    if ! getent hosts "$host" >/dev/null 2>&1; then
+        printf '127.0.0.1 %s\n' "$host" >>/etc/hosts
+        say "added '127.0.0.1 $host' to /etc/hosts (the node name must resolve)"
+    fi
+}
+
 start_munge() {
     mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
     if [ ! -s /etc/munge/munge.key ]; then
@@ -324,6 +334,7 @@ show_status() {
 
 cmd_up() {
     install_packages
+    ensure_hostname_resolves
     start_munge
     start_mariadb
     write_configs

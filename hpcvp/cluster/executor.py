@@ -44,6 +44,22 @@ except ImportError:  # pragma: no cover - the engine is part of the package
     EXIT_REQUEUE = 75
 
 
+def slurm_job_state(job_id: str) -> str:
+    """JobState of a Slurm job per ``scontrol show job`` ("" when unknown)."""
+    if not job_id:
+        return ""
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                             timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    for item in out.split():
+        key, _, value = item.partition("=")
+        if key == "JobState":
+            return value
+    return ""
+
+
 class JobNotRequeued(RuntimeError):
     """The worker saved and asked for a requeue, but the requeue cap was reached or requeue failed."""
 
@@ -90,11 +106,18 @@ class HpcvpJob(submitit.helpers.Checkpointable):
                 f"time(s) (--max-requeues {self.max_requeues}); launch it again to resume from the checkpoint"
             )
         if rank == 0:
+            state = slurm_job_state(os.environ.get("SLURM_JOB_ID", ""))
+            if state != "RUNNING":
+                # scancel (CANCELLED) must stay cancelled; a scheduler preempting with requeue
+                # (PREEMPTED, REQUEUE*) requeues by itself. Only a job still RUNNING (pre-timeout
+                # USR2, or an interrupt that Slurm did not act on) is requeued here.
+                print(f"hpcvp: {self.description}: saved; the job is {state or 'gone'}, so it is not requeued here",
+                      flush=True)
+                raise SystemExit(EXIT_REQUEUE)
             job_env = submitit.JobEnvironment()
             try:
                 job_env._requeue(self.max_requeues - restarts - 1)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
-                # A preempting scheduler may already be requeueing (or a user cancelled the job).
                 raise JobNotRequeued(f"{self.description}: scontrol requeue failed ({exc})") from exc
         print(f"hpcvp: {self.description}: rank {rank} saved; job requeued, leaving", flush=True)
         # Like submitit's own handler: leave without a result pickle (SystemExit passes through

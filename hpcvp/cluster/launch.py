@@ -20,13 +20,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from hpcvp.cluster import preflight
 from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
 from hpcvp.cluster.sbatch import (
     JobRequest,
-    constraint_for,
     format_minutes,
     parse_time_minutes,
     render_submitit_script,
@@ -66,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "on Slurm as jobs chained with afterok dependencies (pack only with --src)")
     what.add_argument("--data", metavar="DIR",
                       help="packed dataset directory (with manifest.json); 'default' = the built-in synthetic set "
-                           "(built once). Without Slurm it defaults to 'default'")
+                           "(built once). Without Slurm (and on the local test cluster) it defaults to 'default'")
     what.add_argument("--src", metavar="DIR", type=Path,
                       help="raw dataset root (train/ val/ unlabeled/ hidden/) for --stage pack, and for the pack job "
                            "of --stage all, which then writes the packed set to --data")
@@ -132,7 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 class PlannedJob:
     request: JobRequest
     depends_on: str | None = None  # stage name of the job this one waits for
-    note: str = ""
     job_id: str = ""
     overrides: list[str] = field(default_factory=list)
 
@@ -162,7 +160,8 @@ def parse_mem_gb(text: str) -> float:
 
 
 def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str, list[str]]:
-    """'STAGE:KEY=VALUE' goes to STAGE; a bare KEY=VALUE to every listed stage whose config has KEY."""
+    """'STAGE:KEY=VALUE' goes to STAGE; a bare KEY=VALUE to every listed stage whose config has KEY
+    (with one stage it simply goes to that stage; a bad key is then reported by pre-flight)."""
     from hpcvp.stages import ConfigError, build_config
 
     per_stage: dict[str, list[str]] = {s: [] for s in stages}
@@ -172,6 +171,9 @@ def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str
             if head not in per_stage:
                 raise LaunchError(f"--set {item}: stage {head!r} is not part of this launch ({', '.join(stages)})")
             per_stage[head].append(rest)
+            continue
+        if len(stages) == 1:
+            per_stage[stages[0]].append(item)
             continue
         takers = []
         for stage in stages:
@@ -258,7 +260,7 @@ def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | Non
     else:
         stages = [args.stage]
     run_dirs = {stage: run_root / stage / args.run for stage in stages}
-    per_stage = split_overrides(args.overrides, stages) if args.stage == "all" else {args.stage: list(args.overrides)}
+    per_stage = split_overrides(args.overrides, stages)
     jobs: list[PlannedJob] = []
     previous: str | None = None
     for stage in stages:
@@ -321,6 +323,7 @@ def run_preflight(profile: ClusterProfile, args: argparse.Namespace, jobs: list[
             problems += preflight.check_account(profile, request, facts)
             problems += preflight.check_partition_and_constraint(profile, request, facts)
             problems += preflight.check_time(profile, request, facts)
+            problems += preflight.check_memory(request, facts)
     # The same problem found for every job of a chain is reported once.
     unique: list[preflight.Problem] = []
     for problem in problems:
@@ -393,7 +396,8 @@ def dry_run(profile: ClusterProfile, jobs: list[PlannedJob], why: str, out=None)
     out.flush()
 
 
-def wait_for_jobs(console, jobs: list[PlannedJob], poll_seconds: float = 5.0) -> bool:
+def wait_for_jobs(jobs: list[PlannedJob], poll_seconds: float = 5.0) -> bool:
+    """Poll sacct until every job ended (a failed job cancels its dependents: kill-on-invalid-dep)."""
     ids = [job.job_id for job in jobs if job.job_id]
     last: dict[str, str] = {}
     while True:
@@ -405,7 +409,6 @@ def wait_for_jobs(console, jobs: list[PlannedJob], poll_seconds: float = 5.0) ->
                 last[job_id] = state
         if all(last.get(j) in TERMINAL_STATES for j in ids):
             return all(last[j] == "COMPLETED" for j in ids)
-        # A chain whose earlier job failed leaves later ones pending forever without kill-on-invalid-dep.
         time.sleep(poll_seconds)
 
 
@@ -414,6 +417,11 @@ def wait_for_jobs(console, jobs: list[PlannedJob], poll_seconds: float = 5.0) ->
 
 
 def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluster_line: str) -> None:
+    """Submit in order, each later job after its parent; a refusal cancels what this launch submitted."""
+    import subprocess
+
+    from submitit.core.utils import FailedJobError
+
     from hpcvp.cluster import executor
 
     by_stage: dict[str, PlannedJob] = {}
@@ -421,7 +429,14 @@ def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluste
         request = job.request
         if job.depends_on:
             request.dependency = f"afterok:{by_stage[job.depends_on].job_id}"
-        submitted = executor.submit(profile, request)
+        try:
+            submitted = executor.submit(profile, request)
+        except (FailedJobError, OSError) as exc:
+            earlier = [j.job_id for j in jobs if j.job_id]
+            if earlier:
+                subprocess.run(["scancel", *earlier], check=False)
+            cancelled = f"; cancelled the jobs already submitted ({', '.join(earlier)})" if earlier else ""
+            raise LaunchError(f"sbatch refused the {request.stage} job: {str(exc).strip()}{cancelled}") from exc
         job.job_id = str(submitted.job_id)
         record_event(request.run_dir, event="submitted", job_id=job.job_id, via="submitit", stage=request.stage,
                      cluster=profile.name, dependency=request.dependency or "", argv=request.argv)
@@ -429,7 +444,7 @@ def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluste
     print_jobs_table(console, jobs, f"submitted to {cluster_line}")
 
 
-def run_jobs_locally(console, jobs: list[PlannedJob]) -> int:
+def run_jobs_locally(jobs: list[PlannedJob]) -> int:
     from hpcvp.cluster import executor
 
     for job in jobs:
@@ -450,16 +465,21 @@ def run_jobs_locally(console, jobs: list[PlannedJob]) -> int:
     return 0
 
 
-def resolve_data(args: argparse.Namespace, profile: ClusterProfile, console, dry: bool) -> str | None:
+def resolve_data(args: argparse.Namespace, profile: ClusterProfile, dry: bool) -> str | None:
     """The packed data dir for the jobs (building the built-in set when asked or implied)."""
     data = args.data
-    implied_default = data is None and not profile.is_slurm and args.stage != "pack" and args.src is None
+    implied_default = data is None and profile.default_dataset_ok and args.stage != "pack" and args.src is None
     if data == "default" or implied_default:
         from hpcvp.data.default import default_cache_root, default_dataset_name, ensure_default_dataset
 
         if dry:
             return str(default_cache_root() / default_dataset_name() / "packed")
-        reason = "no Slurm here and no --data" if implied_default else "--data default"
+        if not implied_default:
+            reason = "--data default"
+        elif profile.is_slurm:
+            reason = f"no --data on {profile.name!r}"
+        else:
+            reason = "no Slurm here and no --data"
         say(f"hpcvp: {reason}: running {args.stage} on the built-in synthetic dataset "
             f"(built once under {default_cache_root()})")
         return str(ensure_default_dataset())
@@ -485,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         profile, why = resolve_profile(args.cluster, load_profiles())
         preset = args.preset or profile.default_preset
-        data = resolve_data(args, profile, console, args.dry_run)
+        data = resolve_data(args, profile, args.dry_run)
         jobs = plan_jobs(profile, args, data, preset)
         problems = run_preflight(profile, args, jobs, data, preset)
     except (ProfileError, LaunchError) as exc:
@@ -502,10 +522,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(str(preflight.PreflightError(problems)), file=sys.stderr)
         return 2
     if not profile.is_slurm:
-        return run_jobs_locally(console, jobs)
-    submit_jobs(console, profile, jobs, why)
+        say(f"hpcvp: {why}")
+        return run_jobs_locally(jobs)
+    try:
+        submit_jobs(console, profile, jobs, why)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.wait:
-        return 0 if wait_for_jobs(console, jobs) else 1
+        return 0 if wait_for_jobs(jobs) else 1
     return 0
 
 

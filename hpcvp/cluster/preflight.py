@@ -28,7 +28,7 @@ from hpcvp.cluster.sbatch import (
 
 @dataclass(frozen=True)
 class Problem:
-    check: str  # account | partition | constraint | gpus | time | data | run-dir
+    check: str  # account | partition | constraint | gpus | time | mem | data | run-dir | config | container
     message: str
 
     def __str__(self) -> str:
@@ -50,6 +50,7 @@ class PartitionInfo:
     max_cpus_per_node: int
     max_gpus_per_node: int  # from GRES; 0 when the partition has no GPUs
     features: set[str] = field(default_factory=set)
+    max_mem_mb: int = 0  # the largest node's memory (sinfo %m)
 
 
 def _run(args: list[str], timeout: float = 30.0) -> tuple[bool, str]:
@@ -83,16 +84,16 @@ class SlurmFacts:
     def partitions(self) -> dict[str, PartitionInfo] | None:
         """Partition name -> facts; None when sinfo does not answer (see partitions_error)."""
         if self._partitions is None and self._partitions_error is None:
-            ok, out = _run(["sinfo", "-h", "-a", "-o", "%P|%l|%c|%G|%f"])
+            ok, out = _run(["sinfo", "-h", "-a", "-o", "%P|%l|%c|%G|%f|%m"])
             if not ok:
                 self._partitions_error = out
                 return None
             parts: dict[str, PartitionInfo] = {}
             for line in out.splitlines():
                 fields = line.strip().split("|")
-                if len(fields) != 5:
+                if len(fields) != 6:
                     continue
-                raw_name, limit, cpus, gres, features = fields
+                raw_name, limit, cpus, gres, features, mem = fields
                 name = raw_name.rstrip("*")
                 info = parts.setdefault(
                     name, PartitionInfo(name, raw_name.endswith("*"), parse_partition_limit_minutes(limit), 0, 0)
@@ -100,6 +101,7 @@ class SlurmFacts:
                 info.max_cpus_per_node = max(info.max_cpus_per_node, int(re.sub(r"\D", "", cpus) or 0))
                 info.max_gpus_per_node = max(info.max_gpus_per_node, gres_gpu_count(gres))
                 info.features |= {f for f in features.split(",") if f and f != "(null)"}
+                info.max_mem_mb = max(info.max_mem_mb, int(re.sub(r"\D", "", mem) or 0))
             self._partitions = parts
         return self._partitions
 
@@ -269,6 +271,18 @@ def check_time(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
             f"({request.signal_seconds} s, --signal-seconds): the job would be told to stop as it starts",
         ))
     return problems
+
+
+def check_memory(request: JobRequest, facts: SlurmFacts) -> list[Problem]:
+    partition = _target_partition(request, facts.partitions() or {})
+    if request.mem_gb is None or partition is None or partition.max_mem_mb <= 0:
+        return []
+    if request.mem_gb * 1024 > partition.max_mem_mb:
+        return [Problem(
+            "mem", f"--mem {request.mem_gb:g}G per node exceeds the largest node of partition {partition.name!r} "
+                   f"({partition.max_mem_mb} MB, sinfo)",
+        )]
+    return []
 
 
 def check_preemptible(profile: ClusterProfile, preemptible: bool) -> list[Problem]:

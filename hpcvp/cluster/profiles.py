@@ -75,6 +75,8 @@ class ClusterProfile:
     # Added as --comment when --preemptible is given; None means the cluster has no such option.
     preemptible_comment: str | None = None
     default_preset: str = "full"
+    # Without --data, use the built-in synthetic dataset (built once on this machine) instead of refusing.
+    default_dataset_ok: bool = False
     container_runtime: str = "singularity"
     # Shell run inside the container before python (the NYU overlay convention: source /ext3/env.sh).
     container_setup: str | None = None
@@ -94,7 +96,7 @@ _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(ClusterProfile)}
 _SETTABLE_KEYS = set(_FIELD_TYPES) - {"name", "source"}
 _TUPLE_KEYS = {"slurm_cluster_names", "gpu_types", "setup"}
 _INT_KEYS = {"max_gpus_per_node", "max_nodes", "max_gpus_per_user", "cpus_per_gpu", "signal_seconds"}
-_BOOL_KEYS = {"account_required", "gpus_are_cpus"}
+_BOOL_KEYS = {"account_required", "gpus_are_cpus", "default_dataset_ok"}
 
 
 def _check_value(key: str, value: Any, where: str) -> Any:

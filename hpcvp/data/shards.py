@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import zlib
 from collections import deque
@@ -54,10 +53,11 @@ MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = ".pack-journal.json"
 LOCK_NAME = ".manifest.lock"
 DEFAULT_SHARD_SIZE = 250
-# Chosen from tools/bench_data.py (see BENCHMARKS.md): uncompressed frames read at memory speed
-# and PNG-like frames gain little from lzf/gzip; masks are mostly background and shrink ~10x.
+# Chosen from tools/bench_data.py (BENCHMARKS.md): uncompressed frames read ~5x faster than lzf or
+# gzip (page cache -> array with one preadv); masks are mostly background, gzip:1 stores them
+# ~45x smaller and inflates faster than lzf, and the decoder processes do the deflating.
 DEFAULT_COMPRESSION = "none"
-DEFAULT_MASK_COMPRESSION = "lzf"
+DEFAULT_MASK_COMPRESSION = "gzip:1"
 SHARD_NAME_PATTERN = re.compile(r"^(train|val|unlabeled|hidden)-(\d{3,})\.h5$")
 TMP_SUFFIX = ".tmp"
 HASH_BLOCK = 8 << 20
@@ -339,7 +339,7 @@ def write_manifest(data_dir: os.PathLike | str, manifest: Manifest) -> Path:
 # Pipeline: ``workers`` decoder processes read PNG folders straight into shared-memory slots
 # (and deflate chunks themselves when gzip is chosen); the main process writes each slot into
 # the shard with direct chunk writes (no extra copies, no HDF5 filter work in the writer); a
-# background thread fsyncs, hashes and renames each finished shard while the next is written.
+# background thread hashes and renames each finished shard while the next one is written.
 
 
 @dataclass
@@ -597,14 +597,17 @@ def _write_shard(
 
 
 def _finish_shard(tmp_path: Path, final_path: Path) -> tuple[str, int]:
-    """Make a written shard durable, hash it and give it its final name (runs in a thread)."""
+    """Hash a written shard and give it its final name (runs in a thread).
+
+    No fsync of the shard data: a process crash loses nothing (the page cache survives it), and
+    after a node crash every shard is checked against its recorded sha256 before it is trusted
+    again (resume, --verify, staging), so durability comes from verification; fsyncing hundreds of
+    MB per shard would stall the pack on slow disks.
+    """
     try:
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
         digest = sha256_file(tmp_path)
         size = tmp_path.stat().st_size
         os.replace(tmp_path, final_path)
-        _fsync_dir(final_path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -650,9 +653,8 @@ def pack_dataset(
         raise ValueError(f"unknown split(s) {unknown}; expected a subset of {SPLITS}")
     if not src.is_dir():
         raise RawDataError(src, "source root does not exist")
-    config = _compression_config(compression, mask_compression, (0, 0))  # validates both settings
     size = tuple(frame_size) if frame_size is not None else source_frame_size(src)
-    config["frame_size"] = list(size)
+    config = _compression_config(compression, mask_compression, size)  # also validates both settings
     codecs = config["compression"]
     workers = default_workers() if workers is None else max(int(workers), 0)
 
@@ -660,12 +662,14 @@ def pack_dataset(
     if not plans:
         raise RawDataError(src, f"no video folders found for splits {list(splits)} (expected <split>/video_<id>/)")
 
+    carried_shards, carried_skipped = _carried_over(out, splits, config)
     out.mkdir(parents=True, exist_ok=True)
     previous = _completed_records(out, config)
     planned_names = {plan.name for plan in plans}
-    for stale in out.iterdir():  # leftovers of a crash, or of an earlier pack with more shards
+    for stale in out.iterdir():  # leftovers of a crash, or of an earlier pack of these splits
+        match = SHARD_NAME_PATTERN.match(stale.name)
         if stale.name.endswith(".h5" + TMP_SUFFIX) or (
-            SHARD_NAME_PATTERN.match(stale.name) and stale.name not in planned_names
+            match and match.group(1) in splits and stale.name not in planned_names
         ):
             stale.unlink()
 
@@ -719,12 +723,14 @@ def pack_dataset(
 
     for plan in plans:
         skipped.extend(SkippedVideo(**s) for s in records[plan.name]["skipped"])
+    split_order = {split: index for index, split in enumerate(SPLITS)}
     manifest = Manifest(
         root=out,
         frame_size=size,
         compression=dict(codecs),
-        shards=[_shard_from_json(records[plan.name]["entry"]) for plan in plans],
-        skipped=skipped,
+        shards=sorted(carried_shards + [_shard_from_json(records[plan.name]["entry"]) for plan in plans],
+                      key=lambda shard: (split_order[shard.split], shard.path)),
+        skipped=sorted(carried_skipped + skipped, key=lambda video: (split_order[video.split], video.video_id)),
         source=str(src.resolve()),
     )
     with file_lock(out / LOCK_NAME):
@@ -736,6 +742,29 @@ def pack_dataset(
     totals = manifest.totals()
     _log(f"packed {totals['videos']} videos into {totals['shards']} shard(s), {totals['bytes'] / 1e6:.1f} MB", quiet)
     return manifest
+
+
+def _carried_over(out: Path, splits: Sequence[str], config: dict) -> tuple[list[ShardEntry], list[SkippedVideo]]:
+    """Shards (and skip records) of splits this pack leaves alone, from the manifest already in ``out``.
+
+    Packing ``--splits hidden`` into a directory that holds train/val/unlabeled adds hidden and
+    keeps the rest; mixing frame sizes or compressions in one directory is refused.
+    """
+    try:
+        previous = load_manifest(out)
+    except ManifestError:
+        return [], []
+    shards = [shard for shard in previous.shards if shard.split not in splits]
+    if not shards:
+        return [], []
+    if list(previous.frame_size) != config["frame_size"] or previous.compression != config["compression"]:
+        kept = sorted({shard.split for shard in shards}, key=SPLITS.index)
+        raise ValueError(
+            f"{out} already holds {kept} packed at {previous.frame_size[0]}x{previous.frame_size[1]} with "
+            f"{previous.compression}; this pack would use {config['frame_size'][0]}x{config['frame_size'][1]} "
+            f"with {config['compression']}. Pack those splits again too (--splits) or choose another --out"
+        )
+    return shards, [video for video in previous.skipped if video.split not in splits]
 
 
 def _surviving_pseudo_masks(out: Path, frame_size: tuple[int, int]) -> list[PseudoMaskEntry]:
@@ -924,13 +953,18 @@ def local_scratch_dir() -> Path | None:
 
 
 def stage_to_local(
-    data_dir: os.PathLike | str, dest_root: os.PathLike | str | None = None, quiet: bool = True
+    data_dir: os.PathLike | str,
+    dest_root: os.PathLike | str | None = None,
+    splits: Sequence[str] | None = None,
+    quiet: bool = True,
 ) -> Path:
     """Copy a packed dataset to node-local disk, checking every shard against the manifest.
 
-    The copy goes to ``<dest_root or $SLURM_TMPDIR or $TMPDIR>/hpcvp-data/<name>-<manifest hash>``;
-    shards already there with the manifest's size and sha256 are not copied again. Ranks on one
-    node may call this together (a lock serialises them). Returns the staged directory.
+    The copy goes to ``<dest_root or $SLURM_TMPDIR or $TMPDIR>/hpcvp-data/<name>-<key>`` (the key
+    hashes the manifest and ``splits``); shards already there with the manifest's size and sha256
+    are not copied again. ``splits`` limits the copy (and the staged manifest) to those splits, e.g.
+    a segmentation stage needs train and val only. Ranks on one node may call this together: a lock
+    serialises them and the later ones find the copy done. Returns the staged directory.
     """
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
@@ -938,22 +972,30 @@ def stage_to_local(
     if root is None:
         raise StagingError("no node-local directory: set $SLURM_TMPDIR or $TMPDIR, or pass dest_root")
     manifest_bytes = manifest_path(data_dir).read_bytes()
-    key = hashlib.sha256(manifest_bytes).hexdigest()[:12]
+    key_source = manifest_bytes
+    if splits is not None:
+        unknown = [s for s in splits if s not in manifest.splits]
+        if unknown:
+            raise StagingError(f"{data_dir}: split(s) {unknown} are not packed there (packed: {manifest.splits})")
+        manifest.shards = [s for s in manifest.shards if s.split in splits]
+        manifest.pseudo_masks = [e for e in manifest.pseudo_masks if e.split in splits]
+        manifest.skipped = [v for v in manifest.skipped if v.split in splits]
+        manifest_bytes = (json.dumps(manifest.to_json(), indent=1) + "\n").encode()
+        key_source += ",".join(splits).encode()
+    key = hashlib.sha256(key_source).hexdigest()[:12]
     dest = root / "hpcvp-data" / f"{data_dir.resolve().name}-{key}"
     entries = [*manifest.shards, *manifest.pseudo_masks]
     with file_lock(root / "hpcvp-data" / f".{dest.name}.lock"):
         dest.mkdir(parents=True, exist_ok=True)
         staged_manifest = dest / MANIFEST_NAME
-        with Progress(sum(e.bytes for e in entries), "stage", unit="bytes", enabled=not quiet) as progress:
+        with Progress(len(entries), "stage", unit="shards", enabled=not quiet) as progress:
             for entry in entries:
                 target = dest / entry.path
-                if _check_file(target, entry.bytes, entry.sha256) is None:
-                    progress.advance(entry.bytes)
-                    continue
-                _copy_checked(data_dir / entry.path, target, entry)
-                progress.advance(entry.bytes)
+                if _check_file(target, entry.bytes, entry.sha256) is not None:
+                    _copy_checked(data_dir / entry.path, target, entry)
+                progress.advance(1)
         if not staged_manifest.exists() or staged_manifest.read_bytes() != manifest_bytes:
-            atomic_write_bytes(staged_manifest, manifest_bytes)
+            atomic_write_bytes(staged_manifest, manifest_bytes)  # last: a staged manifest means complete
     return dest
 
 
@@ -1006,8 +1048,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bad input: stop naming the file (default) or skip the video and record it")
     parser.add_argument("--stage-dest", type=Path, default=None,
                         help="with --stage: destination root (default $SLURM_TMPDIR, else $TMPDIR)")
+    parser.add_argument("--stage-splits", default=None,
+                        help="with --stage: comma-separated splits to copy (default: all packed splits)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
+
+
+def _split_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1021,11 +1069,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"verified {len(report.checked)} shard(s): {len(report.bad)} bad")
             return 0 if report.ok else 1
         if args.stage is not None:
-            print(stage_to_local(args.stage, args.stage_dest, quiet=args.quiet))
+            stage_splits = None if args.stage_splits is None else _split_list(args.stage_splits)
+            print(stage_to_local(args.stage, args.stage_dest, splits=stage_splits, quiet=args.quiet))
             return 0
         if args.out is None:
             parser.error("--src needs --out")
-        splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+        splits = _split_list(args.splits)
         manifest = pack_dataset(
             args.src,
             args.out,

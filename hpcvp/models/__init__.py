@@ -4,6 +4,7 @@
 """
 
 from hpcvp.models.raft import (
+    FLOW_UPDATES as RAFT_FLOW_UPDATES,
     PRESETS as RAFT_PRESETS,
     RaftWeightsError,
     backward_warp,
@@ -39,6 +40,7 @@ def preset(model: str, name: str) -> dict:
 
 __all__ = [
     "ALL_PRESETS",
+    "RAFT_FLOW_UPDATES",
     "RAFT_PRESETS",
     "RaftWeightsError",
     "SIMVP_PRESETS",

@@ -18,11 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.optical_flow import raft_large, raft_small
 
+# variant -> build_raft(variant); num_flow_updates -> refinement iterations of each forward pass
+# (RAFT trains with 12). Both variants are torchvision's published configurations.
 PRESETS = {
     "tiny": {"variant": "small", "num_flow_updates": 4},
     "full": {"variant": "large", "num_flow_updates": 12},
 }
-# torchvision's RAFT-small is the "full" small model; both variants are the published configs.
+FLOW_UPDATES = {name: cfg["num_flow_updates"] for name, cfg in PRESETS.items()}
 VARIANTS = {"small": raft_small, "large": raft_large}
 
 RAFT_MULTIPLE = 8
@@ -184,7 +186,7 @@ def backward_warp(
 
 
 def forward_consistency_occlusion(
-    flow_fw: torch.Tensor, flow_bw: torch.Tensor, alpha1: float = 0.01, alpha2: float = 0.5
+    fw: torch.Tensor, bw: torch.Tensor, alpha1: float = 0.01, alpha2: float = 0.5
 ) -> torch.Tensor:
     """Occlusion mask of image1 pixels (B, 1, H, W) float, 1 = occluded, from forward-backward consistency.
 
@@ -192,13 +194,16 @@ def forward_consistency_occlusion(
     cancel: |fw + bw(p + fw)|^2 > alpha1 * (|fw|^2 + |bw(p + fw)|^2) + alpha2.
     For the occlusion mask of image2, swap the arguments.
     """
-    if flow_fw.shape != flow_bw.shape:
-        raise ValueError(f"forward {tuple(flow_fw.shape)} and backward {tuple(flow_bw.shape)} flows differ in shape")
-    bw_at_target = backward_warp(flow_bw, flow_fw)
-    mismatch = (flow_fw + bw_at_target).square().sum(dim=1, keepdim=True)
-    magnitude = flow_fw.square().sum(dim=1, keepdim=True) + bw_at_target.square().sum(dim=1, keepdim=True)
-    return (mismatch > alpha1 * magnitude + alpha2).to(flow_fw.dtype)
+    if fw.shape != bw.shape:
+        raise ValueError(f"forward {tuple(fw.shape)} and backward {tuple(bw.shape)} flows differ in shape")
+    bw_at_target = backward_warp(bw, fw)
+    mismatch = (fw + bw_at_target).square().sum(dim=1, keepdim=True)
+    magnitude = fw.square().sum(dim=1, keepdim=True) + bw_at_target.square().sum(dim=1, keepdim=True)
+    return (mismatch > alpha1 * magnitude + alpha2).to(fw.dtype)
 
 
-# The brief names it this way; the interface file the other way. Same function.
-forward_backward_occlusion = forward_consistency_occlusion
+def forward_backward_occlusion(
+    flow_fw: torch.Tensor, flow_bw: torch.Tensor, alpha1: float = 0.01, alpha2: float = 0.5
+) -> torch.Tensor:
+    """Same as ``forward_consistency_occlusion`` (the name used in the issue)."""
+    return forward_consistency_occlusion(flow_fw, flow_bw, alpha1=alpha1, alpha2=alpha2)

@@ -13,7 +13,6 @@ Alphas are softmaxed over slots and the reconstruction is the alpha-weighted sum
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 PRESETS = {

@@ -115,8 +115,11 @@ class Models:
             return None
         run_size = common.run_frame_size(run_dir)
         if run_size is not None and tuple(run_size) != tuple(frame_size):
-            self.missing[key] = f"{run_dir} was trained on {run_size[0]}x{run_size[1]} frames, the data are {frame_size[0]}x{frame_size[1]}"
-            return None
+            message = f"{run_dir} was trained on {run_size[0]}x{run_size[1]} frames, the data are {frame_size[0]}x{frame_size[1]}"
+            if stage == "simvp":  # built for one frame size
+                self.missing[key] = message
+                return None
+            common.log(env, f"predict: note: {message}")  # convolutional: runs at any size
         try:
             model, cfg, step = common.load_model_from_run(run_dir, stage, env.device)
         except common.MissingRunError as exc:

@@ -270,12 +270,17 @@ def _part_path(run_dir: Path, split: str, rank: int) -> Path:
     return run_dir / "parts" / f"{split}-rank{rank:04d}.h5"
 
 
-def _merged_masks(run_dir: Path, split: str, world_size: int, total: int):
+def _merged_masks(run_dir: Path, split: str, world_size: int, video_ids: list[int]):
     """Masks of all videos in dataset order: video i was labelled by rank i % W at row i // W."""
     handles = [h5py.File(_part_path(run_dir, split, r), "r") for r in range(world_size)]
     try:
-        for i in range(total):
-            yield handles[i % world_size]["masks"][i // world_size]
+        for i, video_id in enumerate(video_ids):
+            part, row = handles[i % world_size], i // world_size
+            if int(part["video_ids"][row]) != video_id:
+                raise RuntimeError(
+                    f"{part.filename}: row {row} holds video {int(part['video_ids'][row])}, expected {video_id}"
+                )
+            yield part["masks"][row]
     finally:
         for handle in handles:
             handle.close()
@@ -310,7 +315,6 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
             height, width = manifest.frame_size
             num_frames = SPLIT_NUM_FRAMES[split]
             mine = len(loader.sampler)  # type: ignore[arg-type]
-            preempted = False
             pictures: list[list] = []
             with h5py.File(part, "w") as out:
                 masks_out = out.create_dataset(
@@ -322,8 +326,9 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                 ids_out = out.create_dataset("video_ids", shape=(mine,), dtype=np.int64)
                 row = 0
                 for batch in loader:
-                    if _agree_stop(flag, env):
-                        preempted = True
+                    # Ranks hold different numbers of batches, so no collective in here: a rank
+                    # that got the signal stops, and all agree after the loop.
+                    if flag.requested:
                         break
                     frames = batch["frames"].to(env.device)
                     masks = segment_frames(model, frames, cfg.train.amp, cfg.frames_per_forward)
@@ -334,15 +339,13 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                     if env.rank == 0 and len(pictures) < cfg.num_pictures:
                         t = min(num_frames - 1, 10)
                         pictures.append([common.frame_image(frames[0, t]), common.mask_image(masks[0, t])])
-            if not preempted and _agree_stop(flag, env):
-                preempted = True
-            if preempted:
+            if _agree_stop(flag, env):
                 common.log(env, f"pseudo-label: preempted during {split}; rerun to label it")
                 return FitResult(status="preempted", step=0)
             common.barrier(env)
             if env.rank == 0:
                 add_pseudo_masks(
-                    data_dir, split, dataset.video_ids, _merged_masks(run_dir, split, env.world_size, len(dataset)), run=label
+                    data_dir, split, dataset.video_ids, _merged_masks(run_dir, split, env.world_size, dataset.video_ids), run=label
                 )
                 for r in range(env.world_size):
                     with contextlib.suppress(FileNotFoundError):

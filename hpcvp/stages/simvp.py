@@ -46,6 +46,12 @@ class SimVPSettings:
     embed_dim: int = 16
     mlp_ratio: float = 8.0
     drop_path: float = 0.0
+    # Copy-last prior (off = the published SimVP). masks: add a learnable scale (initialised to
+    # copy_prior) times the one-hot of input mask 11 to every output frame's logits; frames:
+    # predict the change from input frame 11 (residual). Either way an untrained model starts at
+    # the "nothing moves" prediction and learns the motion on top of it.
+    copy_prior: float = 0.0
+    residual: bool = False
 
 
 @dataclass
@@ -91,10 +97,30 @@ class SimVPConfig:
         return self.loss or ("ce" if self.mode == "masks" else "mse")
 
 
+class CopyLastPrior(nn.Module):
+    """SimVP plus a copy-last prior: see SimVPSettings.copy_prior / residual."""
+
+    def __init__(self, simvp: SimVP, mode: str, copy_prior: float, residual: bool):
+        super().__init__()
+        self.simvp = simvp
+        self.mode = mode
+        self.residual = residual
+        self.prior_scale = nn.Parameter(torch.tensor(float(copy_prior))) if mode == "masks" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.simvp(x)
+        if self.mode == "masks":
+            last = F.one_hot(x[:, -1].long(), self.simvp.out_channels).movedim(-1, 1).to(out.dtype)  # (B, C, H, W)
+            return out + self.prior_scale.to(out.dtype) * last.unsqueeze(1)
+        if self.residual:
+            return out + x[:, -1:]
+        return out
+
+
 def build_simvp(cfg: SimVPConfig, frame_size: tuple[int, int]) -> nn.Module:
     masks = cfg.mode == "masks"
     m = cfg.model
-    return SimVP(
+    simvp = SimVP(
         in_frames=NUM_INPUT_FRAMES,
         out_frames=NUM_INPUT_FRAMES,
         channels=NUM_CLASSES if masks else 3,
@@ -111,6 +137,9 @@ def build_simvp(cfg: SimVPConfig, frame_size: tuple[int, int]) -> nn.Module:
         mlp_ratio=m.mlp_ratio,
         drop_path=m.drop_path,
     )
+    if (masks and m.copy_prior) or (not masks and m.residual):
+        return CopyLastPrior(simvp, cfg.mode, m.copy_prior, m.residual)
+    return simvp
 
 
 def predict_masks(model: nn.Module, masks_in: torch.Tensor) -> torch.Tensor:
@@ -265,13 +294,16 @@ class SimVPTask:
             sums["se_copy_last"] += float(((last_in - target[:, -1]) ** 2).sum())
             sums["pixels_all"] += float(target.numel())
             sums["pixels_last"] += float(target[:, -1].numel())
-            if env.rank == 0 and len(rows) < 2 * self.cfg.num_pictures:
+            if env.rank == 0 and len(rows) < 3 * self.cfg.num_pictures:
                 show = [0, 5, 10]
-                for i in range(min(pred.shape[0], self.cfg.num_pictures - len(rows) // 2)):
-                    rows.append([common.frame_image(frames_in[i, t]) for t in show] + [common.frame_image(target[i, t]) for t in show])
-                    titles.append([f"in {t + 1}" for t in show] + [f"true {t + 12}" for t in show])
-                    rows.append([common.frame_image(frames_in[i, -1])] * 3 + [common.frame_image(pred[i, t]) for t in show])
-                    titles.append(["frame 11"] * 3 + [f"SimVP {t + 12}" for t in show])
+                for i in range(min(pred.shape[0], self.cfg.num_pictures - len(rows) // 3)):
+                    # per video: input frames 1, 6, 11 / true 12, 17, 22 / predicted 12, 17, 22
+                    rows.append([common.frame_image(frames_in[i, t]) for t in show])
+                    titles.append([f"input {t + 1}" for t in show])
+                    rows.append([common.frame_image(target[i, t]) for t in show])
+                    titles.append([f"true {t + 12}" for t in show])
+                    rows.append([common.frame_image(pred[i, t]) for t in show])
+                    titles.append([f"SimVP {t + 12}" for t in show])
         sums = common.all_reduce_sum(sums, env.device)
         if env.rank == 0 and rows:
             common.save_picture(common.picture_path(run, step, "simvp_frames_val"), rows, titles)

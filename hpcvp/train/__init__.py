@@ -15,7 +15,14 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .dist import DistEnv, detect_launch, expand_nodelist, init_distributed, single_process_env, teardown
+from .dist import (
+    DistEnv,
+    detect_launch,
+    expand_nodelist,
+    init_distributed,
+    single_process_env,
+    teardown,
+)
 from .loop import FitResult, IdentityMismatchError, Trainer, TrainTask, move_to_device
 from .progress import TrainProgress
 from .rundir import RunDir

@@ -37,6 +37,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     compile_backend: str = "inductor"
+    deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs are anyway
     sync_batchnorm: bool = False
     find_unused_parameters: bool = False
     eval_every: int = 0  # steps; 0 = only at the end

@@ -311,6 +311,21 @@ def control_group():
     return _control_group
 
 
+def ensure_control_group(env: DistEnv) -> None:
+    """For a process group joined without init_distributed(): open the gloo control group when
+    the default backend cannot take CPU tensors.  Collective: call on every rank."""
+    global _control_group
+    if not env.distributed:
+        return
+    if not dist.is_initialized():
+        raise DistSetupError(
+            f"DistEnv says world_size={env.world_size} but torch.distributed is not initialised "
+            "(use hpcvp.train.init_distributed())"
+        )
+    if _control_group is None and dist.get_backend() != "gloo":
+        _control_group = dist.new_group(backend="gloo")
+
+
 def teardown() -> None:
     """Leave the process group (safe to call when none was joined)."""
     global _control_group

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from . import dist as hdist
 from .checkpoint import (
@@ -79,7 +80,11 @@ class TrainTask(Protocol):
 
     def train_dataset(self) -> Dataset: ...
 
-    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[Tensor, dict[str, float]]: ...
+    def loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[Tensor, dict[str, float]]:
+        """Runs under autocast; returns the mean loss of the micro-batch and logs (floats or
+        0-dim tensors, averaged over ranks and steps between metrics lines).  The log keys
+        must be the same on every rank."""
+        ...
 
     def evaluate(self, model: nn.Module, env: hdist.DistEnv, run: RunDir, step: int) -> dict[str, float]: ...
 
@@ -191,7 +196,13 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
         cfg, env = self.cfg, self.env
-        if env.device.type == "cuda":
+        hdist.ensure_control_group(env)
+        if cfg.deterministic:
+            # bitwise-reproducible GPU runs: no autotuned or atomics-based kernels
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         # identical initial weights on every rank (DDP would broadcast rank 0's anyway)
         seed_everything(cfg.seed)
@@ -227,6 +238,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=(amp == "fp16"))
 
         dataset = self.task.train_dataset()
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"{type(self.task).__name__}.train_dataset() returned an IterableDataset; the "
+                "engine needs a map-style dataset (resumable sampling by index)"
+            )
         n = len(dataset)
         self.sampler = ResumableDistributedSampler(
             n,
@@ -287,8 +303,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics window
     def _window_add(self, loss: Tensor, logs: dict[str, Any]) -> None:
-        items = {"loss": loss.detach()}
-        items.update(logs or {})
+        items = dict(logs or {})
+        items["loss"] = loss.detach()  # the engine's loss wins over a task log of that name
         for key, value in items.items():
             if isinstance(value, Tensor):
                 value = value.detach().to(torch.float64)

@@ -29,6 +29,16 @@ def mix_seed(*parts: int) -> int:
     return h
 
 
+def mix_seed_many(prefix: tuple[int, ...], last: np.ndarray) -> np.ndarray:
+    """``[mix_seed(*prefix, x) for x in last]`` computed with numpy (uint64 wraps like & MASK)."""
+    h = np.full(len(last), mix_seed(*prefix) if prefix else 0x9E3779B97F4A7C15, dtype=np.uint64)
+    h ^= np.asarray(last, dtype=np.int64).astype(np.uint64)
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
+
+
 # Domain tags keep the different seed families apart.
 TAG_STEP = 1
 TAG_SAMPLE = 2

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .rng import TAG_SAMPLE, mix_seed, seed_globals
+from .rng import TAG_SAMPLE, mix_seed, mix_seed_many, seed_globals
 
 
 class ResumableDistributedSampler(Sampler):
@@ -86,8 +87,8 @@ class ResumableDistributedSampler(Sampler):
         indices = self.rank_indices(self.epoch)[self.position :]
         if not self.with_sample_seeds:
             return iter(indices)
-        seed, epoch = self.seed, self.epoch
-        return ((i, mix_seed(TAG_SAMPLE, seed, epoch, i)) for i in indices)
+        seeds = mix_seed_many((TAG_SAMPLE, self.seed, self.epoch), np.asarray(indices, dtype=np.int64))
+        return zip(indices, seeds.tolist())
 
     def __len__(self) -> int:
         return self.per_rank - self.position
