@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Two cores: torch's default of one thread per core, times two gloo ranks or a DataLoader worker,
+# oversubscribes the machine and runs up to 20x slower. Subprocesses inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,6 +1,7 @@
 """Every stage runs through the worker entry point and the training engine on tiny synthetic shards
-(40x60): seg -> pseudo-label -> simvp (masks on true+pseudo masks, frames) -> raft -> slot ->
-predict; plus 2 gloo ranks through the worker CLI (torchrun-style environment) and preemption."""
+(40x60): seg -> pseudo-label -> simvp (masks on true+pseudo masks, frames) -> raft -> slot (and its
+masks exported by pseudo-label) -> predict; plus 2 gloo ranks through the worker CLI (torchrun-style
+environment) and preemption."""
 
 from __future__ import annotations
 
@@ -169,6 +170,78 @@ def test_slot_trains_and_names_slots(data_dir, runs, seg_run):
     assert -1.0 <= last["val_fg_ari"] <= 1.0
     assert {"val_slot_jaccard_true_labels", "val_slot_jaccard_unet_labels", "val_mse"} <= set(last)
     assert pictures(run_dir) == ["step0000003_slot_val.png"]
+
+
+@pytest.fixture(scope="module")
+def slot_run(data_dir, runs) -> Path:
+    run_dir = runs / "slot" / "export"
+    assert work(data_dir, run_dir, "slot", "train.max_steps=2", "seg_run=", "eval_max_frames=4", "num_pictures=0") == 0
+    return run_dir
+
+
+def test_pseudo_label_exports_slot_masks_named_by_the_unet(data_dir, seg_run, slot_run, tmp_path):
+    from hpcvp.data.datasets import frames_to_float
+    from hpcvp.stages.common import load_model_from_run
+    from hpcvp.stages.seg import segment_frames
+    from hpcvp.stages.slot import label_slots, seeded_slots
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    # U-Net masks first: slot masks carry another run label, so they are not "already labelled"
+    assert work(copy, tmp_path / "pl-unet", "pseudo-label", f"seg_run={seg_run}", "overwrite=true") == 0
+    unet_labels = {entry.run for entry in load_manifest(copy).pseudo_masks}
+    assert work(copy, tmp_path / "pl-slot", "pseudo-label", f"seg_run={seg_run}", f"slot_run={slot_run}") == 0
+    manifest = load_manifest(copy)
+    slot_labels = {entry.run for entry in manifest.pseudo_masks}
+    assert len(slot_labels) == 1 and not slot_labels & unet_labels  # superseded the U-Net's masks
+    assert "slot" in next(iter(slot_labels)) and "step2" in next(iter(slot_labels))
+    assert {entry.split for entry in manifest.pseudo_masks} == {"unlabeled", "hidden"}
+    summary = json.loads((tmp_path / "pl-slot" / "pseudo_label.json").read_text())
+    assert summary["slot_run"] == str(slot_run) and summary["slot_step"] == 2
+    assert (tmp_path / "pl-slot" / "pictures" / "pseudo_unlabeled.png").is_file()
+
+    device = torch.device("cpu")
+    unet, _, _ = load_model_from_run(seg_run, "seg", device)
+    slots, slot_cfg, _ = load_model_from_run(slot_run, "slot", device)
+    num_slots = slot_cfg.model.num_slots
+    for split in ("unlabeled", "hidden"):
+        stored = FrameDataset(copy, split, mask_source="pseudo", masks=True)
+        assert len(stored) == len(manifest.video_ids(split)) * stored.num_frames
+        for index in range(len(stored)):
+            assert len(torch.unique(stored[index]["mask"])) <= num_slots
+        unet_differs = False
+        for index in (0, 7, len(stored) - 1):
+            item = stored[index]
+            frame = item["frame"][None]
+            init = seeded_slots(slots, [item["video_id"]], stored.num_frames, device)[item["t"] : item["t"] + 1]
+            with torch.no_grad():
+                slot_ids = slots(frames_to_float(frame), init)["masks"][:, :, 0].argmax(dim=1)
+            unet_mask = segment_frames(unet, frame, "off")
+            expected = label_slots(slot_ids, unet_mask, num_slots)[0].to(torch.uint8)
+            assert torch.equal(item["mask"], expected), (split, index)
+            unet_differs |= not torch.equal(item["mask"], unet_mask[0])
+        assert unet_differs  # slot masks were stored, not the U-Net's
+
+    # the same slot and seg checkpoints again: nothing to do
+    before = (copy / "manifest.json").read_text()
+    assert work(copy, tmp_path / "pl-again", "pseudo-label", f"seg_run={seg_run}", f"slot_run={slot_run}") == 0
+    assert (copy / "manifest.json").read_text() == before
+
+
+def test_pseudo_label_refuses_a_missing_or_wrong_slot_run(data_dir, seg_run, tmp_path):
+    from hpcvp.stages import ConfigError
+    from hpcvp.stages.common import MissingRunError
+
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    before = (copy / "manifest.json").read_text()
+    absent = tmp_path / "no-such-slot-run"
+    with pytest.raises(MissingRunError, match=rf"slot_run: {absent}: run dir not found"):
+        work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", f"slot_run={absent}")
+    with pytest.raises(ConfigError, match=r"slot_run: .*run dir is of stage 'seg', expected slot"):
+        work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", f"slot_run={seg_run}")
+    assert (copy / "manifest.json").read_text() == before
+    assert not (tmp_path / "pl" / "parts").exists()
 
 
 def test_predict_writes_submission_and_table(data_dir, runs, seg_run, simvp_masks_run, simvp_frames_run, raft_run):

@@ -214,7 +214,8 @@ def make_request(profile: ClusterProfile, args: argparse.Namespace, stage: str, 
     if stage == "pack":
         gpus, cpus = 0, cpus_per_gpu * max(1, args.gpus)
         module = PACK_ENTRY
-        argv = ["--src", str(args.src), "--out", str(data), "--workers", str(cpus), "--quiet"]
+        # one core stays with the process that writes the shards; the others decode PNGs
+        argv = ["--src", str(args.src), "--out", str(data), "--workers", str(max(1, cpus - 1)), "--quiet"]
     else:
         gpus, cpus = args.gpus, cpus_per_gpu
         module = WORKER_ENTRY

@@ -1,7 +1,9 @@
 """Stage ``seg``: a U-Net segmenter trained on every frame of the labelled videos, scored with the
 competition Jaccard on validation frames; and stage ``pseudo-label``: the trained U-Net labels every
 frame of the unlabelled (and hidden) videos, stored as mask shards next to the frames so SimVP can
-learn mask dynamics from all videos instead of the labelled thousand.
+learn mask dynamics from all videos instead of the labelled thousand. With ``slot_run`` set, the
+masks stored are a Slot Attention run's slot partitions instead, each slot named by the majority
+of the U-Net's labels over its pixels (hpcvp.stages.slot).
 """
 
 from __future__ import annotations
@@ -225,6 +227,11 @@ class PseudoLabelConfig:
     frames_per_forward: int = 64
     overwrite: bool = False  # relabel splits already labelled by this very checkpoint
     num_pictures: int = 4
+    # A slot stage run dir: when set, store object masks instead of the U-Net's: the slot partition
+    # of each frame (argmax of the alpha masks; slots seeded per video, see slot.seeded_slots), each
+    # slot taking the U-Net's majority class over its pixels. Empty: the U-Net's masks. The manifest
+    # names both checkpoints, so slot masks and U-Net masks never count as each other's.
+    slot_run: str = ""
 
     def validate(self) -> None:
         check_splits(self.splits, "splits")
@@ -251,10 +258,22 @@ class _VideoFrames(Dataset):
         return {"video_id": item["video_id"], "frames": frames}
 
 
-def _run_label(seg_run: Path, step: int) -> str:
+def _run_label(seg_run: Path, step: int, slot_run: Path | None = None, slot_step: int | None = None) -> str:
     # Names the source of the pseudo masks in the manifest (and their file names): the seg run dir
-    # and the checkpoint step, so a retrained U-Net never counts as "already labelled".
-    return f"{seg_run.parent.name}-{seg_run.name}-step{step}"
+    # and the checkpoint step, so a retrained U-Net never counts as "already labelled"; for slot
+    # masks also the slot run dir and its step.
+    label = f"{seg_run.parent.name}-{seg_run.name}-step{step}"
+    if slot_run is not None:
+        label = f"slot:{slot_run.parent.name}-{slot_run.name}-step{slot_step}+{label}"
+    return label
+
+
+def _load_run(key: str, run_dir: Path, stage: str, device: torch.device):
+    """common.load_model_from_run, its errors prefixed with the config key that named the run."""
+    try:
+        return common.load_model_from_run(run_dir, stage, device)
+    except (common.MissingRunError, ConfigError) as exc:
+        raise type(exc)(f"{key}: {exc}") from None
 
 
 def _already_labelled(data_dir: Path, split: str, label: str) -> bool:
@@ -292,12 +311,28 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
 
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     seg_run = Path(cfg.seg_run)
-    model, _, step = common.load_model_from_run(seg_run, "seg", env.device)
-    label = _run_label(seg_run, step)
+    model, _, step = _load_run("seg_run", seg_run, "seg", env.device)
     manifest = load_manifest(data_dir)
+    slot_model: nn.Module | None = None
+    if cfg.slot_run:
+        from hpcvp.stages.slot import label_slots, slot_partition  # slot imports this module
+
+        slot_run = Path(cfg.slot_run)
+        slot_model, slot_cfg, slot_step = _load_run("slot_run", slot_run, "slot", env.device)
+        slot_size = tuple(common.run_frame_size(slot_run) or ())
+        if slot_size != tuple(manifest.frame_size):  # the slot model is built for one frame size
+            have, want = ("x".join(map(str, size)) for size in (slot_size, manifest.frame_size))
+            raise ConfigError(f"slot_run: {slot_run} was trained on {have} frames, the data in {data_dir} are {want}")
+        num_slots = slot_cfg.model.num_slots
+        label = _run_label(seg_run, step, slot_run, slot_step)
+        common.log(env, f"pseudo-label: slot masks of {slot_run} (step {slot_step}, {num_slots} slots) named by the U-Net")
+    else:
+        label = _run_label(seg_run, step)
     flag = PreemptionFlag(cfg.train.preempt_signal)
     flag.install()
     summary: dict[str, Any] = {"seg_run": str(seg_run), "seg_step": step, "run": label, "splits": {}}
+    if slot_model is not None:
+        summary.update({"slot_run": str(slot_run), "slot_step": slot_step})
     try:
         for split in check_splits(cfg.splits, "splits"):
             if not manifest.shards_for(split):
@@ -331,14 +366,22 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                     if flag.requested:
                         break
                     frames = batch["frames"].to(env.device)
-                    masks = segment_frames(model, frames, cfg.train.amp, cfg.frames_per_forward)
+                    masks = unet_masks = segment_frames(model, frames, cfg.train.amp, cfg.frames_per_forward)
+                    if slot_model is not None:
+                        video_ids = [int(v) for v in batch["video_id"]]
+                        slot_ids = slot_partition(slot_model, frames, video_ids, cfg.train.amp, cfg.frames_per_forward)
+                        masks = label_slots(slot_ids.flatten(0, 1), unet_masks.flatten(0, 1), num_slots)
+                        masks = masks.view_as(unet_masks).to(torch.uint8)
                     n = masks.shape[0]
                     masks_out[row : row + n] = masks.cpu().numpy()
                     ids_out[row : row + n] = batch["video_id"].numpy()
                     row += n
                     if env.rank == 0 and len(pictures) < cfg.num_pictures:
                         t = min(num_frames - 1, 10)
-                        pictures.append([common.frame_image(frames[0, t]), common.mask_image(masks[0, t])])
+                        row_images = [common.frame_image(frames[0, t]), common.mask_image(unet_masks[0, t])]
+                        if slot_model is not None:
+                            row_images.append(common.mask_image(masks[0, t]))
+                        pictures.append(row_images)
             if _agree_stop(flag, env):
                 common.log(env, f"pseudo-label: preempted during {split}; rerun to label it")
                 return FitResult(status="preempted", step=0)
@@ -351,10 +394,13 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                     with contextlib.suppress(FileNotFoundError):
                         _part_path(run_dir, split, r).unlink()
                 if pictures:
+                    titles = ["frame 11", "U-Net pseudo mask"]
+                    if slot_model is not None:
+                        titles = ["frame 11", "U-Net mask", "slots, U-Net labels (stored)"]
                     common.save_picture(
                         Path(run_dir) / "pictures" / f"pseudo_{split}.png",
                         pictures,
-                        [["frame 11", "U-Net pseudo mask"] for _ in pictures],
+                        [titles for _ in pictures],
                     )
                 seconds = time.monotonic() - t0
                 summary["splits"][split] = {"videos": len(dataset), "seconds": round(seconds, 1)}
@@ -389,5 +435,5 @@ PSEUDO_LABEL_SPEC = StageSpec(
     },
     writes_data=True,
     trains=False,
-    description="U-Net masks for unlabelled/hidden videos, stored as pseudo-mask shards",
+    description="U-Net (or U-Net-named slot) masks for unlabelled/hidden videos, stored as pseudo-mask shards",
 )

@@ -46,11 +46,13 @@ class SimVPSettings:
     embed_dim: int = 16
     mlp_ratio: float = 8.0
     drop_path: float = 0.0
-    # Copy-last prior (off = the published SimVP). masks: add a learnable scale (initialised to
-    # copy_prior) times the one-hot of input mask 11 to every output frame's logits; frames:
-    # predict the change from input frame 11 (residual). Either way an untrained model starts at
-    # the "nothing moves" prediction and learns the motion on top of it.
-    copy_prior: float = 0.0
+    # Copy-last prior. masks: add a learnable scale (initialised to copy_prior) times the one-hot
+    # of input mask 11 to every output frame's logits; frames: predict the change from input
+    # frame 11 (residual). Either way an untrained model starts at the "nothing moves" prediction
+    # and learns the motion on top of it. On by default for masks: under a short training budget
+    # the published model (copy_prior=0) falls far behind it (BENCHMARKS.md, quality ablation);
+    # the scale is learnable, so a long run can still shrink it.
+    copy_prior: float = 4.0
     residual: bool = False
 
 

@@ -5,6 +5,8 @@ with the foreground Adjusted Rand Index (FG-ARI): how well the slot partition (a
 masks) agrees with the true object masks on foreground pixels (true class != 0). Slots become object
 masks with classes by majority vote: of the true labels (an oracle, measuring how good the slot
 partition could be) and, when a seg run exists, of the U-Net's labels (usable on unlabelled frames).
+Export such slot masks for the unlabelled/hidden videos as pseudo masks with the pseudo-label stage:
+``--stage pseudo-label --set seg_run=RUNS/seg/default --set slot_run=RUNS/slot/default``.
 """
 
 from __future__ import annotations
@@ -127,6 +129,37 @@ def label_slots(slot_ids: torch.Tensor, labels: torch.Tensor, num_slots: int) ->
     votes.scatter_add_(1, index, torch.ones_like(index, dtype=votes.dtype))
     slot_class = votes.view(batch, num_slots, NUM_CLASSES).argmax(dim=2)  # (B, K)
     return torch.gather(slot_class, 1, slot_ids.reshape(batch, -1).long()).view_as(slot_ids)
+
+
+def seeded_slots(model: nn.Module, seeds: list[int], num_frames: int, device: torch.device) -> torch.Tensor:
+    """Initial slots (len(seeds) * num_frames, K, D) drawn from the model's learned Gaussian with one
+    CPU generator per seed (a video id): frame t of a video always starts from the same slots, so
+    exported partitions do not depend on batching, ranks, device or the global RNG."""
+    attention = common.unwrap(model).slot_attention
+    noise = torch.cat(
+        [
+            torch.randn(num_frames, attention.num_slots, attention.dim, generator=torch.Generator().manual_seed(int(seed)))
+            for seed in seeds
+        ]
+    ).to(device)
+    with torch.no_grad():
+        return attention.slots_mu + attention.slots_log_sigma.exp() * noise
+
+
+@torch.no_grad()
+def slot_partition(model: nn.Module, frames: torch.Tensor, video_ids: list[int], amp: str, chunk: int = 64) -> torch.Tensor:
+    """uint8 frames (B, T, H, W, 3) of videos ``video_ids`` on the model's device -> slot ids
+    (B, T, H, W) long: per pixel the slot with the largest alpha, slots seeded per video
+    (``seeded_slots``), ``chunk`` frames per forward."""
+    batch, num_frames = frames.shape[:2]
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    slots_init = seeded_slots(model, video_ids, num_frames, flat.device)
+    out = []
+    for start in range(0, flat.shape[0], chunk):
+        with common.autocast(flat.device, amp):
+            masks = model(frames_to_float(flat[start : start + chunk]), slots_init[start : start + chunk])["masks"]
+        out.append(masks[:, :, 0].float().argmax(dim=1))
+    return torch.cat(out).reshape(batch, num_frames, *frames.shape[-3:-1])
 
 
 class SlotTask:

@@ -98,6 +98,7 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
     from hpcvp.train.dist import init_distributed, teardown
 
     env = init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes)
+    finished = False
     try:
         if args.data is not None:
             data_dir = args.data
@@ -128,9 +129,10 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
             save_stage_config(run_dir, spec.name, cfg, data_facts)
         if env.rank == 0:
             _say(f"stage {spec.name}: {result.status} at step {result.step}" + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else ""))
+        finished = True
         return result.exit_code
     finally:
-        teardown()
+        teardown(sync=finished)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

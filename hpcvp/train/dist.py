@@ -326,10 +326,16 @@ def ensure_control_group(env: DistEnv) -> None:
         _control_group = dist.new_group(backend="gloo")
 
 
-def teardown() -> None:
-    """Leave the process group (safe to call when none was joined)."""
+def teardown(sync: bool = True) -> None:
+    """Leave the process group (safe to call when none was joined).
+
+    With `sync`, the ranks first meet at a barrier: a gloo rank whose peer has already closed
+    its sockets aborts the whole process (SIGABRT) instead of exiting with its own status.
+    Pass sync=False on an error path, where a peer may never arrive."""
     global _control_group
     if dist.is_available() and dist.is_initialized():
+        if sync and dist.get_world_size() > 1:
+            dist.barrier(group=_control_group)
         dist.destroy_process_group()
     _control_group = None
 

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         result = Trainer(task, cfg, RunDir(args.run_dir), env).fit()
     except Exception:  # noqa: BLE001 - report, leave the process group, exit non-zero
         traceback.print_exc()
-        teardown()
+        teardown(sync=False)
         return 1
     print("HPCVP_RESULT " + json.dumps({"rank": env.rank, **result.__dict__}), flush=True)
     teardown()
