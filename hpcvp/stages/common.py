@@ -59,11 +59,14 @@ def eval_loader(
     env,
     batch_size: int,
     num_workers: int = 0,
-    indices: Sequence[int] | None = None,
+    limit: int | None = None,
 ) -> DataLoader:
-    """A DataLoader over this rank's share of ``indices`` (default: the whole dataset), in order."""
-    if indices is None:
-        indices = range(len(dataset))  # type: ignore[arg-type]
+    """A DataLoader over this rank's share of ``limit`` items spread evenly over the dataset
+    (all when limit is None or 0), in order.
+
+    Stages' ``evaluate`` hooks need no model-mode bookkeeping: the engine calls them with the
+    model in eval mode, under no_grad and its autocast policy (Trainer._evaluate)."""
+    indices = spread_indices(len(dataset), limit)  # type: ignore[arg-type]
     sampler = RankShardSampler(indices, env.rank, env.world_size)
     return DataLoader(
         dataset,

@@ -200,8 +200,7 @@ def run_pipelines(
 
 def _score_val(cfg: PredictConfig, models: Models, names: list[str], data_dir: Path, run_dir: Path, env) -> dict[str, float]:
     dataset = ClipDataset(data_dir, cfg.eval_split, frames=True, masks=True, mask_source="true")
-    indices = common.spread_indices(len(dataset), cfg.eval_max_videos)
-    loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers, indices)
+    loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers, cfg.eval_max_videos)
     matrices = {name: ConfusionMatrix(NUM_CLASSES, device=env.device) for name in names}
     rows: list[list] = []
     titles: list[list[str]] = []

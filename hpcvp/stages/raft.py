@@ -226,11 +226,8 @@ class RaftTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
-        was_training = net.training
-        net.eval()
-        dataset = self._eval_data()
-        indices = common.spread_indices(len(dataset), self.cfg.eval_max_pairs)
-        loader = common.eval_loader(dataset, env, self.cfg.eval_batch_size, self.cfg.train.num_workers, indices)
+        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
+                                    self.cfg.eval_max_pairs)
         warped_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
         copy_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
         rows: list[list] = []
@@ -258,7 +255,6 @@ class RaftTask:
                     )
         warped_cm.all_reduce()
         copy_cm.all_reduce()
-        net.train(was_training)
         if env.rank == 0 and rows:
             titles = [["frame t", "frame t+1", "-flow(t+1->t)", "mask t", "mask t warped", "mask t+1"] for _ in rows]
             common.save_picture(common.picture_path(run, step, "raft_val"), rows, titles)

@@ -127,11 +127,8 @@ class SegTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
-        was_training = net.training
-        net.eval()
-        dataset = self._eval_data()
-        indices = common.spread_indices(len(dataset), self.cfg.eval_max_frames)
-        loader = common.eval_loader(dataset, env, self.cfg.eval_batch_size, self.cfg.train.num_workers, indices)
+        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
+                                    self.cfg.eval_max_frames)
         confusion = ConfusionMatrix(NUM_CLASSES, device=env.device)
         picture_rows: list[list] = []
         for batch in loader:
@@ -148,7 +145,6 @@ class SegTask:
         if env.rank == 0 and picture_rows:
             titles = [[f"frame", "true mask", "U-Net mask"] for _ in picture_rows]
             common.save_picture(common.picture_path(run, step, "seg_val"), picture_rows, titles)
-        net.train(was_training)
         return {"val_jaccard": confusion.jaccard(), "val_pixel_acc": confusion.pixel_accuracy()}
 
     def identity(self) -> dict:

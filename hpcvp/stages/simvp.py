@@ -240,17 +240,11 @@ class SimVPTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
-        was_training = net.training
-        net.eval()
-        dataset = self._eval_data()
-        indices = common.spread_indices(len(dataset), self.cfg.eval_max_videos)
-        loader = common.eval_loader(dataset, env, self.cfg.eval_batch_size, self.cfg.train.num_workers, indices)
-        try:
-            if self.masks_mode:
-                return self._evaluate_masks(net, loader, env, run, step)
-            return self._evaluate_frames(net, loader, env, run, step)
-        finally:
-            net.train(was_training)
+        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
+                                    self.cfg.eval_max_videos)
+        if self.masks_mode:
+            return self._evaluate_masks(net, loader, env, run, step)
+        return self._evaluate_frames(net, loader, env, run, step)
 
     def _evaluate_masks(self, net, loader, env, run, step) -> dict[str, float]:
         # Inputs are the TRUE masks of frames 1-11 here (an upper bound for pipeline (a), which

@@ -204,12 +204,9 @@ class SlotTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
-        was_training = net.training
-        net.eval()
         seg = self._seg_model(env)
-        dataset = self._eval_data()
-        indices = common.spread_indices(len(dataset), self.cfg.eval_max_frames)
-        loader = common.eval_loader(dataset, env, self.cfg.eval_batch_size, self.cfg.train.num_workers, indices)
+        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
+                                    self.cfg.eval_max_frames)
         sums = {"ari": 0.0, "ari_count": 0.0, "se": 0.0, "pixels": 0.0}
         oracle_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
         unet_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
@@ -251,7 +248,6 @@ class SlotTask:
         oracle_cm.all_reduce()
         if seg is not None:
             unet_cm.all_reduce()
-        net.train(was_training)
         if env.rank == 0 and rows:
             titles = [["frame", "reconstruction", "slot masks", "true mask", "slots, true labels", "slots, U-Net labels"][: len(r)] for r in rows]
             common.save_picture(common.picture_path(run, step, "slot_val"), rows, titles)
