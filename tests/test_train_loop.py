@@ -123,6 +123,20 @@ def test_identity_mismatch_is_a_clear_error(reference, tmp_path):
     assert "checkpoint=32 now=48" in message and "model.dim" not in message
 
 
+class _ToyWithoutDataIdentity(ToyTask):
+    def identity(self) -> dict:
+        return {"task": "toy", "model": {"width": self.width}}
+
+
+def test_resume_over_a_resized_dataset_is_refused(tmp_path):
+    # the task says nothing about its data; the engine still sees the training set changed
+    run = RunDir(tmp_path / "toy" / "resized")
+    _fit(run, _ToyWithoutDataIdentity(signal_at={3: (None, 12)}))
+    with pytest.raises(IdentityMismatchError) as err:
+        _fit(run, _ToyWithoutDataIdentity(dataset_size=80))
+    assert "engine.train_samples" in str(err.value) and "now=80" in str(err.value)
+
+
 def test_resume_at_max_steps_does_nothing(reference, tmp_path):
     result = _fit(reference)
     assert (result.status, result.step) == ("completed", 20)

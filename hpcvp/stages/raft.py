@@ -261,7 +261,8 @@ class RaftTask:
         return {"val_warp_jaccard": warped_cm.jaccard(), "val_copy_jaccard": copy_cm.jaccard()}
 
     def identity(self) -> dict:
-        return {"stage": "raft", "variant": self.cfg.model.variant, "frame_size": list(self.frame_size)}
+        return {"stage": "raft", "model": asdict(self.cfg.model), "train_splits": self.cfg.train_splits,
+                "frame_size": list(self.frame_size)}
 
     def describe(self) -> dict:
         return {"stage": "raft", "model": asdict(self.cfg.model), "photometric": self.cfg.photometric}

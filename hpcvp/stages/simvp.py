@@ -315,6 +315,8 @@ class SimVPTask:
             "stage": "simvp",
             "mode": self.cfg.mode,
             "model": asdict(self.cfg.model),
+            "train_splits": self.cfg.train_splits,
+            "mask_source": self.cfg.mask_source,
             "frame_size": list(self.frame_size),
         }
 

@@ -261,7 +261,8 @@ class SlotTask:
         return metrics
 
     def identity(self) -> dict:
-        return {"stage": "slot", "model": asdict(self.cfg.model), "frame_size": list(self.frame_size)}
+        return {"stage": "slot", "model": asdict(self.cfg.model), "train_splits": self.cfg.train_splits,
+                "frame_size": list(self.frame_size)}
 
 
 def run(cfg: SlotConfig, data_dir: Path, run_dir: Path, env):

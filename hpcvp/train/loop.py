@@ -244,6 +244,7 @@ class Trainer:
                 "engine needs a map-style dataset (resumable sampling by index)"
             )
         n = len(dataset)
+        self.train_samples = n
         self.sampler = ResumableDistributedSampler(
             n,
             env.world_size,
@@ -402,7 +403,7 @@ class Trainer:
         state = ckpt.state
 
         saved_identity = state.get("identity", {})
-        current_identity = _jsonable(self.task.identity())
+        current_identity = self._identity()
         diffs = identity_differences(saved_identity, current_identity)
         if diffs:
             lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
@@ -487,7 +488,7 @@ class Trainer:
                     "scheduler": self.scheduler.state_dict(),
                     "scaler": self.scaler.state_dict(),
                     "train_config": self.cfg.to_dict(),
-                    "identity": _jsonable(self.task.identity()),
+                    "identity": self._identity(),
                     "pending_eval": self._pending,
                 }
                 extra = self.task.extra_state() if hasattr(self.task, "extra_state") else None
@@ -506,6 +507,11 @@ class Trainer:
         self._last_saved_step = step
         self._last_checkpoint = path
         self._last_save_time = time.monotonic()
+
+    def _identity(self) -> dict:
+        """The task's model/data identity plus the training set's length: the saved sampler
+        position means nothing over a dataset that grew or shrank (re-packed, re-labelled)."""
+        return _jsonable({**self.task.identity(), "engine": {"train_samples": self.train_samples}})
 
     # ------------------------------------------------------------------ eval / log
     def _evaluate(self, step: int) -> dict[str, float]:
@@ -567,7 +573,7 @@ class Trainer:
         existing.update(
             {
                 "train": self.cfg.to_dict(),
-                "identity": _jsonable(self.task.identity()),
+                "identity": self._identity(),
                 "engine": {
                     "world_size": self.env.world_size,
                     "launcher": self.env.launcher,
