@@ -68,6 +68,7 @@ if [ "$hpcvp_stage" = pack ]; then
 else
     hpcvp_command=("$hpcvp_python" -m hpcvp.stages.worker --stage "$hpcvp_stage" --data "$hpcvp_data"
                    --run-dir "$hpcvp_run_dir" --preset "$hpcvp_preset")
+    [ "${HPCVP_STAGE_LOCAL:-0}" = 1 ] && hpcvp_command+=(--stage-local)
     read -r -a hpcvp_overrides <<<"${HPCVP_SET:-}"
     for hpcvp_pair in "${hpcvp_overrides[@]}"; do hpcvp_command+=(--set "$hpcvp_pair"); done
     # --kill-on-bad-exit=0: one rank leaving early must not kill the others before they saved.

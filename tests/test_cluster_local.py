@@ -92,3 +92,39 @@ def test_two_local_processes_stop_together_and_resume(no_slurm, tmp_path):
     row = run_status(run_dir)
     assert (row.state, row.checkpoint_step, row.restarts) == ("COMPLETED", 20, 1)
     assert [e["event"] for e in read_events(run_dir)] == ["started", "finished", "started", "finished"]
+
+
+def test_single_stage_reads_the_earlier_runs_of_the_same_name(no_slurm, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    status = launch.main(["--stage", "predict", "--run", "exp1", "--run-root", str(runs), "--dry-run",
+                          "--set", "raft_run=/elsewhere/raft", "--stage-local"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "--stage-local" in out
+    assert f"seg_run={runs / 'seg' / 'exp1'}" in out
+    assert f"simvp_masks_run={runs / 'simvp' / 'exp1'}" in out
+    # a --set of the user's comes after the link, so it wins
+    assert out.index(f"raft_run={runs / 'raft' / 'exp1'}") < out.index("raft_run=/elsewhere/raft")
+
+
+@pytest.mark.slow
+def test_readme_main_command_runs_the_whole_chain_locally(no_slurm, tmp_path, capsys):
+    """What the README's first command does (`launch.py --stage all --gpus 1`), with short stages."""
+    runs = tmp_path / "runs"
+    status = launch.main(["--stage", "all", "--gpus", "1", "--run-root", str(runs),
+                          "--set", "train.max_steps=3", "--set", "eval_max_frames=4", "--set", "eval_max_videos=2"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.out + captured.err
+    for stage in ("seg", "simvp"):
+        assert run_status(runs / stage / "default").state == "COMPLETED", stage
+        assert list((runs / stage / "default" / "pictures").glob("*.png")), stage
+    predict = runs / "predict" / "default"
+    report = json.loads((predict / "jaccard.json").read_text())
+    assert {"a", "d", "e"} <= set(report["scores"])
+    import torch
+
+    submission = torch.load(predict / "submission.pt", weights_only=True)
+    hidden = json.loads((predict / "submission_ids.json").read_text())["video_ids"]
+    assert submission.dtype == torch.uint8 and submission.shape[0] == len(hidden) > 0
+    assert hidden == sorted(hidden)
+    assert int(submission.max()) < 49

@@ -385,3 +385,19 @@ def test_preempted_worker_exits_requeue_and_resumes(data_dir, tmp_path):
                 "train.save_every_steps=0", "train.batch_size=2")
     assert code == 0
     assert [line["step"] for line in metrics(run_dir)][-3:] == [saved, saved + 1, saved + 2]
+
+
+def test_worker_stage_local_reads_a_verified_copy(data_dir, tmp_path, monkeypatch, capsys):
+    local = tmp_path / "node-local"
+    local.mkdir()
+    monkeypatch.setenv("SLURM_TMPDIR", str(local))
+    run_dir = tmp_path / "seg-local"
+    argv = ["--stage", "seg", "--data", str(data_dir), "--run-dir", str(run_dir), "--preset", "tiny",
+            "--stage-local", "--set", "train.max_steps=2", "--set", "eval_max_frames=4"]
+    assert run_worker(argv) == 0
+    copies = [p for p in (local / "hpcvp-data").iterdir() if not p.name.startswith(".")]  # (+ a lock file)
+    assert len(copies) == 1 and (copies[0] / "manifest.json").exists()
+    said = capsys.readouterr().err
+    assert f"data {copies[0]}" in said  # trained from the node-local copy
+    # the run records the shared location, so later stages and resumes find the data there
+    assert json.loads((run_dir / "stage_config.json").read_text())["data"]["data_dir"] == str(data_dir)

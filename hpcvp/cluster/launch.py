@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--src", metavar="DIR", type=Path,
                       help="raw dataset root (train/ val/ unlabeled/ hidden/) for --stage pack, and for the pack job "
                            "of --stage all, which then writes the packed set to --data")
+    what.add_argument("--stage-local", action="store_true",
+                      help="each job first copies the shards it reads to node-local disk ($SLURM_TMPDIR, else $TMPDIR), "
+                           "checks them against the manifest and reads them there (stages that write the data, "
+                           "pack and pseudo-label, keep using --data)")
     what.add_argument("--run", metavar="NAME", default=DEFAULT_RUN_NAME,
                       help="run name: the run dir is RUN_ROOT/<stage>/NAME; launching the same name again resumes it (default: default)")
     what.add_argument("--run-root", metavar="DIR", type=Path, default=None,
@@ -220,6 +224,8 @@ def make_request(profile: ClusterProfile, args: argparse.Namespace, stage: str, 
         gpus, cpus = args.gpus, cpus_per_gpu
         module = WORKER_ENTRY
         argv = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), "--preset", preset]
+        if args.stage_local:
+            argv.append("--stage-local")
         for item in overrides:
             argv += ["--set", item]
     mem_gb = parse_mem_gb(args.mem) if args.mem else profile.mem_per_gpu_gb * max(1, args.gpus)
@@ -265,7 +271,13 @@ def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | Non
     jobs: list[PlannedJob] = []
     previous: str | None = None
     for stage in stages:
-        overrides = (chain_overrides(stage, run_dirs) if args.stage == "all" else []) + per_stage.get(stage, [])
+        if args.stage == "all":
+            linked = chain_overrides(stage, run_dirs)
+        else:
+            from hpcvp.cluster import pipeline
+
+            linked = pipeline.links(stage, run_root, args.run)
+        overrides = linked + per_stage.get(stage, [])
         request = make_request(profile, args, stage, run_dirs[stage], data, preset, overrides)
         job = PlannedJob(request, depends_on=previous, overrides=overrides)
         if previous is None and args.dependency:

@@ -20,6 +20,20 @@ SPLITS_READ: dict[str, tuple[str, ...]] = {
 }
 
 
+# Config keys by which a stage reads an earlier stage's run, and that stage.
+RUN_LINKS: dict[str, dict[str, str]] = {
+    "pseudo-label": {"seg_run": "seg"},
+    "slot": {"seg_run": "seg"},
+    "predict": {"seg_run": "seg", "simvp_masks_run": "simvp", "raft_run": "raft"},
+}
+
+
+def links(stage: str, run_root: Path, run_name: str) -> list[str]:
+    """For a stage launched on its own: read the earlier stages' runs of the same name under the
+    same run root (``--run`` names an experiment across stages). ``--set`` given later wins."""
+    return [f"{key}={run_root / source / run_name}" for key, source in RUN_LINKS.get(stage, {}).items()]
+
+
 def wiring(stage: str, run_dirs: dict[str, Path]) -> list[str]:
     """``KEY=VALUE`` overrides that connect ``stage`` to the earlier stages of the chain."""
     if stage == "pseudo-label":
