@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from hpcvp.data.datasets import ClipDataset, FrameDataset, HiddenDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLIT_NUM_FRAMES, SPLITS
-from hpcvp.data.shards import add_pseudo_masks, load_manifest
+from hpcvp.data.shards import add_pseudo_masks, load_manifest, open_h5
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.models.unet import PRESETS as UNET_PRESETS, UNet
 from hpcvp.stages import ConfigError, StageSpec
@@ -287,7 +286,7 @@ def _part_path(run_dir: Path, split: str, rank: int) -> Path:
 
 def _merged_masks(run_dir: Path, split: str, world_size: int, video_ids: list[int]):
     """Masks of all videos in dataset order: video i was labelled by rank i % W at row i // W."""
-    handles = [h5py.File(_part_path(run_dir, split, r), "r") for r in range(world_size)]
+    handles = [open_h5(_part_path(run_dir, split, r), "r") for r in range(world_size)]
     try:
         for i, video_id in enumerate(video_ids):
             part, row = handles[i % world_size], i // world_size
@@ -347,7 +346,7 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
             num_frames = SPLIT_NUM_FRAMES[split]
             mine = len(loader.sampler)  # type: ignore[arg-type]
             pictures: list[list] = []
-            with h5py.File(part, "w") as out:
+            with open_h5(part, "w") as out:
                 masks_out = out.create_dataset(
                     "masks",
                     shape=(mine, num_frames, height, width),
