@@ -137,3 +137,21 @@ def test_all_reduce_across_two_gloo_ranks_equals_single_process(tmp_path):
     before = single.matrix.clone()
     single.all_reduce()
     assert torch.equal(single.matrix, before)
+
+
+def test_matches_torchmetrics_on_real_predictions_of_the_generated_videos(synthetic_packed):
+    """Real data and a real predictor: the copy-last pipeline (d), frame-11 masks for frame 22, of
+    videos from the pybullet generator, read from packed shards."""
+    from hpcvp.data.datasets import ClipDataset
+
+    dataset = ClipDataset(synthetic_packed, "val", frames=False, masks=True)
+    ours = ConfusionMatrix(NUM_CLASSES)
+    reference = _reference()
+    for index in range(len(dataset)):
+        item = dataset[index]
+        pred, target = item["masks_in"][-1], item["masks_out"][-1]
+        ours.update(pred, target)
+        reference.update(pred.long().unsqueeze(0), target.long().unsqueeze(0))
+    expected = float(reference.compute())
+    assert 0.0 < expected < 1.0
+    assert abs(ours.jaccard() - expected) < 1e-6, (ours.jaccard(), expected)
