@@ -190,8 +190,6 @@ def _presets() -> dict[str, dict[str, Any]]:
             "train.eval_every": 2000,
             "train.log_every": 50,
             "train.num_workers": 6,
-            # the U-Net is all 2-D convolutions: channels_last ran 1.5x faster on the CPU bench
-            "train.channels_last": True,
             "eval_max_frames": 0,
             "eval_batch_size": 64,
         }
