@@ -9,6 +9,7 @@ to wait for the GPU stream.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 import shutil
@@ -334,6 +335,9 @@ def teardown(sync: bool = True) -> None:
     Pass sync=False on an error path, where a peer may never arrive."""
     global _control_group
     if dist.is_available() and dist.is_initialized():
+        # DDP wrappers left in reference cycles hold the process group; freeing them now, not
+        # during interpreter shutdown, keeps gloo's threads from being torn down half-way.
+        gc.collect()
         if sync and dist.get_world_size() > 1:
             dist.barrier(group=_control_group)
         dist.destroy_process_group()
