@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from hpcvp.cluster import preflight
+from hpcvp.cluster import pipeline, preflight
 from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
 from hpcvp.cluster.sbatch import (
     JobRequest,
@@ -195,19 +195,6 @@ def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str
     return per_stage
 
 
-def chain_overrides(stage: str, run_dirs: dict[str, Path]) -> list[str]:
-    """Config keys that wire a pipeline stage to the run dirs of the stages before it."""
-    from hpcvp.cluster import pipeline
-
-    return pipeline.wiring(stage, run_dirs)
-
-
-def stage_splits(stage: str) -> tuple[str, ...]:
-    from hpcvp.cluster import pipeline
-
-    return pipeline.SPLITS_READ.get(stage, ())
-
-
 def make_request(profile: ClusterProfile, args: argparse.Namespace, stage: str, run_dir: Path, data: str | None,
                  preset: str, overrides: list[str]) -> JobRequest:
     cpus_per_gpu = args.cpus_per_gpu or profile.cpus_per_gpu
@@ -271,11 +258,9 @@ def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | Non
     jobs: list[PlannedJob] = []
     previous: str | None = None
     for stage in stages:
-        if args.stage == "all":
-            linked = chain_overrides(stage, run_dirs)
-        else:
-            from hpcvp.cluster import pipeline
-
+        if args.stage == "all":  # wired to the chain's own runs
+            linked = pipeline.wiring(stage, run_dirs)
+        else:  # the earlier runs of the same name
             linked = pipeline.links(stage, run_root, args.run)
         overrides = linked + per_stage.get(stage, [])
         request = make_request(profile, args, stage, run_dirs[stage], data, preset, overrides)
@@ -315,7 +300,7 @@ def run_preflight(profile: ClusterProfile, args: argparse.Namespace, jobs: list[
             problems.append(preflight.Problem("data", "--stage pack needs --data OUT_DIR for the packed set"))
     elif data and (Path(data).exists() or not args.dry_run):
         # (A dry run does not build the built-in set, so there may be nothing to check yet.)
-        needed = sorted({s for stage in stages for s in stage_splits(stage)})
+        needed = sorted({s for stage in stages for s in pipeline.SPLITS_READ.get(stage, ())})
         problems += preflight.check_data(Path(data), needed)
     for job in jobs:
         request = job.request
