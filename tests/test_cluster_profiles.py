@@ -423,7 +423,7 @@ def test_saved_job_requeues_once_on_rank_zero(monkeypatch):
 
     FakeJobEnvironment.calls = []
     monkeypatch.setattr(submitit, "JobEnvironment", FakeJobEnvironment)
-    monkeypatch.setattr(executor, "slurm_job_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(executor, "scontrol_job_fields", lambda job_id: {"JobState": "RUNNING"})
     job = HpcvpJob("json:dumps", [], max_requeues=3)
     with pytest.raises(SystemExit) as leave:
         job._requeue_after_save(rank=1, restarts=0)
@@ -437,7 +437,7 @@ def test_saved_job_requeues_once_on_rank_zero(monkeypatch):
     resubmitted = job.checkpoint()
     assert resubmitted.function is job
     # Cancelled (or being requeued by a preempting scheduler): saved, but not requeued from here.
-    monkeypatch.setattr(executor, "slurm_job_state", lambda job_id: "COMPLETING")
+    monkeypatch.setattr(executor, "scontrol_job_fields", lambda job_id: {"JobState": "COMPLETING"})
     with pytest.raises(SystemExit) as leave:
         job._requeue_after_save(rank=0, restarts=0)
     assert leave.value.code == EXIT_REQUEUE and FakeJobEnvironment.calls == [1]

@@ -35,6 +35,7 @@ import submitit
 
 from hpcvp.cluster.profiles import ClusterProfile
 from hpcvp.cluster.sbatch import JobRequest, python_command, submitit_parameters
+from hpcvp.cluster.status import scontrol_job_fields
 
 # The exit status a worker uses for "state saved, please requeue" (hpcvp.train.signals.EXIT_REQUEUE);
 # read from the engine when it is importable so the two never disagree.
@@ -42,22 +43,6 @@ try:
     from hpcvp.train.signals import EXIT_REQUEUE
 except ImportError:  # pragma: no cover - the engine is part of the package
     EXIT_REQUEUE = 75
-
-
-def slurm_job_state(job_id: str) -> str:
-    """JobState of a Slurm job per ``scontrol show job`` ("" when unknown)."""
-    if not job_id:
-        return ""
-    try:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                             timeout=60, check=False).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    for item in out.split():
-        key, _, value = item.partition("=")
-        if key == "JobState":
-            return value
-    return ""
 
 
 class JobNotRequeued(RuntimeError):
@@ -106,7 +91,7 @@ class HpcvpJob(submitit.helpers.Checkpointable):
                 f"time(s) (--max-requeues {self.max_requeues}); launch it again to resume from the checkpoint"
             )
         if rank == 0:
-            state = slurm_job_state(os.environ.get("SLURM_JOB_ID", ""))
+            state = scontrol_job_fields(os.environ.get("SLURM_JOB_ID", "")).get("JobState", "")
             if state != "RUNNING":
                 # scancel (CANCELLED) must stay cancelled; a scheduler preempting with requeue
                 # (PREEMPTED, REQUEUE*) requeues by itself. Only a job still RUNNING (pre-timeout

@@ -90,6 +90,12 @@ def _run(args: list[str]) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+def scontrol_job_fields(job_id: str) -> dict[str, str]:
+    """``scontrol -o show job`` as KEY -> value (JobState, Restarts, ExitCode, ...); {} when unknown."""
+    info = _run(["scontrol", "-o", "show", "job", str(job_id)]) if job_id else None
+    return dict(item.split("=", 1) for item in (info or "").split() if "=" in item)
+
+
 def slurm_job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
     """Job id -> newest state and number of requeues, from ``sacct -D`` (every requeued attempt is a
     row of its own), else from ``squeue``/``scontrol`` for jobs sacct does not know (no accounting)."""
@@ -110,10 +116,9 @@ def slurm_job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
             states[job_id] = SlurmJobState(job_id, state, max(requeues, len(attempts) - 1), exit_code)
     missing = [j for j in ids if j not in states]
     for job_id in missing:
-        info = _run(["scontrol", "-o", "show", "job", job_id])
-        if not info:
+        fields = scontrol_job_fields(job_id)
+        if not fields:
             continue
-        fields = dict(item.split("=", 1) for item in info.split() if "=" in item)
         states[job_id] = SlurmJobState(
             job_id, fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", "0") or 0), fields.get("ExitCode", "")
         )
