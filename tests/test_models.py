@@ -14,7 +14,6 @@ from hpcvp.models import (
     backward_warp,
     build_raft,
     estimate_flow,
-    forward_backward_occlusion,
     forward_consistency_occlusion,
     pad_for_raft,
     preset,
@@ -359,7 +358,7 @@ def test_forward_backward_occlusion():
     fw[:, 0] = 4.0
     consistent = forward_consistency_occlusion(fw, -fw)
     assert consistent.shape == (1, 1, 16, 16) and consistent.sum() == 0
-    inconsistent = forward_backward_occlusion(fw, torch.zeros_like(fw))
+    inconsistent = forward_consistency_occlusion(fw, torch.zeros_like(fw))
     assert inconsistent.min() == 1
     # Only a region whose backward flow disagrees is marked.
     bw = -fw.clone()

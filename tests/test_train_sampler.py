@@ -77,3 +77,11 @@ def test_sample_randomness_depends_only_on_seed_epoch_index():
     # resumed mid-epoch, and loaded by 2 worker processes: the same samples, bit for bit
     assert torch.equal(_load(0, 8), whole[8:])
     assert torch.equal(_load(2, 12), whole[12:])
+
+
+def test_vectorised_seed_mix_equals_the_scalar_one():
+    from hpcvp.train.rng import TAG_SAMPLE, mix_seed, mix_seed_many
+
+    last = np.array([0, 1, 7, 2**31 - 1, 2**62 + 5, -1, -12345], dtype=np.int64)
+    for prefix in [(), (TAG_SAMPLE,), (TAG_SAMPLE, 0, 3), (TAG_SAMPLE, 2**40, 17)]:
+        assert mix_seed_many(prefix, last).tolist() == [mix_seed(*prefix, int(x)) for x in last]

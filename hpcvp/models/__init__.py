@@ -4,13 +4,11 @@
 """
 
 from hpcvp.models.raft import (
-    FLOW_UPDATES as RAFT_FLOW_UPDATES,
     PRESETS as RAFT_PRESETS,
     RaftWeightsError,
     backward_warp,
     build_raft,
     estimate_flow,
-    forward_backward_occlusion,
     forward_consistency_occlusion,
     load_raft_weights,
     pad_for_raft,
@@ -40,7 +38,6 @@ def preset(model: str, name: str) -> dict:
 
 __all__ = [
     "ALL_PRESETS",
-    "RAFT_FLOW_UPDATES",
     "RAFT_PRESETS",
     "RaftWeightsError",
     "SIMVP_PRESETS",
@@ -52,7 +49,6 @@ __all__ = [
     "backward_warp",
     "build_raft",
     "estimate_flow",
-    "forward_backward_occlusion",
     "forward_consistency_occlusion",
     "load_raft_weights",
     "pad_for_raft",

@@ -24,7 +24,6 @@ PRESETS = {
     "tiny": {"variant": "small", "num_flow_updates": 4},
     "full": {"variant": "large", "num_flow_updates": 12},
 }
-FLOW_UPDATES = {name: cfg["num_flow_updates"] for name, cfg in PRESETS.items()}
 VARIANTS = {"small": raft_small, "large": raft_large}
 
 RAFT_MULTIPLE = 8
@@ -200,10 +199,3 @@ def forward_consistency_occlusion(
     mismatch = (fw + bw_at_target).square().sum(dim=1, keepdim=True)
     magnitude = fw.square().sum(dim=1, keepdim=True) + bw_at_target.square().sum(dim=1, keepdim=True)
     return (mismatch > alpha1 * magnitude + alpha2).to(fw.dtype)
-
-
-def forward_backward_occlusion(
-    flow_fw: torch.Tensor, flow_bw: torch.Tensor, alpha1: float = 0.01, alpha2: float = 0.5
-) -> torch.Tensor:
-    """Same as ``forward_consistency_occlusion`` (the name used in the issue)."""
-    return forward_consistency_occlusion(flow_fw, flow_bw, alpha1=alpha1, alpha2=alpha2)
