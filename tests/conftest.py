@@ -28,8 +28,9 @@ def tiny_video_arrays(video_id: int, split: str, size=TINY_SIZE):
     return frames, masks
 
 
-def write_tiny_video(root: Path, split: str, video_id: int, size=TINY_SIZE, padding: int = 0,
-                     mask_dtype=np.uint8) -> Path:
+def write_tiny_video(
+    root: Path, split: str, video_id: int, size=TINY_SIZE, padding: int = 0, mask_dtype=np.uint8
+) -> Path:
     """Write one raw video folder (``video_<id>`` zero-padded to ``padding`` digits)."""
     folder = Path(root) / split / f"video_{video_id:0{padding}d}"
     folder.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ def no_slurm(tmp_path, monkeypatch, default_dataset_dir):
 
 def test_embedded_default_runs_here_in_process(no_slurm, tmp_path, capsys):
     runs = tmp_path / "runs"
-    status = launch.main(["--stage", "seg", "--gpus", "1", "--run-root", str(runs), "--set", "train.max_steps=3",
-                          *FAST_SEG])
+    status = launch.main(
+        ["--stage", "seg", "--gpus", "1", "--run-root", str(runs), "--set", "train.max_steps=3", *FAST_SEG]
+    )
     captured = capsys.readouterr()
     assert status == 0, captured.out + captured.err
     said = [line for line in captured.out.splitlines() if "no Slurm here and no --data" in line]
@@ -62,7 +63,9 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stdout.read() if process.stdout else "launcher ended early"
         if metrics.exists():
-            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip().endswith("}")]
+            steps = [
+                json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip().endswith("}")
+            ]
             if steps and max(steps) >= step:
                 return
         time.sleep(0.2)
@@ -72,8 +75,19 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
 
 def test_two_local_processes_stop_together_and_resume(no_slurm, tmp_path):
     runs = tmp_path / "runs"
-    command = [sys.executable, str(REPO / "jobs" / "launch.py"), "--stage", "seg", "--gpus", "2",
-               "--run-root", str(runs), "--set", "train.max_steps=20", *FAST_SEG]
+    command = [
+        sys.executable,
+        str(REPO / "jobs" / "launch.py"),
+        "--stage",
+        "seg",
+        "--gpus",
+        "2",
+        "--run-root",
+        str(runs),
+        "--set",
+        "train.max_steps=20",
+        *FAST_SEG,
+    ]
     env = dict(os.environ)
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     run_dir = runs / "seg" / "default"
@@ -96,8 +110,20 @@ def test_two_local_processes_stop_together_and_resume(no_slurm, tmp_path):
 
 def test_single_stage_reads_the_earlier_runs_of_the_same_name(no_slurm, tmp_path, capsys):
     runs = tmp_path / "runs"
-    status = launch.main(["--stage", "predict", "--run", "exp1", "--run-root", str(runs), "--dry-run",
-                          "--set", "raft_run=/elsewhere/raft", "--stage-local"])
+    status = launch.main(
+        [
+            "--stage",
+            "predict",
+            "--run",
+            "exp1",
+            "--run-root",
+            str(runs),
+            "--dry-run",
+            "--set",
+            "raft_run=/elsewhere/raft",
+            "--stage-local",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
     assert "--stage-local" in out
@@ -111,8 +137,22 @@ def test_single_stage_reads_the_earlier_runs_of_the_same_name(no_slurm, tmp_path
 def test_readme_main_command_runs_the_whole_chain_locally(no_slurm, tmp_path, capsys):
     """What the README's first command does (`launch.py --stage all --gpus 1`), with short stages."""
     runs = tmp_path / "runs"
-    status = launch.main(["--stage", "all", "--gpus", "1", "--run-root", str(runs),
-                          "--set", "train.max_steps=3", "--set", "eval_max_frames=4", "--set", "eval_max_videos=2"])
+    status = launch.main(
+        [
+            "--stage",
+            "all",
+            "--gpus",
+            "1",
+            "--run-root",
+            str(runs),
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "eval_max_frames=4",
+            "--set",
+            "eval_max_videos=2",
+        ]
+    )
     captured = capsys.readouterr()
     assert status == 0, captured.out + captured.err
     for stage in ("seg", "simvp"):

@@ -43,9 +43,18 @@ def no_user_profiles(tmp_path, monkeypatch):
 
 
 def request(tmp_path, **overrides) -> JobRequest:
-    fields = dict(stage="seg", job_name="hpcvp-seg-t", run_dir=tmp_path / "runs" / "seg" / "t",
-                  module="hpcvp.stages.worker:run_worker", argv=["--stage", "seg"], gpus_per_node=4,
-                  time_minutes=120, mem_gb=64, cpus_per_task=8, signal_seconds=180)
+    fields = dict(
+        stage="seg",
+        job_name="hpcvp-seg-t",
+        run_dir=tmp_path / "runs" / "seg" / "t",
+        module="hpcvp.stages.worker:run_worker",
+        argv=["--stage", "seg"],
+        gpus_per_node=4,
+        time_minutes=120,
+        mem_gb=64,
+        cpus_per_task=8,
+        signal_seconds=180,
+    )
     fields.update(overrides)
     return JobRequest(**fields)
 
@@ -68,10 +77,16 @@ def test_packaged_profiles_describe_the_nyu_clusters():
 
 def test_user_file_overrides_and_adds_clusters(tmp_path, monkeypatch):
     user = tmp_path / "clusters.json"
-    user.write_text(json.dumps({"clusters": {
-        "greene": {"default_time": "02:00:00"},
-        "mylab": {"extends": "torch", "slurm_cluster_names": ["mylab"], "max_gpus_per_user": 8},
-    }}))
+    user.write_text(
+        json.dumps(
+            {
+                "clusters": {
+                    "greene": {"default_time": "02:00:00"},
+                    "mylab": {"extends": "torch", "slurm_cluster_names": ["mylab"], "max_gpus_per_user": 8},
+                }
+            }
+        )
+    )
     monkeypatch.setenv("HPCVP_CLUSTERS", str(user))
     profiles = load_profiles()
     assert profiles["greene"].default_time == "02:00:00"
@@ -88,15 +103,18 @@ def test_default_user_file_location(tmp_path):
     assert load_profiles()["local"].default_preset == "full"
 
 
-@pytest.mark.parametrize("content, expected", [
-    ('{"clusters": {"greene": {"acount_required": true}}}', "unknown key 'acount_required'"),
-    ('{"clusters": {"greene": {"max_gpus_per_node": "4"}}}', "must be a positive integer"),
-    ('{"clusters": {"x": {"extends": "nowhere"}}}', "extends unknown cluster 'nowhere'"),
-    ('{"clusters": {"greene": {"gpu_request": "mig"}}}', "must be one of"),
-    ('{"clusters": {"greene": {"default_time": "soon"}}}', "default_time"),
-    ('{"clusters": [1, 2]}', "expected an object"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"clusters": {"greene": {"acount_required": true}}}', "unknown key 'acount_required'"),
+        ('{"clusters": {"greene": {"max_gpus_per_node": "4"}}}', "must be a positive integer"),
+        ('{"clusters": {"x": {"extends": "nowhere"}}}', "extends unknown cluster 'nowhere'"),
+        ('{"clusters": {"greene": {"gpu_request": "mig"}}}', "must be one of"),
+        ('{"clusters": {"greene": {"default_time": "soon"}}}', "default_time"),
+        ('{"clusters": [1, 2]}', "expected an object"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_user_file_names_file_and_key(tmp_path, monkeypatch, content, expected):
     user = tmp_path / "clusters.json"
     user.write_text(content)
@@ -141,10 +159,22 @@ def test_unknown_cluster_is_refused():
 # --------------------------------------------------------------------------------------------- rendering
 
 
-@pytest.mark.parametrize("text, minutes", [
-    ("90", 90), ("01:30", 2), ("02:00:00", 120), ("1-00", 1440), ("1-02:30", 1590), ("2-00:00:00", 2880),
-    ("90m", 90), ("2h", 120), ("1.5h", 90), ("2d", 2880), ("30s", 1),
-])
+@pytest.mark.parametrize(
+    "text, minutes",
+    [
+        ("90", 90),
+        ("01:30", 2),
+        ("02:00:00", 120),
+        ("1-00", 1440),
+        ("1-02:30", 1590),
+        ("2-00:00:00", 2880),
+        ("90m", 90),
+        ("2h", 120),
+        ("1.5h", 90),
+        ("2d", 2880),
+        ("30s", 1),
+    ],
+)
 def test_parse_time(text, minutes):
     assert parse_time_minutes(text) == minutes
 
@@ -175,8 +205,10 @@ def test_greene_gpu_type_goes_into_gres(tmp_path):
 
 def test_torch_gpu_type_goes_into_constraint_and_preemptible_comment(tmp_path):
     torch_profile = load_profiles()["torch"]
-    params = submitit_parameters(torch_profile, request(
-        tmp_path, gpu_type="h200", account="torch_pr_1", comment=torch_profile.preemptible_comment))
+    params = submitit_parameters(
+        torch_profile,
+        request(tmp_path, gpu_type="h200", account="torch_pr_1", comment=torch_profile.preemptible_comment),
+    )
     assert params["gres"] == "gpu:4" and params["constraint"] == "h200"
     assert params["comment"] == "preemption=yes;requeue=true"
     user_constraint = submitit_parameters(torch_profile, request(tmp_path, constraint="h200|l40s"))
@@ -206,7 +238,7 @@ def test_container_wraps_python(tmp_path):
     argv = shlex.split(command) + ["-c", "print(1)"]
     assert argv[-3] == "python"  # the container's python, not the host's interpreter path
     # The bash -c wrapper really passes the words after it through ("$@"), as the shell sees them.
-    inner = argv[argv.index("/bin/bash"):]
+    inner = argv[argv.index("/bin/bash") :]
     inner[2] = inner[2].replace("source /ext3/env.sh && ", "")
     out = subprocess.run([*inner[:4], sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
     assert out.stdout.strip() == "42", out.stderr
@@ -218,9 +250,17 @@ def test_rendered_script_is_submitits(tmp_path):
     greene = load_profiles()["greene"]
     script = render_submitit_script(greene, request(tmp_path, gpu_type="v100", account="pr_1_general", nodes=2))
     lines = script.splitlines()
-    for expected in ("#SBATCH --gres=gpu:v100:4", "#SBATCH --ntasks-per-node=4", "#SBATCH --nodes=2",
-                     "#SBATCH --account=pr_1_general", "#SBATCH --requeue", "#SBATCH --signal=USR2@180",
-                     "#SBATCH --time=120", "#SBATCH --mem=64G", "#SBATCH --cpus-per-task=8"):
+    for expected in (
+        "#SBATCH --gres=gpu:v100:4",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --nodes=2",
+        "#SBATCH --account=pr_1_general",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=USR2@180",
+        "#SBATCH --time=120",
+        "#SBATCH --mem=64G",
+        "#SBATCH --cpus-per-task=8",
+    ):
         assert expected in lines, expected
     assert any(line.startswith("srun ") and "-m submitit.core._submit" in line for line in lines)
     assert str(tmp_path / "runs" / "seg" / "t" / "slurm" / "%j") in script  # job folder under the run dir
@@ -234,11 +274,15 @@ class FakeFacts(preflight.SlurmFacts):
         super().__init__(user="alice")
         self._accounts = set(accounts) if accounts is not None else None
         self._accounts_error = None if accounts is not None else "sacctmgr: connection refused"
-        self._partitions = partitions if partitions is not None else {
-            "gpu": preflight.PartitionInfo("gpu", True, 48 * 60, 48, 4, {"a100", "v100"}),
-            "short": preflight.PartitionInfo("short", False, 60, 48, 4, {"a100"}),
-            "cpu": preflight.PartitionInfo("cpu", False, None, 64, 0, set()),
-        }
+        self._partitions = (
+            partitions
+            if partitions is not None
+            else {
+                "gpu": preflight.PartitionInfo("gpu", True, 48 * 60, 48, 4, {"a100", "v100"}),
+                "short": preflight.PartitionInfo("short", False, 60, 48, 4, {"a100"}),
+                "cpu": preflight.PartitionInfo("cpu", False, None, 64, 0, set()),
+            }
+        )
         self._queued = queued
 
     def queued_gpus(self) -> int:
@@ -257,16 +301,22 @@ def test_account_rules(tmp_path):
     assert "no association" in unknown and "pr_1_general" in unknown
     assert preflight.check_account(greene, request(tmp_path, account="pr_1_general"), facts) == []
     torch_profile = load_profiles()["torch"]
-    assert "torch_pr_" in messages(preflight.check_account(torch_profile, request(tmp_path, account="pr_1_general"),
-                                                           FakeFacts(accounts=("pr_1_general",))))
-    down = messages(preflight.check_account(greene, request(tmp_path, account="pr_1_general"), FakeFacts(accounts=None)))
+    assert "torch_pr_" in messages(
+        preflight.check_account(
+            torch_profile, request(tmp_path, account="pr_1_general"), FakeFacts(accounts=("pr_1_general",))
+        )
+    )
+    down = messages(
+        preflight.check_account(greene, request(tmp_path, account="pr_1_general"), FakeFacts(accounts=None))
+    )
     assert "cannot ask sacctmgr" in down
 
 
 def test_partition_and_constraint_rules(tmp_path):
     slurm, facts = load_profiles()["slurm"], FakeFacts()
     assert "no such partition" in messages(
-        preflight.check_partition_and_constraint(slurm, request(tmp_path, partition="gpuu"), facts))
+        preflight.check_partition_and_constraint(slurm, request(tmp_path, partition="gpuu"), facts)
+    )
     bad = messages(preflight.check_partition_and_constraint(slurm, request(tmp_path, constraint="a100|h200"), facts))
     assert "'h200'" in bad and "'a100'" not in bad.split("sinfo")[0]
     assert preflight.check_partition_and_constraint(slurm, request(tmp_path, constraint="[a100&v100]*2"), facts) == []
@@ -287,7 +337,9 @@ def test_gpu_rules(tmp_path):
     # Torch: 24 GPUs per user, counting what is already queued.
     torch_profile = profiles["torch"]
     assert preflight.check_gpus(torch_profile, request(tmp_path, gpus_per_node=8, nodes=2), FakeFacts(queued=8)) == []
-    capped = messages(preflight.check_gpus(torch_profile, request(tmp_path, gpus_per_node=8, nodes=2), FakeFacts(queued=9)))
+    capped = messages(
+        preflight.check_gpus(torch_profile, request(tmp_path, gpus_per_node=8, nodes=2), FakeFacts(queued=9))
+    )
     assert "cap of 24 GPUs per user" in capped and "9 already queued" in capped
     assert "at least 1" in messages(preflight.check_gpus(greene, request(tmp_path, gpus_per_node=0), facts))
 
@@ -299,18 +351,22 @@ def test_time_rules(tmp_path):
     assert "01:01:00 exceeds the MaxTime of partition 'short'" in over
     assert "shorter" not in over
     assert "pre-timeout signal" in messages(
-        preflight.check_time(slurm, request(tmp_path, time_minutes=2, signal_seconds=180), facts))
+        preflight.check_time(slurm, request(tmp_path, time_minutes=2, signal_seconds=180), facts)
+    )
     # No partition limit known: the profile's max_time.
     greene = load_profiles()["greene"]
     no_limits = FakeFacts(partitions={})
-    assert "profile max_time" in messages(preflight.check_time(greene, request(tmp_path, time_minutes=49 * 60), no_limits))
+    assert "profile max_time" in messages(
+        preflight.check_time(greene, request(tmp_path, time_minutes=49 * 60), no_limits)
+    )
 
 
 def test_memory_rule(tmp_path):
     facts = FakeFacts(partitions={"gpu": preflight.PartitionInfo("gpu", True, None, 48, 4, set(), max_mem_mb=384000)})
     assert preflight.check_memory(request(tmp_path, mem_gb=256), facts) == []
     assert "exceeds the largest node of partition 'gpu' (384000 MB" in messages(
-        preflight.check_memory(request(tmp_path, mem_gb=512), facts))
+        preflight.check_memory(request(tmp_path, mem_gb=512), facts)
+    )
 
 
 def test_preemptible_only_where_offered():
@@ -348,9 +404,26 @@ def test_launch_refuses_with_every_problem_and_submits_nothing(tmp_path, monkeyp
     monkeypatch.setattr(preflight, "SlurmFacts", lambda: FakeFacts(accounts=("pr_1_general",)))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    status = launch.main(["--cluster", "greene", "--stage", "seg", "--gpus", "8", "--data", str(tmp_path),
-                          "--time", "50:00:00", "--run-root", str(blocker / "runs"), "--partition", "gpuu",
-                          "--set", "train.nope=1"])
+    status = launch.main(
+        [
+            "--cluster",
+            "greene",
+            "--stage",
+            "seg",
+            "--gpus",
+            "8",
+            "--data",
+            str(tmp_path),
+            "--time",
+            "50:00:00",
+            "--run-root",
+            str(blocker / "runs"),
+            "--partition",
+            "gpuu",
+            "--set",
+            "train.nope=1",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2
     for check in ("[account]", "[partition]", "[gpus]", "[time]", "[data]", "[run-dir]", "[config]"):
@@ -359,11 +432,36 @@ def test_launch_refuses_with_every_problem_and_submits_nothing(tmp_path, monkeyp
 
 
 def test_dry_run_prints_script_and_parameters(tmp_path, monkeypatch, capsys, synthetic_packed):
-    monkeypatch.setattr(preflight, "SlurmFacts", lambda: FakeFacts(accounts=("torch_pr_7",), partitions={
-        "gpu": preflight.PartitionInfo("gpu", True, 2880, 128, 8, {"h200", "l40s"})}))
-    status = launch.main(["--cluster", "torch", "--stage", "seg", "--gpus", "4", "--account", "torch_pr_7",
-                          "--gpu-type", "h200", "--preemptible", "--data", str(synthetic_packed),
-                          "--run-root", str(tmp_path / "runs"), "--run", "r1", "--dry-run"])
+    monkeypatch.setattr(
+        preflight,
+        "SlurmFacts",
+        lambda: FakeFacts(
+            accounts=("torch_pr_7",),
+            partitions={"gpu": preflight.PartitionInfo("gpu", True, 2880, 128, 8, {"h200", "l40s"})},
+        ),
+    )
+    status = launch.main(
+        [
+            "--cluster",
+            "torch",
+            "--stage",
+            "seg",
+            "--gpus",
+            "4",
+            "--account",
+            "torch_pr_7",
+            "--gpu-type",
+            "h200",
+            "--preemptible",
+            "--data",
+            str(synthetic_packed),
+            "--run-root",
+            str(tmp_path / "runs"),
+            "--run",
+            "r1",
+            "--dry-run",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
     assert "#SBATCH --constraint=h200" in out and "#SBATCH --gres=gpu:4" in out
@@ -375,10 +473,29 @@ def test_dry_run_prints_script_and_parameters(tmp_path, monkeypatch, capsys, syn
 
 def test_dry_run_of_the_chain_shows_dependencies(tmp_path, monkeypatch, capsys, synthetic_raw):
     monkeypatch.setattr(preflight, "SlurmFacts", lambda: FakeFacts(accounts=("pr_1_general",)))
-    status = launch.main(["--cluster", "greene", "--stage", "all", "--gpus", "2", "--account", "pr_1_general",
-                          "--src", str(synthetic_raw), "--data", str(tmp_path / "packed"),
-                          "--run-root", str(tmp_path / "runs"), "--dry-run", "--set", "seg:train.max_steps=7",
-                          "--set", "train.lr=0.01"])
+    status = launch.main(
+        [
+            "--cluster",
+            "greene",
+            "--stage",
+            "all",
+            "--gpus",
+            "2",
+            "--account",
+            "pr_1_general",
+            "--src",
+            str(synthetic_raw),
+            "--data",
+            str(tmp_path / "packed"),
+            "--run-root",
+            str(tmp_path / "runs"),
+            "--dry-run",
+            "--set",
+            "seg:train.max_steps=7",
+            "--set",
+            "train.lr=0.01",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
     jobs = out.split("# ---- job ")[1:]
@@ -401,8 +518,10 @@ def test_scoped_overrides_must_name_a_stage_of_the_launch():
 
 def test_slurm_cluster_needs_data(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(preflight, "SlurmFacts", lambda: FakeFacts())
-    assert launch.main(["--cluster", "greene", "--stage", "seg", "--account", "pr_1_general",
-                        "--run-root", str(tmp_path)]) == 2
+    assert (
+        launch.main(["--cluster", "greene", "--stage", "seg", "--account", "pr_1_general", "--run-root", str(tmp_path)])
+        == 2
+    )
     assert "--data is required" in capsys.readouterr().err
 
 
@@ -458,7 +577,11 @@ def test_records_and_local_status(tmp_path):
     assert run_status(run_dir).state == "RUNNING"
     record_event(run_dir, event="finished", via="local", stage="seg", state="COMPLETED")
     (run_dir / "metrics.jsonl").write_text(
-        json.dumps({"step": 5, "loss": 1.5}) + "\n" + json.dumps({"step": 10, "loss": 1.25, "val_jaccard": 0.5}) + "\n{torn")
+        json.dumps({"step": 5, "loss": 1.5})
+        + "\n"
+        + json.dumps({"step": 10, "loss": 1.25, "val_jaccard": 0.5})
+        + "\n{torn"
+    )
     status = run_status(run_dir)
     assert (status.stage, status.run, status.state) == ("seg", "a", "COMPLETED")
     assert last_metric(run_dir) == "step 10: val_jaccard=0.5 loss=1.25"
@@ -478,4 +601,6 @@ def test_slurm_status_uses_sacct_state(tmp_path):
 
 
 def test_scoped_override_for_a_single_stage():
-    assert launch.split_overrides(["seg:train.lr=1", "train.nope=2"], ["seg"]) == {"seg": ["train.lr=1", "train.nope=2"]}
+    assert launch.split_overrides(["seg:train.lr=1", "train.nope=2"], ["seg"]) == {
+        "seg": ["train.lr=1", "train.nope=2"]
+    }

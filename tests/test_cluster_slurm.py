@@ -44,8 +44,11 @@ JOB_TIMEOUT_S = 420
 def slurm_cluster() -> str:
     name = running_slurm_cluster_name() if shutil.which("sbatch") else None
     if name != LOCAL_CLUSTER_NAME:
-        why = ("no Slurm cluster answers" if name is None else
-               f"the Slurm cluster here is {name!r}, not the local test cluster {LOCAL_CLUSTER_NAME!r}")
+        why = (
+            "no Slurm cluster answers"
+            if name is None
+            else f"the Slurm cluster here is {name!r}, not the local test cluster {LOCAL_CLUSTER_NAME!r}"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but {why}: bring it up with `bash tools/slurm_local_cluster.sh up`")
         pytest.skip(f"{why} (bash tools/slurm_local_cluster.sh up)")
@@ -63,8 +66,20 @@ def packed(slurm_cluster, default_dataset_dir) -> Path:
 
 
 def seg_args(packed: Path, run_root: Path, run: str) -> list[str]:
-    args = ["--stage", "seg", "--gpus", "2", "--data", str(packed), "--run-root", str(run_root), "--run", run,
-            "--preset", "tiny"]
+    args = [
+        "--stage",
+        "seg",
+        "--gpus",
+        "2",
+        "--data",
+        str(packed),
+        "--run-root",
+        str(run_root),
+        "--run",
+        run,
+        "--preset",
+        "tiny",
+    ]
     for item in SEG_SETTINGS:
         args += ["--set", item]
     return args
@@ -77,8 +92,12 @@ def job_id_of(run_dir: Path) -> str:
 
 
 def sacct_attempts(job_id: str) -> list[dict[str, str]]:
-    out = subprocess.run(["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobIDRaw,State,Start,End"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobIDRaw,State,Start,End"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line.strip()]
     for row in rows:
         row["state"] = row["state"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
@@ -102,7 +121,9 @@ def wait_for_step(run_dir: Path, job_id: str, step: int, timeout: float = 240) -
     metrics = run_dir / "metrics.jsonl"
     while time.monotonic() < deadline:
         if metrics.exists():
-            steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip().endswith("}")]
+            steps = [
+                json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip().endswith("}")
+            ]
             if steps and max(steps) >= step:
                 return
         state = slurm_job_states([job_id]).get(job_id)
@@ -175,15 +196,32 @@ def test_interrupted_submitit_job_requeues_resumes_and_matches(packed, run_root,
 def test_sbatch_template_forwards_signal_requeues_and_matches(packed, run_root, reference_run):
     env = dict(os.environ)
     env.update(
-        HPCVP_DATA=str(packed), HPCVP_RUN_ROOT=str(run_root), HPCVP_RUN="sbatch", HPCVP_PRESET="tiny",
-        HPCVP_SET=" ".join(SEG_SETTINGS), HPCVP_GPUS_ARE_CPUS="1", HPCVP_PYTHON=sys.executable,
-        HPCVP_HOME=str(REPO), SBATCH_GRES="none", SBATCH_MEM_PER_NODE="6G",
+        HPCVP_DATA=str(packed),
+        HPCVP_RUN_ROOT=str(run_root),
+        HPCVP_RUN="sbatch",
+        HPCVP_PRESET="tiny",
+        HPCVP_SET=" ".join(SEG_SETTINGS),
+        HPCVP_GPUS_ARE_CPUS="1",
+        HPCVP_PYTHON=sys.executable,
+        HPCVP_HOME=str(REPO),
+        SBATCH_GRES="none",
+        SBATCH_MEM_PER_NODE="6G",
     )
     output = run_root / "sbatch-%j.out"
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={output}",
-         str(REPO / "slurm" / "seg.sbatch")],
-        env=env, cwd=run_root, capture_output=True, text=True, check=True,
+        [
+            "sbatch",
+            "--parsable",
+            "--ntasks-per-node=2",
+            "--cpus-per-task=1",
+            f"--output={output}",
+            str(REPO / "slurm" / "seg.sbatch"),
+        ],
+        env=env,
+        cwd=run_root,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     job_id = submitted.stdout.strip().split(";")[0]
     run_dir = run_root / "seg" / "sbatch"
@@ -225,13 +263,35 @@ def test_stage_all_runs_the_chain_in_order(packed, run_root, tmp_path):
     raw = packed.parent / "raw"
     assert (raw / "train").is_dir(), f"the default dataset keeps its raw layout next to {packed}"
     out = tmp_path / "packed"
-    status = launch.main([
-        "--stage", "all", "--gpus", "2", "--src", str(raw), "--data", str(out), "--run-root", str(run_root),
-        "--run", "chain", "--preset", "tiny",
-        "--set", "seg:train.max_steps=4", "--set", "seg:eval_max_frames=8",
-        "--set", "simvp:train.max_steps=2", "--set", "simvp:eval_max_videos=2",
-        "--set", "predict:eval_max_videos=4", "--wait",
-    ])
+    status = launch.main(
+        [
+            "--stage",
+            "all",
+            "--gpus",
+            "2",
+            "--src",
+            str(raw),
+            "--data",
+            str(out),
+            "--run-root",
+            str(run_root),
+            "--run",
+            "chain",
+            "--preset",
+            "tiny",
+            "--set",
+            "seg:train.max_steps=4",
+            "--set",
+            "seg:eval_max_frames=8",
+            "--set",
+            "simvp:train.max_steps=2",
+            "--set",
+            "simvp:eval_max_videos=2",
+            "--set",
+            "predict:eval_max_videos=4",
+            "--wait",
+        ]
+    )
     stages = ["pack", "seg", "pseudo-label", "simvp", "predict"]
     assert status == 0, "\n".join(logs_of(run_root / s / "chain")[-2000:] for s in stages)
     attempts = [sacct_attempts(job_id_of(run_root / s / "chain")) for s in stages]
@@ -253,24 +313,42 @@ def squeue_count() -> int:
     return len(out.split())
 
 
-@pytest.mark.parametrize("extra, check, expected", [
-    (["--account", "pr_999_general"], "[account]", "sacctmgr knows no association"),
-    (["--partition", "gpuu"], "[partition]", "no such partition (sinfo: cpu, gpu)"),
-    (["--constraint", "cpu|h200"], "[constraint]", "feature 'h200' is on no node"),
-    (["--gpus", "99"], "[gpus]", "CPUs per node, 1 per GPU task) allows at most"),
-    (["--partition", "gpu", "--time", "2:00:00"], "[time]", "exceeds the MaxTime of partition 'gpu' (sinfo) of 01:00:00"),
-    (["--mem", "100000"], "[mem]", "exceeds the largest node of partition 'cpu'"),
-    (["--data", "MISSING"], "[data]", "no manifest"),
-    (["--run-root", "BLOCKED"], "[run-dir]", "not writable"),
-    (["--cluster", "strict-local"], "[account]", "requires --account"),
-    (["--cluster", "strict-local", "--account", "pr_000_general"], "[account]", "match '^torch_pr_'"),
-    (["--set", "train.nope=1"], "[config]", "unknown key 'nope'"),
-])
+@pytest.mark.parametrize(
+    "extra, check, expected",
+    [
+        (["--account", "pr_999_general"], "[account]", "sacctmgr knows no association"),
+        (["--partition", "gpuu"], "[partition]", "no such partition (sinfo: cpu, gpu)"),
+        (["--constraint", "cpu|h200"], "[constraint]", "feature 'h200' is on no node"),
+        (["--gpus", "99"], "[gpus]", "CPUs per node, 1 per GPU task) allows at most"),
+        (
+            ["--partition", "gpu", "--time", "2:00:00"],
+            "[time]",
+            "exceeds the MaxTime of partition 'gpu' (sinfo) of 01:00:00",
+        ),
+        (["--mem", "100000"], "[mem]", "exceeds the largest node of partition 'cpu'"),
+        (["--data", "MISSING"], "[data]", "no manifest"),
+        (["--run-root", "BLOCKED"], "[run-dir]", "not writable"),
+        (["--cluster", "strict-local"], "[account]", "requires --account"),
+        (["--cluster", "strict-local", "--account", "pr_000_general"], "[account]", "match '^torch_pr_'"),
+        (["--set", "train.nope=1"], "[config]", "unknown key 'nope'"),
+    ],
+)
 def test_preflight_refuses_before_submitting(packed, run_root, tmp_path, monkeypatch, capsys, extra, check, expected):
     # A user profile for this cluster that requires Torch-style accounts.
     user_file = tmp_path / "clusters.json"
-    user_file.write_text(json.dumps({"clusters": {"strict-local": {
-        "extends": "slurm-local", "account_required": True, "account_pattern": "^torch_pr_"}}}))
+    user_file.write_text(
+        json.dumps(
+            {
+                "clusters": {
+                    "strict-local": {
+                        "extends": "slurm-local",
+                        "account_required": True,
+                        "account_pattern": "^torch_pr_",
+                    }
+                }
+            }
+        )
+    )
     monkeypatch.setenv("HPCVP_CLUSTERS", str(user_file))
     blocker = tmp_path / "file"
     blocker.write_text("")

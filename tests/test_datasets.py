@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO_ROOT, SYNTHETIC_COUNTS, TINY_SIZE
 from torch.utils.data import DataLoader, DistributedSampler
 
 from hpcvp.data.datasets import (
@@ -24,7 +25,6 @@ from hpcvp.data.datasets import (
 )
 from hpcvp.data.layout import NUM_FRAMES, list_videos, read_video
 from hpcvp.data.shards import add_pseudo_masks, load_manifest, pack_dataset, verify_dataset
-from conftest import REPO_ROOT, SYNTHETIC_COUNTS, TINY_SIZE
 
 H, W = TINY_SIZE
 
@@ -117,8 +117,15 @@ def test_hidden_dataset_gives_the_eleven_input_frames(synthetic_packed, raw_vide
 @pytest.mark.parametrize("compression", ["none", "lzf", "gzip:1"])
 def test_every_compression_reads_back_the_raw_pixels(synthetic_raw, raw_videos, tmp_path, compression):
     out = tmp_path / "packed"
-    pack_dataset(synthetic_raw, out, splits=["val", "hidden"], compression=compression, mask_compression=compression,
-                 workers=0, quiet=True)
+    pack_dataset(
+        synthetic_raw,
+        out,
+        splits=["val", "hidden"],
+        compression=compression,
+        mask_compression=compression,
+        workers=0,
+        quiet=True,
+    )
     # uncompressed frames are read with preadv at HDF5's chunk offsets; compressed ones through h5py
     assert (frame_reader(out / "val-000.h5").offsets is not None) == (compression == "none")
     for item in ClipDataset(out, "val"):
@@ -144,8 +151,14 @@ def test_dataloader_workers_open_their_own_handles_after_fork(synthetic_packed):
     dataset = ClipDataset(synthetic_packed, "train")
     direct = {dataset[i]["video_id"]: dataset[i] for i in range(len(dataset))}  # main process opens handles
     main_handle = shard_handle(synthetic_packed / "train-000.h5")
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="fork", shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=2,
+        num_workers=2,
+        multiprocessing_context="fork",
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     seen = []
     for batch in loader:
         assert batch["frames_in"].shape == (2, 11, H, W, 3) and batch["frames_in"].dtype == torch.uint8
@@ -201,8 +214,12 @@ def test_default_dataset_is_built_once_under_concurrent_callers(tmp_path):
     """Two processes (like two DDP ranks) ask for the default dataset at the same time."""
     env = dict(os.environ, HPCVP_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO_ROOT))
     code = "from hpcvp.data.default import ensure_default_dataset; print(ensure_default_dataset())"
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [process.communicate(timeout=300) for process in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     paths = {stdout.strip() for stdout, _ in outputs}
@@ -211,7 +228,11 @@ def test_default_dataset_is_built_once_under_concurrent_callers(tmp_path):
     manifest = load_manifest(packed)
     assert manifest.frame_size == (80, 120)
     assert {s: t["videos"] for s, t in manifest.totals()["per_split"].items()} == {
-        "train": 24, "val": 12, "unlabeled": 24, "hidden": 8}
+        "train": 24,
+        "val": 12,
+        "unlabeled": 24,
+        "hidden": 8,
+    }
     assert verify_dataset(packed).ok
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.h5")}
     from hpcvp.data.default import ensure_default_dataset

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import TINY_SIZE, tiny_video_arrays, write_tiny_video
 from PIL import Image
 
 from hpcvp.data.layout import (
@@ -14,7 +15,6 @@ from hpcvp.data.layout import (
     missing_files,
     read_video,
 )
-from conftest import TINY_SIZE, tiny_video_arrays, write_tiny_video
 
 
 def test_list_videos_accepts_unpadded_and_zero_padded_names(tmp_path):
@@ -88,7 +88,11 @@ def _truncate(path):
 BAD_INPUTS = {
     # name: (how to break video_4 of train, the file the error must name, a phrase of the reason)
     "truncated_png": (lambda f: _truncate(f / "image_5.png"), "image_5.png", "unreadable PNG"),
-    "unreadable_png": (lambda f: (f / "image_2.png").write_bytes(b"this is not a png"), "image_2.png", "unreadable PNG"),
+    "unreadable_png": (
+        lambda f: (f / "image_2.png").write_bytes(b"this is not a png"),
+        "image_2.png",
+        "unreadable PNG",
+    ),
     "missing_frame": (lambda f: (f / "image_21.png").unlink(), "image_21.png", "missing frame"),
     "wrong_image_size": (
         lambda f: Image.fromarray(np.zeros((TINY_SIZE[0] + 2, TINY_SIZE[1], 3), np.uint8)).save(f / "image_9.png"),
@@ -96,16 +100,24 @@ BAD_INPUTS = {
         "is 42x60 (HxW), expected 40x60",
     ),
     "mask_wrong_shape": (
-        lambda f: np.save(f / "mask.npy", np.zeros((21, *TINY_SIZE), np.uint8)), "mask.npy", "mask shape is (21, 40, 60)"
+        lambda f: np.save(f / "mask.npy", np.zeros((21, *TINY_SIZE), np.uint8)),
+        "mask.npy",
+        "mask shape is (21, 40, 60)",
     ),
     "mask_value_too_high": (
-        lambda f: np.save(f / "mask.npy", np.full((22, *TINY_SIZE), 49, np.int64)), "mask.npy", "values span 49..49"
+        lambda f: np.save(f / "mask.npy", np.full((22, *TINY_SIZE), 49, np.int64)),
+        "mask.npy",
+        "values span 49..49",
     ),
     "mask_value_negative": (
-        lambda f: np.save(f / "mask.npy", np.full((22, *TINY_SIZE), -1, np.int32)), "mask.npy", "values span -1..-1"
+        lambda f: np.save(f / "mask.npy", np.full((22, *TINY_SIZE), -1, np.int32)),
+        "mask.npy",
+        "values span -1..-1",
     ),
     "mask_float_dtype": (
-        lambda f: np.save(f / "mask.npy", np.zeros((22, *TINY_SIZE), np.float32)), "mask.npy", "dtype is float32"
+        lambda f: np.save(f / "mask.npy", np.zeros((22, *TINY_SIZE), np.float32)),
+        "mask.npy",
+        "dtype is float32",
     ),
     "mask_unreadable": (lambda f: (f / "mask.npy").write_bytes(b"garbage"), "mask.npy", "unreadable mask"),
     "mask_missing": (lambda f: (f / "mask.npy").unlink(), "mask.npy", "missing mask"),

@@ -73,7 +73,9 @@ def test_simvp_mask_modes(size):
         channels=49, out_channels=49, height=size[0], width=size[1], mask_embedding=True, **preset("simvp", "tiny")
     )
     assert embedded(labels).shape == (2, 11, 49, *size)
-    one_hot = SimVP(channels=49, out_channels=49, out_frames=1, height=size[0], width=size[1], **preset("simvp", "tiny"))
+    one_hot = SimVP(
+        channels=49, out_channels=49, out_frames=1, height=size[0], width=size[1], **preset("simvp", "tiny")
+    )
     assert one_hot(labels).shape == (2, 1, 49, *size)
     # Integer labels are one-hot encoded on the fly: same result as passing the one-hot floats.
     one_hot.eval()
@@ -171,8 +173,9 @@ def test_gradients_flow_to_every_parameter():
         simvp(torch.rand(2, 11, 3, *size)).square().mean().backward()
         _assert_all_grads(simvp)
 
-    masks = SimVP(channels=49, out_channels=49, out_frames=3, height=40, width=60, mask_embedding=True,
-                  **preset("simvp", "tiny"))
+    masks = SimVP(
+        channels=49, out_channels=49, out_frames=3, height=40, width=60, mask_embedding=True, **preset("simvp", "tiny")
+    )
     masks(torch.randint(0, 49, (2, 11, *size))).mean().backward()
     _assert_all_grads(masks)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import REPO_ROOT, TINY_SIZE, tiny_video_arrays, write_tiny_video
+from test_layout import BAD_INPUTS
 
 from hpcvp.data.layout import NUM_FRAMES, RawDataError, list_videos, read_video
 from hpcvp.data.shards import (
@@ -24,14 +26,14 @@ from hpcvp.data.shards import (
     StagingError,
     add_pseudo_masks,
     load_manifest,
-    main as pack_main,
     pack_dataset,
     sha256_file,
     stage_to_local,
     verify_dataset,
 )
-from conftest import REPO_ROOT, TINY_SIZE, tiny_video_arrays, write_tiny_video
-from test_layout import BAD_INPUTS
+from hpcvp.data.shards import (
+    main as pack_main,
+)
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -58,7 +60,9 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
     assert names == ["train-000.h5", "train-001.h5", "val-000.h5", "unlabeled-000.h5", "hidden-000.h5"]
     assert payload["totals"]["videos"] == 16 and payload["totals"]["shards"] == 5
     assert payload["totals"]["per_split"]["train"] == {
-        "videos": 6, "shards": 2, "bytes": sum(s.bytes for s in manifest.shards_for("train"))
+        "videos": 6,
+        "shards": 2,
+        "bytes": sum(s.bytes for s in manifest.shards_for("train")),
     }
     assert payload["skipped"] == []
     for shard in manifest.shards:
@@ -87,8 +91,9 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
 def test_compression_settings_store_the_same_pixels(tiny_raw, tmp_path, compression, h5_filter):
     raw = tiny_raw({"train": [0, 1]})
     out = tmp_path / "out"
-    pack_dataset(raw, out, compression=compression, mask_compression=compression, frame_size=TINY_SIZE,
-                 workers=0, quiet=True)
+    pack_dataset(
+        raw, out, compression=compression, mask_compression=compression, frame_size=TINY_SIZE, workers=0, quiet=True
+    )
     assert load_manifest(out).compression == {"frames": compression, "masks": compression}
     with h5py.File(out / "train-000.h5", "r", locking=False) as handle:
         assert handle["frames"].compression == h5_filter and handle["masks"].compression == h5_filter
@@ -110,8 +115,12 @@ def test_both_paddings_pack_and_frame_size_flag(tmp_path):
     with pytest.raises(RawDataError, match=r"video_01370/image_0.png: image is 40x60 \(HxW\), expected 160x240"):
         pack_dataset(raw, tmp_path / "out", workers=0, quiet=True)
     # ...and --frame-size overrides
-    assert pack_main(["--src", str(raw), "--out", str(tmp_path / "out"), "--frame-size", "40x60",
-                      "--workers", "0", "--quiet"]) == 0
+    assert (
+        pack_main(
+            ["--src", str(raw), "--out", str(tmp_path / "out"), "--frame-size", "40x60", "--workers", "0", "--quiet"]
+        )
+        == 0
+    )
     manifest = load_manifest(tmp_path / "out")
     assert manifest.video_ids("val") == [1370, 1371] and manifest.video_ids("unlabeled") == [2000, 2001]
 
@@ -128,8 +137,21 @@ def test_bad_input_stops_naming_the_file_and_writes_nothing(tmp_path, case, caps
     bad_folder = raw / "train" / "video_1"  # in the first shard: nothing may be written at all
     breaker(bad_folder)
     out = tmp_path / "out"
-    code = pack_main(["--src", str(raw), "--out", str(out), "--frame-size", "40x60", "--shard-size", "3",
-                      "--workers", "0", "--quiet"])
+    code = pack_main(
+        [
+            "--src",
+            str(raw),
+            "--out",
+            str(out),
+            "--frame-size",
+            "40x60",
+            "--shard-size",
+            "3",
+            "--workers",
+            "0",
+            "--quiet",
+        ]
+    )
     assert code == 2
     error = capsys.readouterr().err
     assert str(bad_folder / bad_name) in error and reason in error
@@ -153,8 +175,26 @@ def test_skip_mode_records_bad_videos_and_packs_the_rest(tiny_raw, tmp_path):
     BAD_INPUTS["missing_frame"][0](raw / "train" / "video_3")  # found before decoding
     BAD_INPUTS["mask_value_too_high"][0](raw / "train" / "video_4")
     out = tmp_path / "out"
-    assert pack_main(["--src", str(raw), "--out", str(out), "--frame-size", "40x60", "--on-error", "skip",
-                      "--shard-size", "2", "--workers", "2", "--quiet"]) == 0
+    assert (
+        pack_main(
+            [
+                "--src",
+                str(raw),
+                "--out",
+                str(out),
+                "--frame-size",
+                "40x60",
+                "--on-error",
+                "skip",
+                "--shard-size",
+                "2",
+                "--workers",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     manifest = load_manifest(out)
     assert manifest.video_ids("train") == [0, 2] and manifest.video_ids("unlabeled") == [2000, 2001]
     skipped = {s.video_id: s for s in manifest.skipped}
@@ -285,13 +325,29 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     os.mkfifo(blocker)
     out = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "tools" / "pack_hdf5.py"), "--src", str(raw), "--out", str(out),
-         "--shard-size", "2", "--workers", "2"],
-        env=subprocess_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "pack_hdf5.py"),
+            "--src",
+            str(raw),
+            "--out",
+            str(out),
+            "--shard-size",
+            "2",
+            "--workers",
+            "2",
+        ],
+        env=subprocess_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
-        _wait_for(lambda: "train-001.h5" in journaled(out) and (out / "train-002.h5.tmp").exists(), 60,
-                  "train-001.h5 journaled and train-002.h5.tmp started")
+        _wait_for(
+            lambda: "train-001.h5" in journaled(out) and (out / "train-002.h5.tmp").exists(),
+            60,
+            "train-001.h5 journaled and train-002.h5.tmp started",
+        )
         time.sleep(0.2)  # the packer is now blocked on the FIFO
         assert process.poll() is None, process.stdout.read().decode()
     finally:
@@ -305,9 +361,22 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     blocker.unlink()
     blocker.write_bytes(original)
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "pack_hdf5.py"), "--src", str(raw), "--out", str(out),
-         "--shard-size", "2", "--workers", "1"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO_ROOT / "tools" / "pack_hdf5.py"),
+            "--src",
+            str(raw),
+            "--out",
+            str(out),
+            "--shard-size",
+            "2",
+            "--workers",
+            "1",
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert f"{out / 'train-000.h5'}: complete and verified, kept" in result.stderr
@@ -329,7 +398,10 @@ def test_pseudo_masks_are_written_listed_verified_and_superseded(tiny_raw, tmp_p
     rng = np.random.default_rng(0)
     first = rng.integers(0, 49, (3, NUM_FRAMES, *TINY_SIZE), dtype=np.int64)
     entries = add_pseudo_masks(out, "unlabeled", [2000, 2001, 2002], first, run="runs/seg/tiny", shard_size=2)
-    assert [e.path for e in entries] == ["pseudo-unlabeled-runs_seg_tiny-000.h5", "pseudo-unlabeled-runs_seg_tiny-001.h5"]
+    assert [e.path for e in entries] == [
+        "pseudo-unlabeled-runs_seg_tiny-000.h5",
+        "pseudo-unlabeled-runs_seg_tiny-001.h5",
+    ]
     manifest = load_manifest(out)
     assert [e.video_ids for e in manifest.pseudo_masks] == [(2000, 2001), (2002,)]
     assert manifest.pseudo_masks[0].run == "runs/seg/tiny"
@@ -341,8 +413,10 @@ def test_pseudo_masks_are_written_listed_verified_and_superseded(tiny_raw, tmp_p
     second = [rng.integers(0, 49, (NUM_FRAMES, *TINY_SIZE), dtype=np.uint8) for _ in range(2)]
     add_pseudo_masks(out, "unlabeled", [2000, 2001], iter(second), run="runs/seg/tiny")
     manifest = load_manifest(out)
-    assert [e.path for e in manifest.pseudo_masks] == ["pseudo-unlabeled-runs_seg_tiny-001.h5",
-                                                       "pseudo-unlabeled-runs_seg_tiny-002.h5"]
+    assert [e.path for e in manifest.pseudo_masks] == [
+        "pseudo-unlabeled-runs_seg_tiny-001.h5",
+        "pseudo-unlabeled-runs_seg_tiny-002.h5",
+    ]
     assert not (out / entries[0].path).exists()
     # re-packing keeps the pseudo masks
     pack_dataset(raw, out, frame_size=TINY_SIZE, workers=0, quiet=True)
@@ -425,8 +499,12 @@ def test_stage_cli_and_split_subset(tiny_raw, tmp_path, capsys):
     staged = Path(capsys.readouterr().out.strip())
     assert staged.parent == tmp_path / "local" / "hpcvp-data"
     assert shard_hashes(staged) == shard_hashes(out)
-    assert pack_main(["--stage", str(out), "--stage-dest", str(tmp_path / "local"), "--stage-splits", "train,val",
-                      "--quiet"]) == 0
+    assert (
+        pack_main(
+            ["--stage", str(out), "--stage-dest", str(tmp_path / "local"), "--stage-splits", "train,val", "--quiet"]
+        )
+        == 0
+    )
     subset = Path(capsys.readouterr().out.strip())
     assert subset != staged and sorted(shard_hashes(subset)) == ["train-000.h5", "val-000.h5"]
     assert load_manifest(subset).splits == ["train", "val"] and verify_dataset(subset).ok

@@ -213,7 +213,9 @@ def test_simvp_copy_last_prior_starts_at_the_no_motion_prediction():
     model = build_simvp(frames_cfg, (40, 60)).eval()
     frames_in = torch.rand(2, 11, 3, 40, 60)
     with torch.no_grad():
-        assert torch.allclose(model(frames_in) - model.simvp(frames_in), frames_in[:, -1:].expand(-1, 11, -1, -1, -1), atol=1e-5)
+        assert torch.allclose(
+            model(frames_in) - model.simvp(frames_in), frames_in[:, -1:].expand(-1, 11, -1, -1, -1), atol=1e-5
+        )
     # on by default for masks; copy_prior=0 and frames mode without residual: the published model
     assert isinstance(build_simvp(build_config("simvp", "tiny", ["mode=masks"]), (40, 60)), CopyLastPrior)
     plain = build_config("simvp", "tiny", ["mode=masks", "model.copy_prior=0"])

@@ -73,8 +73,17 @@ def pseudo_labelled(data_dir, runs, seg_run) -> Path:
 def simvp_masks_run(pseudo_labelled, runs) -> Path:
     run_dir = runs / "simvp" / "masks"
     code = work(
-        pseudo_labelled, run_dir, "simvp", "mode=masks", "train_splits=train,unlabeled", "mask_source=any",
-        "loss=ce+lovasz", "train.max_steps=3", "train.batch_size=2", "train.log_every=1", "eval_max_videos=2",
+        pseudo_labelled,
+        run_dir,
+        "simvp",
+        "mode=masks",
+        "train_splits=train,unlabeled",
+        "mask_source=any",
+        "loss=ce+lovasz",
+        "train.max_steps=3",
+        "train.batch_size=2",
+        "train.log_every=1",
+        "eval_max_videos=2",
     )
     assert code == 0
     return run_dir
@@ -83,7 +92,9 @@ def simvp_masks_run(pseudo_labelled, runs) -> Path:
 @pytest.fixture(scope="module")
 def simvp_frames_run(data_dir, runs) -> Path:
     run_dir = runs / "simvp" / "frames"
-    code = work(data_dir, run_dir, "simvp", "mode=frames", "train.max_steps=3", "train.batch_size=2", "eval_max_videos=2")
+    code = work(
+        data_dir, run_dir, "simvp", "mode=frames", "train.max_steps=3", "train.batch_size=2", "eval_max_videos=2"
+    )
     assert code == 0
     return run_dir
 
@@ -91,7 +102,9 @@ def simvp_frames_run(data_dir, runs) -> Path:
 @pytest.fixture(scope="module")
 def raft_run(data_dir, runs) -> Path:
     run_dir = runs / "raft" / "default"
-    code = work(data_dir, run_dir, "raft", "train.max_steps=2", "train.batch_size=1", "train_splits=train", "eval_max_pairs=2")
+    code = work(
+        data_dir, run_dir, "raft", "train.max_steps=2", "train.batch_size=1", "train_splits=train", "eval_max_pairs=2"
+    )
     assert code == 0
     return run_dir
 
@@ -125,7 +138,10 @@ def test_pseudo_label_writes_mask_shards_matching_the_unet(pseudo_labelled, seg_
         assert torch.equal(masks, segment_frames(model, frames, "off"))
     # a second run with the same checkpoint does nothing
     before = (pseudo_labelled / "manifest.json").read_text()
-    assert work(pseudo_labelled, seg_run.parent.parent / "pseudo-label" / "again", "pseudo-label", f"seg_run={seg_run}") == 0
+    assert (
+        work(pseudo_labelled, seg_run.parent.parent / "pseudo-label" / "again", "pseudo-label", f"seg_run={seg_run}")
+        == 0
+    )
     assert (pseudo_labelled / "manifest.json").read_text() == before
 
 
@@ -247,8 +263,14 @@ def test_pseudo_label_refuses_a_missing_or_wrong_slot_run(data_dir, seg_run, tmp
 def test_predict_writes_submission_and_table(data_dir, runs, seg_run, simvp_masks_run, simvp_frames_run, raft_run):
     run_dir = runs / "predict" / "default"
     code = work(
-        data_dir, run_dir, "predict", f"seg_run={seg_run}", f"simvp_masks_run={simvp_masks_run}",
-        f"simvp_frames_run={simvp_frames_run}", f"raft_run={raft_run}", "submission_pipeline=a",
+        data_dir,
+        run_dir,
+        "predict",
+        f"seg_run={seg_run}",
+        f"simvp_masks_run={simvp_masks_run}",
+        f"simvp_frames_run={simvp_frames_run}",
+        f"raft_run={raft_run}",
+        "submission_pipeline=a",
     )
     assert code == 0
     submission = torch.load(run_dir / "submission.pt", weights_only=True)
@@ -269,8 +291,13 @@ def test_predict_writes_submission_and_table(data_dir, runs, seg_run, simvp_mask
 def test_predict_skips_pipelines_without_runs(data_dir, runs, seg_run, capsys):
     run_dir = runs / "predict" / "partial"
     code = work(
-        data_dir, run_dir, "predict", f"seg_run={seg_run}", f"simvp_masks_run={runs / 'absent'}",
-        f"simvp_frames_run={runs / 'absent'}", f"raft_run={runs / 'absent'}",
+        data_dir,
+        run_dir,
+        "predict",
+        f"seg_run={seg_run}",
+        f"simvp_masks_run={runs / 'absent'}",
+        f"simvp_frames_run={runs / 'absent'}",
+        f"raft_run={runs / 'absent'}",
     )
     assert code == 0
     err = capsys.readouterr().err
@@ -292,7 +319,11 @@ def _free_port() -> int:
 
 
 def _worker_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))
+    }
     env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
@@ -305,14 +336,21 @@ def _launch_two_ranks(argv: list[str], log_dir: Path) -> list[tuple[subprocess.P
     log_dir.mkdir(parents=True, exist_ok=True)
     for rank in range(2):
         env = _worker_env(
-            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
         )
         log = log_dir / f"rank{rank}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "hpcvp.stages.worker", *argv], env=env, cwd=REPO_ROOT,
-                stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "hpcvp.stages.worker", *argv],
+                env=env,
+                cwd=REPO_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         procs.append((proc, log))
     return procs
@@ -335,8 +373,22 @@ def _wait_all(procs: list[tuple[subprocess.Popen, Path]], timeout: float = 240) 
 def test_two_gloo_ranks_train_and_pseudo_label_through_the_worker_cli(pseudo_labelled, seg_run, runs, tmp_path):
     run_dir = runs / "seg" / "ddp"
     procs = _launch_two_ranks(
-        ["--stage", "seg", "--data", str(pseudo_labelled), "--run-dir", str(run_dir), "--preset", "tiny",
-         "--set", "train.max_steps=3", "--set", "train.batch_size=4", "--set", "eval_max_frames=9"],
+        [
+            "--stage",
+            "seg",
+            "--data",
+            str(pseudo_labelled),
+            "--run-dir",
+            str(run_dir),
+            "--preset",
+            "tiny",
+            "--set",
+            "train.max_steps=3",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "eval_max_frames=9",
+        ],
         tmp_path / "logs-seg",
     )
     _wait_all(procs)
@@ -348,8 +400,22 @@ def test_two_gloo_ranks_train_and_pseudo_label_through_the_worker_cli(pseudo_lab
     copy = tmp_path / "data"
     shutil.copytree(pseudo_labelled, copy)
     procs = _launch_two_ranks(
-        ["--stage", "pseudo-label", "--data", str(copy), "--run-dir", str(tmp_path / "pl"), "--preset", "tiny",
-         "--set", f"seg_run={seg_run}", "--set", "overwrite=true", "--set", "videos_per_batch=1"],
+        [
+            "--stage",
+            "pseudo-label",
+            "--data",
+            str(copy),
+            "--run-dir",
+            str(tmp_path / "pl"),
+            "--preset",
+            "tiny",
+            "--set",
+            f"seg_run={seg_run}",
+            "--set",
+            "overwrite=true",
+            "--set",
+            "videos_per_batch=1",
+        ],
         tmp_path / "logs-pseudo",
     )
     _wait_all(procs)
@@ -365,10 +431,30 @@ def test_two_gloo_ranks_train_and_pseudo_label_through_the_worker_cli(pseudo_lab
 
 def test_preempted_worker_exits_requeue_and_resumes(data_dir, tmp_path):
     run_dir = tmp_path / "seg-preempt"
-    argv = [sys.executable, "-m", "hpcvp.stages.worker", "--stage", "seg", "--data", str(data_dir),
-            "--run-dir", str(run_dir), "--preset", "tiny", "--set", "train.max_steps=100000",
-            "--set", "train.log_every=1", "--set", "train.save_every_steps=0", "--set", "train.batch_size=2"]
-    proc = subprocess.Popen(argv, env=_worker_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "hpcvp.stages.worker",
+        "--stage",
+        "seg",
+        "--data",
+        str(data_dir),
+        "--run-dir",
+        str(run_dir),
+        "--preset",
+        "tiny",
+        "--set",
+        "train.max_steps=100000",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.save_every_steps=0",
+        "--set",
+        "train.batch_size=2",
+    ]
+    proc = subprocess.Popen(
+        argv, env=_worker_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2:
@@ -381,8 +467,15 @@ def test_preempted_worker_exits_requeue_and_resumes(data_dir, tmp_path):
     from hpcvp.train.checkpoint import latest_step
 
     assert latest_step(run_dir) == saved
-    code = work(data_dir, run_dir, "seg", f"train.max_steps={saved + 2}", "train.log_every=1",
-                "train.save_every_steps=0", "train.batch_size=2")
+    code = work(
+        data_dir,
+        run_dir,
+        "seg",
+        f"train.max_steps={saved + 2}",
+        "train.log_every=1",
+        "train.save_every_steps=0",
+        "train.batch_size=2",
+    )
     assert code == 0
     assert [line["step"] for line in metrics(run_dir)][-3:] == [saved, saved + 1, saved + 2]
 
@@ -392,8 +485,21 @@ def test_worker_stage_local_reads_a_verified_copy(data_dir, tmp_path, monkeypatc
     local.mkdir()
     monkeypatch.setenv("SLURM_TMPDIR", str(local))
     run_dir = tmp_path / "seg-local"
-    argv = ["--stage", "seg", "--data", str(data_dir), "--run-dir", str(run_dir), "--preset", "tiny",
-            "--stage-local", "--set", "train.max_steps=2", "--set", "eval_max_frames=4"]
+    argv = [
+        "--stage",
+        "seg",
+        "--data",
+        str(data_dir),
+        "--run-dir",
+        str(run_dir),
+        "--preset",
+        "tiny",
+        "--stage-local",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "eval_max_frames=4",
+    ]
     assert run_worker(argv) == 0
     copies = [p for p in (local / "hpcvp-data").iterdir() if not p.name.startswith(".")]  # (+ a lock file)
     assert len(copies) == 1 and (copies[0] / "manifest.json").exists()

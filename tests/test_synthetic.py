@@ -14,9 +14,9 @@ from PIL import Image
 
 pytest.importorskip("pybullet")
 
-from hpcvp.data import synthetic  # noqa: E402
-from hpcvp.data.layout import NUM_CLASSES  # noqa: E402
-from hpcvp.data.synthetic import (  # noqa: E402
+from hpcvp.data import synthetic
+from hpcvp.data.layout import NUM_CLASSES
+from hpcvp.data.synthetic import (
     SceneObject,
     class_attributes,
     class_id,
@@ -42,8 +42,12 @@ def small_root(tmp_path_factory) -> Path:
 
 
 def test_layout_names_shapes_and_dtypes(small_root):
-    expected_dirs = {"train": ["video_0", "video_1"], "val": ["video_1000"], "unlabeled": ["video_2000"],
-                     "hidden": ["video_15000"]}
+    expected_dirs = {
+        "train": ["video_0", "video_1"],
+        "val": ["video_1000"],
+        "unlabeled": ["video_2000"],
+        "hidden": ["video_15000"],
+    }
     for split, dirs in expected_dirs.items():
         assert sorted(p.name for p in (small_root / split).iterdir()) == dirs
         for name in dirs:
@@ -67,7 +71,9 @@ def test_layout_names_shapes_and_dtypes(small_root):
 def test_hidden_frames_are_the_start_of_the_full_video(small_root):
     frames, _ = render_video(15000, 3, SMALL)
     for t in range(11):
-        assert np.array_equal(np.asarray(Image.open(small_root / "hidden" / "video_15000" / f"image_{t}.png")), frames[t])
+        assert np.array_equal(
+            np.asarray(Image.open(small_root / "hidden" / "video_15000" / f"image_{t}.png")), frames[t]
+        )
 
 
 def test_written_files_match_render_video(small_root):
@@ -79,8 +85,7 @@ def test_written_files_match_render_video(small_root):
 
 def test_same_seed_gives_identical_bytes_independent_of_counts_and_workers(small_root, tmp_path):
     # Different counts, two workers: the videos both roots share must still be byte-identical.
-    other = generate_dataset(tmp_path / "raw", {"train": 3, "hidden": 1}, seed=3, size=SMALL, workers=2,
-                             progress=False)
+    other = generate_dataset(tmp_path / "raw", {"train": 3, "hidden": 1}, seed=3, size=SMALL, workers=2, progress=False)
     first, second = tree_bytes(small_root), tree_bytes(other)
     shared = [k for k in second if k.startswith(("train/video_0/", "train/video_1/", "hidden/"))]
     assert len(shared) == 2 * 23 + 11
@@ -132,7 +137,10 @@ def test_metal_and_rubber_of_one_colour_look_different():
         for colour in ("red", "yellow"):
             metal = class_id(shape, "metal", colour)
             rubber = class_id(shape, "rubber", colour)
-            objects = [SceneObject(metal, (-1.2, 0.0), 0.3, (0.0, 0.0)), SceneObject(rubber, (1.2, 0.0), 0.3, (0.0, 0.0))]
+            objects = [
+                SceneObject(metal, (-1.2, 0.0), 0.3, (0.0, 0.0)),
+                SceneObject(rubber, (1.2, 0.0), 0.3, (0.0, 0.0)),
+            ]
             frames, masks = render_scene(objects, SMALL, num_frames=1)
             brightness = {}
             for cls in (metal, rubber):
@@ -227,8 +235,26 @@ def test_progress_prints_plain_lines_when_not_a_terminal(tmp_path, capsys):
 
 def test_cli_res_option(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert synthetic.main(["--out", str(out), "--train", "1", "--val", "0", "--unlabeled", "0", "--hidden", "1",
-                           "--res", "48x72", "--no-progress"]) == 0
+    assert (
+        synthetic.main(
+            [
+                "--out",
+                str(out),
+                "--train",
+                "1",
+                "--val",
+                "0",
+                "--unlabeled",
+                "0",
+                "--hidden",
+                "1",
+                "--res",
+                "48x72",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with Image.open(out / "train" / "video_0" / "image_0.png") as image:
         assert image.size == (72, 48)
     assert np.load(out / "train" / "video_0" / "mask.npy").shape == (22, 48, 72)
@@ -243,16 +269,54 @@ def test_tools_script_runs_from_a_clone(tmp_path):
     out = tmp_path / "script"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out), "--train", "0", "--val", "1",
-         "--unlabeled", "0", "--hidden", "0", "--res", "40x60"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_synthetic.py"),
+            "--out",
+            str(out),
+            "--train",
+            "0",
+            "--val",
+            "1",
+            "--unlabeled",
+            "0",
+            "--hidden",
+            "0",
+            "--res",
+            "40x60",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert (out / "val" / "video_1000" / "mask.npy").is_file()
     # Resuming that root with another seed is refused with a message naming the seed.
     again = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out), "--train", "0", "--val", "1",
-         "--unlabeled", "0", "--hidden", "0", "--res", "40x60", "--seed", "9"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_synthetic.py"),
+            "--out",
+            str(out),
+            "--train",
+            "0",
+            "--val",
+            "1",
+            "--unlabeled",
+            "0",
+            "--hidden",
+            "0",
+            "--res",
+            "40x60",
+            "--seed",
+            "9",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert again.returncode == 2 and "seed" in again.stderr

@@ -39,8 +39,7 @@ def test_roundtrip_keep_last_and_latest_step(tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     assert latest_step(tmp_path / "run") is None
     for step in (10, 20, 30, 40):
-        save_checkpoint(ckpts, step, _state(step), ranks=[{"r": 0}, {"r": 1}],
-                        extra={"anything": [1, 2]}, keep_last=2)
+        save_checkpoint(ckpts, step, _state(step), ranks=[{"r": 0}, {"r": 1}], extra={"anything": [1, 2]}, keep_last=2)
     assert [s for s, _ in list_checkpoints(ckpts)] == [30, 40]
     assert latest_step(tmp_path / "run") == 40 == latest_step(RunDir(tmp_path / "run"))
     ckpt = load_latest(ckpts)
@@ -94,9 +93,8 @@ def test_all_corrupt_is_an_error_not_a_fresh_start(tmp_path):
     for step in (1, 2):
         save_checkpoint(ckpts, step, _state(step))
         (ckpts / f"step_{step:08d}" / "state.pt").write_bytes(b"garbage")
-    with pytest.warns(CheckpointWarning):
-        with pytest.raises(CheckpointError, match="no usable checkpoint"):
-            load_latest(ckpts)
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="no usable checkpoint"):
+        load_latest(ckpts)
 
 
 def _draw():
@@ -115,21 +113,40 @@ def test_rng_states_survive_a_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------ SIGKILL during a write
 
-KILL_CFG = dict(max_steps=12, batch_size=8, save_every_steps=2, save_every_minutes=0,
-                log_every=1, num_workers=0, eval_every=0, eval_at_end=False)
+KILL_CFG = dict(
+    max_steps=12,
+    batch_size=8,
+    save_every_steps=2,
+    save_every_minutes=0,
+    log_every=1,
+    num_workers=0,
+    eval_every=0,
+    eval_at_end=False,
+)
 
 
 def _child_env():
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                        "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
 def _toy_cmd(run_dir, slow_extra_s):
-    cmd = [sys.executable, "-m", "hpcvp.train.toy", "--run-dir", str(run_dir),
-           "--ballast-mb", "24", "--slow-extra-s", str(slow_extra_s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hpcvp.train.toy",
+        "--run-dir",
+        str(run_dir),
+        "--ballast-mb",
+        "24",
+        "--slow-extra-s",
+        str(slow_extra_s),
+    ]
     for k, v in KILL_CFG.items():
         cmd += ["--set", f"{k}={v}"]
     return cmd
@@ -138,8 +155,9 @@ def _toy_cmd(run_dir, slow_extra_s):
 def _kill_during_a_write(run_dir: Path, rng: random.Random) -> tuple[int | None, int]:
     """Start the toy, SIGKILL it at a random moment while a checkpoint directory is being
     written (after at least one complete checkpoint exists); returns (latest before, killed at)."""
-    proc = subprocess.Popen(_toy_cmd(run_dir, 0.4), env=_child_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _toy_cmd(run_dir, 0.4), env=_child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     ckpts = run_dir / "checkpoints"
     deadline = time.monotonic() + 120
     try:
@@ -179,8 +197,9 @@ def test_sigkill_during_checkpoint_write_keeps_previous_loadable(tmp_path, one_t
         ckpt = load_latest(run_dir / "checkpoints")  # must not raise, no fallback needed
         assert ckpt is not None and ckpt.step >= before
     # resuming after the kills finishes the run with the weights of a run never killed
-    done = subprocess.run(_toy_cmd(run_dir, 0.0), env=_child_env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _toy_cmd(run_dir, 0.0), env=_child_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert not [p for p in (run_dir / "checkpoints").iterdir() if ".tmp-" in p.name]
 

@@ -24,8 +24,17 @@ from hpcvp.train.toy import tree_differences
 
 REPO = Path(__file__).resolve().parents[1]
 # 96 samples / 2 ranks / (batch 4 x accumulation 2) = 6 steps per epoch; saves every 4 steps
-CFG = dict(max_steps=28, batch_size=4, grad_accum=2, log_every=1, num_workers=0,
-           save_every_steps=4, save_every_minutes=0, eval_every=7, lr=0.01)
+CFG = dict(
+    max_steps=28,
+    batch_size=4,
+    grad_accum=2,
+    log_every=1,
+    num_workers=0,
+    save_every_steps=4,
+    save_every_minutes=0,
+    eval_every=7,
+    lr=0.01,
+)
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -54,14 +63,26 @@ def _launch(run_dir: Path, launcher: str, extra_args=(), stdout_rank0=False):
     for rank in range(2):
         env = dict(base)
         if launcher == "torchrun":
-            env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env.update(
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
         else:
-            env.update(SLURM_JOB_ID=str(job_id), SLURM_PROCID=str(rank), SLURM_NTASKS="2",
-                       SLURM_LOCALID=str(rank), SLURM_JOB_NODELIST="localhost",
-                       SLURM_TASKS_PER_NODE="2")
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            env.update(
+                SLURM_JOB_ID=str(job_id),
+                SLURM_PROCID=str(rank),
+                SLURM_NTASKS="2",
+                SLURM_LOCALID=str(rank),
+                SLURM_JOB_NODELIST="localhost",
+                SLURM_TASKS_PER_NODE="2",
+            )
+        procs.append(
+            subprocess.Popen(cmd, env=env, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
     return procs
 
 
@@ -82,8 +103,7 @@ def _assert_stopped_together(results, step, signal_name):
 
 
 def _metrics(run):
-    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")}
-            for r in run.read_metrics()]
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in run.read_metrics()]
 
 
 @pytest.mark.slow
@@ -100,14 +120,15 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
         assert (code, res["status"], res["step"]) == (0, "completed", 28)
     # 2) only rank 1 signalled, at a save step (the save happens once)
     _assert_stopped_together(
-        _finish(_launch(run.path, "torchrun", ["--signal-at", "8", "--signal-rank", "1"])),
-        8, "SIGUSR2")
+        _finish(_launch(run.path, "torchrun", ["--signal-at", "8", "--signal-rank", "1"])), 8, "SIGUSR2"
+    )
     # 3) Slurm-style launch; only rank 0 gets SIGTERM at a random mid-epoch step
     mid = rng.choice([s for s in range(9, 20) if s % 4 and s % 6])
     _assert_stopped_together(
-        _finish(_launch(run.path, "slurm", ["--signal-at", str(mid), "--signal-rank", "0",
-                                           "--signal", "TERM"])),
-        mid, "SIGTERM")
+        _finish(_launch(run.path, "slurm", ["--signal-at", str(mid), "--signal-rank", "0", "--signal", "TERM"])),
+        mid,
+        "SIGTERM",
+    )
     assert latest_step(run) == mid
     # 4) a signal from outside, at a random moment, to rank 1 only
     procs = _launch(run.path, "slurm", ["--step-sleep-s", "0.05"])
@@ -137,9 +158,7 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     assert not tree_differences(a["optimizer"], b["optimizer"]), "optimizer state differs"
     assert [r["step"] for r in run.read_metrics()] == list(range(1, 29))
     assert _metrics(ref) == _metrics(run)
-    assert sorted(p.name for p in run.pictures.iterdir()) == [
-        f"eval_{s:08d}.json" for s in (7, 14, 21, 28)
-    ]
+    assert sorted(p.name for p in run.pictures.iterdir()) == [f"eval_{s:08d}.json" for s in (7, 14, 21, 28)]
 
 
 def _slurm_available() -> bool:
@@ -161,22 +180,41 @@ def test_srun_tasks_stop_together_on_scancel_signal(tmp_path):
         pytest.skip("no Slurm cluster")
     run = RunDir(tmp_path / "srun")
     name = f"hpcvp-engine-test-{os.getpid()}"
-    toy = [sys.executable, "-m", "hpcvp.train.toy", "--run-dir", str(run.path),
-           "--set", "max_steps=200", "--set", "batch_size=8", "--set", "log_every=1",
-           "--set", "num_workers=0"]
+    toy = [
+        sys.executable,
+        "-m",
+        "hpcvp.train.toy",
+        "--run-dir",
+        str(run.path),
+        "--set",
+        "max_steps=200",
+        "--set",
+        "batch_size=8",
+        "--set",
+        "log_every=1",
+        "--set",
+        "num_workers=0",
+    ]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     srun = ["srun", "-n", "2", "-c", "1", "-J", name]
-    proc = subprocess.Popen(srun + toy + ["--step-sleep-s", "0.05"], env=env, cwd=REPO,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        srun + toy + ["--step-sleep-s", "0.05"],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run.metrics_path.exists() and len(run.read_metrics()) >= 10):
             assert proc.poll() is None, proc.communicate()[0]
             assert time.monotonic() < deadline, "srun job did not start training"
             time.sleep(0.1)
-        job = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True,
-                             text=True, check=True).stdout.split()
+        job = subprocess.run(
+            ["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len(job) == 1, job
         subprocess.run(["scancel", "--signal=USR2", job[0]], check=True)
         out, _ = proc.communicate(timeout=120)
@@ -184,13 +222,11 @@ def test_srun_tasks_stop_together_on_scancel_signal(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    results = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines()
-               if line.startswith("HPCVP_RESULT ")]
+    results = [json.loads(line.split(" ", 1)[1]) for line in out.splitlines() if line.startswith("HPCVP_RESULT ")]
     assert len(results) == 2, out
     assert {r["status"] for r in results} == {"preempted"}
     assert len({r["step"] for r in results}) == 1 and results[0]["step"] < 200
     assert proc.returncode == EXIT_REQUEUE, out  # srun passes the tasks' status on
-    done = subprocess.run(srun + toy, env=env, cwd=REPO, text=True, capture_output=True,
-                          timeout=300)
+    done = subprocess.run(srun + toy, env=env, cwd=REPO, text=True, capture_output=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert [r["step"] for r in run.read_metrics()] == list(range(1, 201))

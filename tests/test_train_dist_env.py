@@ -106,11 +106,9 @@ def test_detect_single_and_errors():
     with pytest.raises(DistSetupError, match="MASTER_ADDR"):
         detect_launch({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(DistSetupError, match="SLURM_PROCID"):
-        detect_launch({"SLURM_PROCID": "x", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1",
-                       "SLURM_JOB_NODELIST": "a"})
+        detect_launch({"SLURM_PROCID": "x", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a"})
     with pytest.raises(DistSetupError, match="outside world size"):
-        detect_launch({"SLURM_PROCID": "2", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1",
-                       "SLURM_JOB_NODELIST": "a"})
+        detect_launch({"SLURM_PROCID": "2", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "a"})
     with pytest.raises(DistSetupError, match="NODELIST"):
         detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1"})
 

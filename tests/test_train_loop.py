@@ -23,8 +23,16 @@ from hpcvp.train.optim import WarmupCosine, build_optimizer, build_scheduler
 from hpcvp.train.progress import TrainProgress
 from hpcvp.train.toy import ToyTask, tree_differences
 
-BASE = dict(max_steps=20, batch_size=8, log_every=1, num_workers=0, save_every_steps=6,
-            save_every_minutes=0, eval_every=10, progress="off")
+BASE = dict(
+    max_steps=20,
+    batch_size=8,
+    log_every=1,
+    num_workers=0,
+    save_every_steps=6,
+    save_every_minutes=0,
+    eval_every=10,
+    progress="off",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,8 +50,7 @@ def _fit(run, task=None, **overrides):
 
 
 def _metrics(run):
-    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")}
-            for r in run.read_metrics()]
+    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in run.read_metrics()]
 
 
 def _assert_same_training(ref: RunDir, run: RunDir):
@@ -154,8 +161,7 @@ def test_time_based_saves_and_keep_last(tmp_path):
 
 def test_schedules_step_once_per_iteration(tmp_path):
     run = RunDir(tmp_path / "toy" / "cosine")
-    _fit(run, schedule="cosine", lr=0.1, warmup_frac=0.25, min_lr_frac=0.1, eval_every=0,
-         eval_at_end=False)
+    _fit(run, schedule="cosine", lr=0.1, warmup_frac=0.25, min_lr_frac=0.1, eval_every=0, eval_at_end=False)
     lrs = [r["lr"] for r in run.read_metrics()]
     curve = WarmupCosine(20, 5, 0.1)
     assert lrs == pytest.approx([0.1 * curve(t) for t in range(20)])
@@ -193,8 +199,7 @@ def test_amp_and_compile_options(tmp_path):
     with pytest.raises(ValueError, match="fp16"):
         _fit(RunDir(tmp_path / "toy" / "fp16"), amp="fp16")
     run = RunDir(tmp_path / "toy" / "compiled")
-    result = _fit(run, compile=True, compile_backend="eager", max_steps=3, channels_last=True,
-                  amp="bf16")
+    result = _fit(run, compile=True, compile_backend="eager", max_steps=3, channels_last=True, amp="bf16")
     assert result.status == "completed"
     keys = load_latest(run.checkpoints).state["model"].keys()
     assert not [k for k in keys if "_orig_mod" in k or k.startswith("module.")]

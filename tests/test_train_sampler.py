@@ -58,16 +58,13 @@ class _NoisyDataset(Dataset):
         return 40
 
     def __getitem__(self, i):
-        return torch.tensor(
-            [float(i), torch.rand(()).item(), float(np.random.rand()), random.random()]
-        )
+        return torch.tensor([float(i), torch.rand(()).item(), float(np.random.rand()), random.random()])
 
 
 def _load(num_workers, position):
     sampler = ResumableDistributedSampler(40, 2, 0, seed=3, with_sample_seeds=True)
     sampler.set_epoch(1, position)
-    loader = DataLoader(SeededSamples(_NoisyDataset()), batch_size=4, sampler=sampler,
-                        num_workers=num_workers)
+    loader = DataLoader(SeededSamples(_NoisyDataset()), batch_size=4, sampler=sampler, num_workers=num_workers)
     return torch.cat(list(loader))
 
 

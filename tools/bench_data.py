@@ -33,13 +33,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcvp.data.layout import (  # noqa: E402
+from hpcvp.data.layout import (
     HEIGHT,
     WIDTH,
     list_videos,
     read_video,
 )
-from hpcvp.data.shards import DEFAULT_SHARD_SIZE, pack_dataset  # noqa: E402
+from hpcvp.data.shards import DEFAULT_SHARD_SIZE, pack_dataset
 
 COMPRESSIONS = ("none", "lzf", "gzip:1", "gzip:4", "gzip:9")
 COMPETITION_COUNTS = {"train": 1000, "val": 1000, "unlabeled": 13000}  # the 15,000 labelled+unlabelled videos
@@ -106,7 +106,7 @@ def raw_files(raw: Path, videos) -> tuple[list[Path], int]:
 
 def _decode_only(task) -> int:
     split, folder, size = task
-    frames, masks = read_video(folder, split, size)
+    frames, _masks = read_video(folder, split, size)
     return frames.shape[0]
 
 
@@ -235,8 +235,15 @@ def main(argv=None) -> int:
         pack_dir = args.work_dir / f"packed-{compression.replace(':', '')}"
         shutil.rmtree(pack_dir, ignore_errors=True)
         start = time.perf_counter()
-        manifest = pack_dataset(raw, pack_dir, splits=["train"], compression=compression,
-                                mask_compression=compression, workers=args.workers, quiet=True)
+        manifest = pack_dataset(
+            raw,
+            pack_dir,
+            splits=["train"],
+            compression=compression,
+            mask_compression=compression,
+            workers=args.workers,
+            quiet=True,
+        )
         pack_rates[compression] = len(tasks) / (time.perf_counter() - start)
         packed[compression] = (pack_dir, manifest)
         warm_page_cache([pack_dir / s.path for s in manifest.shards])
@@ -251,9 +258,17 @@ def main(argv=None) -> int:
     mask_rates = interleaved_rates(mask_candidates, args.seconds * len(mask_candidates), args.rounds)
     rows_c = []
     for compression, (pack_dir, manifest) in packed.items():
-        rows_c.append((compression, storage_bytes(pack_dir, manifest, "frames"),
-                       storage_bytes(pack_dir, manifest, "masks"), manifest.totals()["bytes"],
-                       pack_rates[compression], frame_rates[compression], mask_rates[compression]))
+        rows_c.append(
+            (
+                compression,
+                storage_bytes(pack_dir, manifest, "frames"),
+                storage_bytes(pack_dir, manifest, "masks"),
+                manifest.totals()["bytes"],
+                pack_rates[compression],
+                frame_rates[compression],
+                mask_rates[compression],
+            )
+        )
     close_shard_handles()
 
     # (b) clip reads in one process: shards vs PNG folders vs memcpy of the same bytes, alternating.
@@ -289,7 +304,6 @@ def main(argv=None) -> int:
 
     # (d) files and inodes before/after, and projected to the competition's size.
     shard_files = len(manifest.shards) + 1  # + manifest.json
-    bytes_per_video = manifest.totals()["bytes"] / len(tasks)
     raw_files_15k = sum(n * 23 if split in ("train", "val") else n * 22 for split, n in COMPETITION_COUNTS.items())
     raw_dirs_15k = sum(COMPETITION_COUNTS.values())
     shards_15k = sum(math.ceil(n / DEFAULT_SHARD_SIZE) for n in COMPETITION_COUNTS.values())
@@ -304,34 +318,50 @@ def main(argv=None) -> int:
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines.append(f"### Data layer (`tools/bench_data.py`), {now}")
     lines.append("")
-    lines.append(f"Machine: {machine_description()}; work dir {args.work_dir} on {filesystem_of(args.work_dir)}; "
-                 f"load average at the end {os.getloadavg()[0]:.1f}.")
-    lines.append(f"Data: {len(tasks)} synthetic train videos at {size[0]}x{size[1]} (22 PNG frames + mask.npy each, "
-                 f"{png_bytes / 1e6:.0f} MB of files), shards of {DEFAULT_SHARD_SIZE} videos. All files in the page "
-                 "cache for every measurement. The CPUs are shared with other jobs: candidates run alternately "
-                 "and the table gives best-of (packing) or median-of-rounds (reads), so compare within a table.")
-    lines.append(f"Command: `python tools/bench_data.py --videos {args.videos} --workers {args.workers} "
-                 f"--seconds {args.seconds:g} --rounds {args.rounds} --repeats {args.repeats}`")
+    lines.append(
+        f"Machine: {machine_description()}; work dir {args.work_dir} on {filesystem_of(args.work_dir)}; "
+        f"load average at the end {os.getloadavg()[0]:.1f}."
+    )
+    lines.append(
+        f"Data: {len(tasks)} synthetic train videos at {size[0]}x{size[1]} (22 PNG frames + mask.npy each, "
+        f"{png_bytes / 1e6:.0f} MB of files), shards of {DEFAULT_SHARD_SIZE} videos. All files in the page "
+        "cache for every measurement. The CPUs are shared with other jobs: candidates run alternately "
+        "and the table gives best-of (packing) or median-of-rounds (reads), so compare within a table."
+    )
+    lines.append(
+        f"Command: `python tools/bench_data.py --videos {args.videos} --workers {args.workers} "
+        f"--seconds {args.seconds:g} --rounds {args.rounds} --repeats {args.repeats}`"
+    )
     lines.append("")
-    lines.append(f"**(a) Packing vs decoding the PNGs** (best of {args.repeats}, alternating; pack = W decoder "
-                 f"processes + the writer, default settings: {default_label}; decode = W processes decoding "
-                 "and discarding)")
+    lines.append(
+        f"**(a) Packing vs decoding the PNGs** (best of {args.repeats}, alternating; pack = W decoder "
+        f"processes + the writer, default settings: {default_label}; decode = W processes decoding "
+        "and discarding)"
+    )
     lines.append("")
-    lines.append("| decoder processes W | decode-only pass (videos/s) | pack (videos/s) | pack / decode (target >= 0.8) |")
+    lines.append(
+        "| decoder processes W | decode-only pass (videos/s) | pack (videos/s) | pack / decode (target >= 0.8) |"
+    )
     lines.append("|---:|---:|---:|---:|")
     for workers, decode_rate, pack_rate in rows_a:
         lines.append(f"| {workers} | {decode_rate:.1f} | {pack_rate:.1f} | {pack_rate / decode_rate:.2f}x |")
     lines.append("")
-    lines.append("**(b) Clip reads in one process** (what one DataLoader worker gets; random order; clip = 22 "
-                 "frames, with masks = + 22 mask planes)")
+    lines.append(
+        "**(b) Clip reads in one process** (what one DataLoader worker gets; random order; clip = 22 "
+        "frames, with masks = + 22 mask planes)"
+    )
     lines.append("")
     lines.append("| source | clips/s | vs PNG loader (target >= 20x) | vs memcpy (target >= 0.3x uncompressed) |")
     lines.append("|---|---:|---:|---:|")
     rows_b = [
         ("frames: PNG folder decoded per item (competition repos)", "png_frames", "png_frames", "memcpy_frames"),
         ("frames: shards, uncompressed (default)", "shard_frames", "png_frames", "memcpy_frames"),
-        ("frames: memcpy of the same bytes (numpy copy into a new array)", "memcpy_frames", "png_frames",
-         "memcpy_frames"),
+        (
+            "frames: memcpy of the same bytes (numpy copy into a new array)",
+            "memcpy_frames",
+            "png_frames",
+            "memcpy_frames",
+        ),
         ("frames + masks: PNG folder + mask.npy per item", "png_both", "png_both", "memcpy_both"),
         (f"frames + masks: shards, default ({default_label})", "shard_both_default", "png_both", "memcpy_both"),
         ("frames + masks: shards, both uncompressed", "shard_both_none", "png_both", "memcpy_both"),
@@ -340,27 +370,38 @@ def main(argv=None) -> int:
     for label, key, png_key, memcpy_key in rows_b:
         lines.append(f"| {label} | {b[key]:.0f} | {b[key] / b[png_key]:.1f}x | {b[key] / b[memcpy_key]:.2f}x |")
     lines.append("")
-    lines.append(f"**(c) Compression** (the setting applied to frames and masks; stored bytes for {len(tasks)} videos; "
-                 "reads per process, median of alternating rounds)")
+    lines.append(
+        f"**(c) Compression** (the setting applied to frames and masks; stored bytes for {len(tasks)} videos; "
+        "reads per process, median of alternating rounds)"
+    )
     lines.append("")
-    lines.append("| compression | frames (MB) | masks (MB) | shard files vs PNG files | pack (videos/s) "
-                 "| frame clips/s | mask clips/s |")
+    lines.append(
+        "| compression | frames (MB) | masks (MB) | shard files vs PNG files | pack (videos/s) "
+        "| frame clips/s | mask clips/s |"
+    )
     lines.append("|---|---:|---:|---:|---:|---:|---:|")
     for compression, frame_bytes, mask_bytes, total_bytes, pack_rate, frame_rate, mask_rate in rows_c:
-        lines.append(f"| {compression} | {frame_bytes / 1e6:.1f} | {mask_bytes / 1e6:.1f} | "
-                     f"{total_bytes / png_bytes:.2f}x | {pack_rate:.1f} | {frame_rate:.0f} | {mask_rate:.0f} |")
+        lines.append(
+            f"| {compression} | {frame_bytes / 1e6:.1f} | {mask_bytes / 1e6:.1f} | "
+            f"{total_bytes / png_bytes:.2f}x | {pack_rate:.1f} | {frame_rate:.0f} | {mask_rate:.0f} |"
+        )
     lines.append("")
     lines.append("**(d) Files** (the inode quota counts files and directories)")
     lines.append("")
     lines.append("| | raw layout | packed |")
     lines.append("|---|---:|---:|")
-    lines.append(f"| this run ({len(tasks)} videos) | {len(files):,} files + {directories} dirs | "
-                 f"{shard_files} files |")
-    lines.append(f"| projected: 15,000 videos (1,000 train + 1,000 val + 13,000 unlabeled) | {raw_files_15k:,} files + "
-                 f"{raw_dirs_15k:,} dirs | {shards_15k + 1} files (target <= 100), ~{projected_bytes / 1e9:.0f} GB "
-                 f"({default_label}) |")
-    lines.append(f"| projected: + 2,000 hidden videos (11 frames) | +{COMPETITION_HIDDEN * 11:,} files + "
-                 f"{COMPETITION_HIDDEN:,} dirs | +{hidden_shards} files |")
+    lines.append(
+        f"| this run ({len(tasks)} videos) | {len(files):,} files + {directories} dirs | {shard_files} files |"
+    )
+    lines.append(
+        f"| projected: 15,000 videos (1,000 train + 1,000 val + 13,000 unlabeled) | {raw_files_15k:,} files + "
+        f"{raw_dirs_15k:,} dirs | {shards_15k + 1} files (target <= 100), ~{projected_bytes / 1e9:.0f} GB "
+        f"({default_label}) |"
+    )
+    lines.append(
+        f"| projected: + 2,000 hidden videos (11 frames) | +{COMPETITION_HIDDEN * 11:,} files + "
+        f"{COMPETITION_HIDDEN:,} dirs | +{hidden_shards} files |"
+    )
     lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -76,8 +76,9 @@ def build_case(name: str, batch: int, device):
             return F.mse_loss(m(d["inputs"]).float(), d["targets"])
 
     elif name == "simvp_masks":
-        model = SimVP(channels=49, out_channels=49, height=HEIGHT, width=WIDTH, mask_embedding=True,
-                      **preset("simvp", "full"))
+        model = SimVP(
+            channels=49, out_channels=49, height=HEIGHT, width=WIDTH, mask_embedding=True, **preset("simvp", "full")
+        )
         data = {"inputs": labels(batch, 11, HEIGHT, WIDTH), "targets": labels(batch, 11, HEIGHT, WIDTH)}
 
         def loss_fn(m, d):
@@ -124,8 +125,10 @@ def run_single(args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     if "cl" in switches:
         model = model.to(memory_format=torch.channels_last)
-        data = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
-                for k, v in data.items()}
+        data = {
+            k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
+            for k, v in data.items()
+        }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step_model = torch.compile(model) if "compile" in switches else model
     model.train()
@@ -217,17 +220,36 @@ def loadavg() -> str:
 
 
 def run_subprocess(model: str, variant: str, device: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--single", "--model", model, "--variant", variant,
-           "--device", device, "--batch", str(args.batch_for(device)), "--steps", str(args.steps_for(device)),
-           "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--single",
+        "--model",
+        model,
+        "--variant",
+        variant,
+        "--device",
+        device,
+        "--batch",
+        str(args.batch_for(device)),
+        "--steps",
+        str(args.steps_for(device)),
+        "--warmup",
+        str(args.warmup),
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     load_before = loadavg()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"model": model, "variant": variant, "device": device, "error": f"timeout after {args.timeout}s",
-                "load": load_before}
+        return {
+            "model": model,
+            "variant": variant,
+            "device": device,
+            "error": f"timeout after {args.timeout}s",
+            "load": load_before,
+        }
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             result = json.loads(line)
@@ -256,7 +278,9 @@ def markdown(results: list[dict], info: dict, argv: list[str], args) -> str:
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['model']} | | {r['device']} | {r['variant']} | | | | error: {r['error']} | | | {r['load']} |")
+            lines.append(
+                f"| {r['model']} | | {r['device']} | {r['variant']} | | | | error: {r['error']} | | | {r['load']} |"
+            )
             continue
         mem = f"{r['peak_mem_mb']:.0f}"
         if "train_mem_delta_mb" in r:
@@ -282,9 +306,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list from {MODELS}")
     parser.add_argument("--devices", default="auto", help="comma list of cpu,cuda; auto = cpu plus cuda when available")
-    parser.add_argument("--variants", default=None,
-                        help="comma list of '+'-joined switches (base, cl, bf16, compile); "
-                             "default CPU: base,cl,bf16; CUDA: base,cl,bf16,cl+bf16,compile+bf16")
+    parser.add_argument(
+        "--variants",
+        default=None,
+        help="comma list of '+'-joined switches (base, cl, bf16, compile); "
+        "default CPU: base,cl,bf16; CUDA: base,cl,bf16,cl+bf16,compile+bf16",
+    )
     parser.add_argument("--batch", type=int, default=None, help="batch size (default CPU 1, CUDA 16)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default CPU 2, CUDA 20)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile needs >= 1)")
@@ -334,8 +361,12 @@ def main(argv=None) -> int:
             for variant in [v.strip() for v in variants.split(",") if v.strip()]:
                 result = run_subprocess(model, variant, device, args)
                 results.append(result)
-                shown = (f"{result['samples_per_s']:.3f} samples/s, {result['step_s']:.2f} s/step, "
-                         f"peak {result['peak_mem_mb']:.0f} MB" if "error" not in result else result["error"])
+                shown = (
+                    f"{result['samples_per_s']:.3f} samples/s, {result['step_s']:.2f} s/step, "
+                    f"peak {result['peak_mem_mb']:.0f} MB"
+                    if "error" not in result
+                    else result["error"]
+                )
                 print(f"{device} {model} {variant}: {shown} (load {result['load']})", flush=True)
     table = markdown(results, info, argv, args)
     print()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
@@ -39,26 +38,63 @@ INFERENCE_RESERVE_S = 150.0  # pseudo-label + predict (measured, reported)
 # Model and training settings for 80x120 on a CPU: small versions of the full presets.
 STAGE_SETTINGS = {
     "seg": [
-        "model.width=16", "model.depth=3", "train.batch_size=12", "train.lr=3e-3", "train.weight_decay=1e-4",
-        "eval_max_frames=440", "eval_batch_size=32",
+        "model.width=16",
+        "model.depth=3",
+        "train.batch_size=12",
+        "train.lr=3e-3",
+        "train.weight_decay=1e-4",
+        "eval_max_frames=440",
+        "eval_batch_size=32",
     ],
     "simvp_masks": [
-        "mode=masks", "train_splits=train,unlabeled", "mask_source=any", "loss=ce",
-        "model.hid_S=16", "model.hid_T=64", "model.N_S=2", "model.N_T=4", "model.mlp_ratio=4",
-        "train.batch_size=4", "train.lr=2e-3", "train.weight_decay=1e-4", "eval_max_videos=0", "eval_batch_size=8",
+        "mode=masks",
+        "train_splits=train,unlabeled",
+        "mask_source=any",
+        "loss=ce",
+        "model.hid_S=16",
+        "model.hid_T=64",
+        "model.N_S=2",
+        "model.N_T=4",
+        "model.mlp_ratio=4",
+        "train.batch_size=4",
+        "train.lr=2e-3",
+        "train.weight_decay=1e-4",
+        "eval_max_videos=0",
+        "eval_batch_size=8",
     ],
     "simvp_frames": [
-        "mode=frames", "train_splits=train,unlabeled", "model.residual=true",
-        "model.hid_S=16", "model.hid_T=64", "model.N_S=2", "model.N_T=4", "model.mlp_ratio=4",
-        "train.batch_size=4", "train.lr=2e-3", "train.weight_decay=1e-4", "eval_max_videos=0", "eval_batch_size=8",
+        "mode=frames",
+        "train_splits=train,unlabeled",
+        "model.residual=true",
+        "model.hid_S=16",
+        "model.hid_T=64",
+        "model.N_S=2",
+        "model.N_T=4",
+        "model.mlp_ratio=4",
+        "train.batch_size=4",
+        "train.lr=2e-3",
+        "train.weight_decay=1e-4",
+        "eval_max_videos=0",
+        "eval_batch_size=8",
     ],
     "raft": [
-        "model.variant=small", "model.num_flow_updates=6", "photometric=ssim_l1", "train_splits=train,unlabeled",
-        "train.batch_size=4", "train.lr=4e-4", "train.weight_decay=1e-5", "eval_max_pairs=200", "eval_batch_size=8",
+        "model.variant=small",
+        "model.num_flow_updates=6",
+        "photometric=ssim_l1",
+        "train_splits=train,unlabeled",
+        "train.batch_size=4",
+        "train.lr=4e-4",
+        "train.weight_decay=1e-5",
+        "eval_max_pairs=200",
+        "eval_batch_size=8",
     ],
 }
-STAGE_OF = {"seg": ("seg", "seg/default"), "simvp_masks": ("simvp", "simvp/masks"),
-            "simvp_frames": ("simvp", "simvp/frames"), "raft": ("raft", "raft/default")}
+STAGE_OF = {
+    "seg": ("seg", "seg/default"),
+    "simvp_masks": ("simvp", "simvp/masks"),
+    "simvp_frames": ("simvp", "simvp/frames"),
+    "raft": ("raft", "raft/default"),
+}
 COMMON = ["train.num_workers=0", "train.save_every_steps=0", "train.save_every_minutes=0", "train.progress=plain"]
 
 
@@ -90,7 +126,12 @@ def seconds_per_step(stage: str, data: Path, probe_dir: Path, overrides: list[st
     metrics lines (the first step, with its start-up costs, excluded). Other jobs sharing the CPU
     only ever slow steps down, so the faster steps estimate this machine's own speed best."""
     shutil.rmtree(probe_dir, ignore_errors=True)
-    worker(stage, data, probe_dir, overrides + COMMON + ["train.max_steps=7", "train.log_every=1", "train.eval_at_end=false"])
+    worker(
+        stage,
+        data,
+        probe_dir,
+        overrides + COMMON + ["train.max_steps=7", "train.log_every=1", "train.eval_at_end=false"],
+    )
     times = [line["time"] for line in read_metrics(probe_dir)]
     gaps = sorted(b - a for a, b in zip(times, times[1:]))
     shutil.rmtree(probe_dir, ignore_errors=True)
@@ -105,10 +146,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hpcvp-bench-quality"), help="scratch dir (wiped)")
     parser.add_argument("--out", type=Path, default=Path("/work/bench_results/quality.md"))
-    parser.add_argument("--ablate-copy-prior", action="store_true",
-                        help="after the budgeted run, also train SimVP masks with model.copy_prior=0 (the "
-                             "published model) for the same steps and score pipeline (a) with it; its time "
-                             "is reported apart from the budget")
+    parser.add_argument(
+        "--ablate-copy-prior",
+        action="store_true",
+        help="after the budgeted run, also train SimVP masks with model.copy_prior=0 (the "
+        "published model) for the same steps and score pipeline (a) with it; its time "
+        "is reported apart from the budget",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -142,8 +186,12 @@ def main(argv=None) -> int:
         stage, run_name = STAGE_OF[key]
         if key == "simvp_masks" and not pseudo_done:
             t0 = time.monotonic()
-            worker("pseudo-label", data, runs / "pseudo-label" / "default",
-                   [f"seg_run={runs / 'seg' / 'default'}", "splits=unlabeled,hidden", "train.num_workers=0"])
+            worker(
+                "pseudo-label",
+                data,
+                runs / "pseudo-label" / "default",
+                [f"seg_run={runs / 'seg' / 'default'}", "splits=unlabeled,hidden", "train.num_workers=0"],
+            )
             timings["pseudo-label"] = time.monotonic() - t0
             pseudo_done = True
         t0 = time.monotonic()
@@ -154,20 +202,41 @@ def main(argv=None) -> int:
         steps = max(10, int(0.9 * share / per_step))
         steps_of[key] = steps
         run_dir = runs / run_name
-        worker(stage, data, run_dir, overrides + COMMON + [f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"])
+        worker(
+            stage,
+            data,
+            run_dir,
+            overrides + COMMON + [f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"],
+        )
         elapsed = time.monotonic() - t0
         timings[key] = elapsed
         last = read_metrics(run_dir)[-1]
         metrics = {k: v for k, v in last.items() if k.startswith("val_") or k in ("loss",)}
-        rows.append([key, steps, f"{per_step:.2f}", f"{elapsed / 60:.1f}", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())])
+        rows.append(
+            [
+                key,
+                steps,
+                f"{per_step:.2f}",
+                f"{elapsed / 60:.1f}",
+                ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+            ]
+        )
 
     t0 = time.monotonic()
     predict_dir = runs / "predict" / "default"
-    worker("predict", data, predict_dir, [
-        f"seg_run={runs / 'seg' / 'default'}", f"simvp_masks_run={runs / 'simvp' / 'masks'}",
-        f"simvp_frames_run={runs / 'simvp' / 'frames'}", f"raft_run={runs / 'raft' / 'default'}",
-        "train.num_workers=0", "batch_size=8",
-    ])
+    worker(
+        "predict",
+        data,
+        predict_dir,
+        [
+            f"seg_run={runs / 'seg' / 'default'}",
+            f"simvp_masks_run={runs / 'simvp' / 'masks'}",
+            f"simvp_frames_run={runs / 'simvp' / 'frames'}",
+            f"raft_run={runs / 'raft' / 'default'}",
+            "train.num_workers=0",
+            "batch_size=8",
+        ],
+    )
     timings["predict"] = time.monotonic() - t0
     total = time.monotonic() - start
     report = json.loads((predict_dir / "jaccard.json").read_text())
@@ -183,12 +252,27 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         plain_run = runs / "simvp" / "masks-plain"
         steps = steps_of["simvp_masks"]
-        worker("simvp", data, plain_run, STAGE_SETTINGS["simvp_masks"] + COMMON + [
-            "model.copy_prior=0", f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"])
+        worker(
+            "simvp",
+            data,
+            plain_run,
+            STAGE_SETTINGS["simvp_masks"]
+            + COMMON
+            + ["model.copy_prior=0", f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"],
+        )
         plain_predict = runs / "predict" / "plain"
-        worker("predict", data, plain_predict, [
-            f"seg_run={runs / 'seg' / 'default'}", f"simvp_masks_run={plain_run}", "pipelines=a",
-            "train.num_workers=0", "batch_size=8"])
+        worker(
+            "predict",
+            data,
+            plain_predict,
+            [
+                f"seg_run={runs / 'seg' / 'default'}",
+                f"simvp_masks_run={plain_run}",
+                "pipelines=a",
+                "train.num_workers=0",
+                "batch_size=8",
+            ],
+        )
         plain_a = json.loads((plain_predict / "jaccard.json").read_text())["scores"]["a"]
         ablation = [
             "\n## Ablation: the copy-last prior (outside the budget)\n\n",
@@ -203,8 +287,11 @@ def main(argv=None) -> int:
     diagnosis = [
         f"- U-Net per-frame val Jaccard {seg_jaccard:.4f}: (a), (b), (c) and (e) all start from U-Net masks.\n",
         f"- SimVP masks fed the TRUE masks 1-11 (a*) = {a_oracle:.4f} vs copying the true mask 11 (d) = {d:.4f}: "
-        + ("the dynamics model improves on no-motion.\n" if a_oracle > d else
-           "the dynamics model does not yet improve on no-motion, so (a) cannot beat (d).\n"),
+        + (
+            "the dynamics model improves on no-motion.\n"
+            if a_oracle > d
+            else "the dynamics model does not yet improve on no-motion, so (a) cannot beat (d).\n"
+        ),
         f"- (a) vs (e) (both from U-Net masks): {a:.4f} vs {e:.4f}.\n",
         f"- RAFT: warping mask t to t+1 scores {raft_last.get('val_warp_jaccard', float('nan')):.4f} "
         f"vs {raft_last.get('val_copy_jaccard', float('nan')):.4f} for no warp.\n",
@@ -230,8 +317,11 @@ def main(argv=None) -> int:
         table.split("\n", 1)[1] if table.startswith("#") else table,
         "\n## Verdict\n\n",
         f"(a) = {a:.4f}, (d) copy true mask 11 = {d:.4f}, (e) U-Net on frame 11 = {e:.4f}. ",
-        ("(a) beats both (d) and (e).\n" if a > d and a > e else
-         f"(a) does NOT beat {'both (d) and (e)' if a <= d and a <= e else ('(d)' if a <= d else '(e)')}.\n"),
+        (
+            "(a) beats both (d) and (e).\n"
+            if a > d and a > e
+            else f"(a) does NOT beat {'both (d) and (e)' if a <= d and a <= e else ('(d)' if a <= d else '(e)')}.\n"
+        ),
         "\n",
         *diagnosis,
         *ablation,

@@ -34,15 +34,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcvp.train import (  # noqa: E402
+from hpcvp.train import (
     RunDir,
     TrainConfig,
     Trainer,
     init_distributed,
     single_process_env,
 )
-from hpcvp.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from hpcvp.train.rng import seed_everything  # noqa: E402
+from hpcvp.train.checkpoint import load_checkpoint, save_checkpoint
+from hpcvp.train.rng import seed_everything
 
 # --------------------------------------------------------------------------- workload
 
@@ -67,9 +67,14 @@ def make_net(kind: str = "conv", classes: int = 8, width: int = 32) -> nn.Module
         # next to no compute: what remains is the loop's own per-step cost
         return nn.Conv2d(3, classes, 1)
     return nn.Sequential(
-        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-        nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(3, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1),
+        nn.ReLU(),
         nn.Conv2d(width, classes, 1),
     )
 
@@ -106,9 +111,19 @@ class BenchTask:
 
 def train_cfg(args) -> TrainConfig:
     return TrainConfig(
-        max_steps=args.steps, batch_size=args.batch, lr=1e-3, schedule="onecycle", clip_grad=1.0,
-        num_workers=0, save_every_steps=0, save_every_minutes=0, eval_every=0, eval_at_end=False,
-        log_every=50, progress="off", amp="off",
+        max_steps=args.steps,
+        batch_size=args.batch,
+        lr=1e-3,
+        schedule="onecycle",
+        clip_grad=1.0,
+        num_workers=0,
+        save_every_steps=0,
+        save_every_minutes=0,
+        eval_every=0,
+        eval_at_end=False,
+        log_every=50,
+        progress="off",
+        amp="off",
     )
 
 
@@ -136,10 +151,12 @@ def run_bare(args, env) -> list[float]:
     cfg = train_cfg(args)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.max_steps,
-                                                pct_start=cfg.warmup_frac)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=cfg.max_steps, pct_start=cfg.warmup_frac
+    )
     stamps, step, epoch = [], 0, 0
     while step < cfg.max_steps:
         if env.distributed:
@@ -182,9 +199,12 @@ def overhead_rounds(args, env, workdir: Path) -> list[tuple[float, float]]:
             times[kind] = steady_step_time(stamps, args.skip)
         rounds.append((times["bare"], times["engine"]))
         if env.is_main:
-            print(f"  round {r}: bare {times['bare'][0] * 1e3:.2f} ms/step "
-                  f"(cpu {times['bare'][1] * 1e3:.2f}), engine {times['engine'][0] * 1e3:.2f} "
-                  f"ms/step (cpu {times['engine'][1] * 1e3:.2f})", flush=True)
+            print(
+                f"  round {r}: bare {times['bare'][0] * 1e3:.2f} ms/step "
+                f"(cpu {times['bare'][1] * 1e3:.2f}), engine {times['engine'][0] * 1e3:.2f} "
+                f"ms/step (cpu {times['engine'][1] * 1e3:.2f})",
+                flush=True,
+            )
     return rounds
 
 
@@ -192,8 +212,13 @@ def _ddp_worker(rank: int, args, port: int, workdir: str, queue) -> None:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     env = init_distributed(
-        env={"RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        env={
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        },
         use_cuda=False,
     )
     rounds = overhead_rounds(args, env, Path(workdir))
@@ -227,8 +252,7 @@ def bench_checkpoints(sizes_mb: list[int], repeats: int, workdir: Path) -> list[
     for size_mb in sizes_mb:
         numel = size_mb * (1 << 20) // 4
         chunk = 1 << 22  # 16 MB tensors, like a model's larger weights
-        tensors = {f"w{i}": torch.randn(min(chunk, numel - i * chunk))
-                   for i in range((numel + chunk - 1) // chunk)}
+        tensors = {f"w{i}": torch.randn(min(chunk, numel - i * chunk)) for i in range((numel + chunk - 1) // chunk)}
         state = {"step": 1, "model": tensors}
         timings = {"save": [], "load": [], "torch_save": [], "torch_load": []}
         for _ in range(repeats):
@@ -253,8 +277,11 @@ def bench_checkpoints(sizes_mb: list[int], repeats: int, workdir: Path) -> list[
         row = {"size_mb": size_mb}
         row.update({k: statistics.median(v) for k, v in timings.items()})
         rows.append(row)
-        print(f"  {size_mb} MB: save {row['save']:.3f}s load {row['load']:.3f}s "
-              f"(torch.save {row['torch_save']:.3f}s, torch.load {row['torch_load']:.3f}s)", flush=True)
+        print(
+            f"  {size_mb} MB: save {row['save']:.3f}s load {row['load']:.3f}s "
+            f"(torch.save {row['torch_save']:.3f}s, torch.load {row['torch_load']:.3f}s)",
+            flush=True,
+        )
         del tensors, state
     return rows
 
@@ -272,8 +299,10 @@ def machine_line() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {gpu}; Python "
-            f"{platform.python_version()}, torch {torch.__version__}")
+    return (
+        f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {gpu}; Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
 
 
 def main(argv=None) -> int:
@@ -302,8 +331,9 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     try:
         print("per-step cost of the loop itself (null model):", flush=True)
-        null_args = argparse.Namespace(**{**vars(args), "kind": "null", "hw": 4,
-                                          "steps": args.null_steps, "skip": 50, "samples": 4096})
+        null_args = argparse.Namespace(
+            **{**vars(args), "kind": "null", "hw": 4, "steps": args.null_steps, "skip": 50, "samples": 4096}
+        )
         null = summarize(overhead_rounds(null_args, single_process_env(), workdir))
         print("loop overhead, 1 process:", flush=True)
         single = summarize(overhead_rounds(args, single_process_env(), workdir))
@@ -319,8 +349,7 @@ def main(argv=None) -> int:
                 port = s.getsockname()[1]
             ctx = mp.get_context("spawn")
             queue = ctx.SimpleQueue()
-            mp.start_processes(_ddp_worker, args=(args, port, str(workdir), queue), nprocs=2,
-                               start_method="spawn")
+            mp.start_processes(_ddp_worker, args=(args, port, str(workdir), queue), nprocs=2, start_method="spawn")
             ddp = summarize(queue.get())
         print("checkpoint save/load:", flush=True)
         sizes = [int(s) for s in args.sizes_mb.split(",") if s]
@@ -350,8 +379,11 @@ def main(argv=None) -> int:
         "| setting | clock | bare loop ms/step | hpcvp Trainer ms/step | overhead (median of rounds) | best vs best | range over rounds |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, summary in (("null model (1x1 conv, 16x3x4x4), 1 process", null),
-                          ("conv net, 1 process", single), ("conv net, 2 processes, DDP gloo", ddp)):
+    for name, summary in (
+        ("null model (1x1 conv, 16x3x4x4), 1 process", null),
+        ("conv net, 1 process", single),
+        ("conv net, 2 processes, DDP gloo", ddp),
+    ):
         if summary is None:
             continue
         for clock in ("cpu", "wall"):

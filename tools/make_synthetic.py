@@ -12,7 +12,7 @@ from pathlib import Path
 # Lets the script run from a clone without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hpcvp.data.synthetic import main  # noqa: E402
+from hpcvp.data.synthetic import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -28,8 +28,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import submitit
 
@@ -96,8 +97,10 @@ class HpcvpJob(submitit.helpers.Checkpointable):
                 # scancel (CANCELLED) must stay cancelled; a scheduler preempting with requeue
                 # (PREEMPTED, REQUEUE*) requeues by itself. Only a job still RUNNING (pre-timeout
                 # USR2, or an interrupt that Slurm did not act on) is requeued here.
-                print(f"hpcvp: {self.description}: saved; the job is {state or 'gone'}, so it is not requeued here",
-                      flush=True)
+                print(
+                    f"hpcvp: {self.description}: saved; the job is {state or 'gone'}, so it is not requeued here",
+                    flush=True,
+                )
                 raise SystemExit(EXIT_REQUEUE)
             job_env = submitit.JobEnvironment()
             try:
@@ -144,8 +147,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_local(entry: str, argv: Sequence[str], processes: int, env: dict[str, str] | None = None,
-              log_dir: Path | None = None) -> int:
+def run_local(
+    entry: str, argv: Sequence[str], processes: int, env: dict[str, str] | None = None, log_dir: Path | None = None
+) -> int:
     """Run ``entry(argv)`` here: in this process for one, else ``processes`` child processes.
 
     Children get RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT, like torchrun.
@@ -164,8 +168,9 @@ def run_local(entry: str, argv: Sequence[str], processes: int, env: dict[str, st
     )
     port = free_port()
     # Share the cores: by default every torch process would start one thread per core.
-    threads = str(max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-                      // processes))
+    threads = str(
+        max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // processes)
+    )
     children: list[subprocess.Popen] = []
     logs = []
     for rank in range(processes):
@@ -173,8 +178,12 @@ def run_local(entry: str, argv: Sequence[str], processes: int, env: dict[str, st
         child_env.setdefault("OMP_NUM_THREADS", threads)
         child_env.update(env or {})
         child_env.update(
-            RANK=str(rank), WORLD_SIZE=str(processes), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(processes),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=str(processes),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(processes),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
         )
         stdout = None
         if log_dir is not None and rank > 0:  # rank 0 talks to the terminal; the others to files
@@ -182,10 +191,16 @@ def run_local(entry: str, argv: Sequence[str], processes: int, env: dict[str, st
             handle = open(log_dir / f"local_rank{rank}.log", "ab")
             logs.append(handle)
             stdout = handle
-        children.append(subprocess.Popen([sys.executable, "-c", code, *argv], env=child_env,
-                                         stdout=stdout, stderr=subprocess.STDOUT if stdout else None))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code, *argv],
+                env=child_env,
+                stdout=stdout,
+                stderr=subprocess.STDOUT if stdout else None,
+            )
+        )
 
-    def forward(signum, frame):  # noqa: ARG001 - signal API
+    def forward(signum, frame):
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)

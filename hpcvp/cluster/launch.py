@@ -18,9 +18,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from hpcvp.cluster import pipeline, preflight
 from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
@@ -37,8 +37,17 @@ WORKER_ENTRY = "hpcvp.stages.worker:run_worker"
 PACK_ENTRY = "hpcvp.data.shards:main"
 PIPELINE = ("pack", "seg", "pseudo-label", "simvp", "predict")
 SINGLE_STAGES = ("pack", "seg", "pseudo-label", "slot", "raft", "simvp", "predict")
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-                   "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 DEFAULT_RUN_NAME = "default"
 
 
@@ -60,70 +69,146 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     what = parser.add_argument_group("what to run")
-    what.add_argument("--stage", choices=(*SINGLE_STAGES, "all"),
-                      help="the stage to run; 'all' runs pack -> seg -> pseudo-label -> simvp (masks) -> predict, "
-                           "on Slurm as jobs chained with afterok dependencies (pack only with --src)")
-    what.add_argument("--data", metavar="DIR",
-                      help="packed dataset directory (with manifest.json); 'default' = the built-in synthetic set "
-                           "(built once). Without Slurm (and on the local test cluster) it defaults to 'default'")
-    what.add_argument("--src", metavar="DIR", type=Path,
-                      help="raw dataset root (train/ val/ unlabeled/ hidden/) for --stage pack, and for the pack job "
-                           "of --stage all, which then writes the packed set to --data")
-    what.add_argument("--stage-local", action="store_true",
-                      help="each job first copies the shards it reads to node-local disk ($SLURM_TMPDIR, else $TMPDIR), "
-                           "checks them against the manifest and reads them there (stages that write the data, "
-                           "pack and pseudo-label, keep using --data)")
-    what.add_argument("--run", metavar="NAME", default=DEFAULT_RUN_NAME,
-                      help="run name: the run dir is RUN_ROOT/<stage>/NAME; launching the same name again resumes it (default: default)")
-    what.add_argument("--run-root", metavar="DIR", type=Path, default=None,
-                      help="where run dirs live (default: $HPCVP_RUN_ROOT, else ./runs)")
-    what.add_argument("--preset", choices=("tiny", "full"), default=None,
-                      help="stage size preset (default: the cluster profile's: 'full' on Greene/Torch, "
-                           "'tiny' locally and on the local test cluster)")
-    what.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="stage config override, repeatable (e.g. train.max_steps=2000); with --stage all, "
-                           "'STAGE:KEY=VALUE' targets one stage and a bare KEY=VALUE goes to every stage that has KEY")
+    what.add_argument(
+        "--stage",
+        choices=(*SINGLE_STAGES, "all"),
+        help="the stage to run; 'all' runs pack -> seg -> pseudo-label -> simvp (masks) -> predict, "
+        "on Slurm as jobs chained with afterok dependencies (pack only with --src)",
+    )
+    what.add_argument(
+        "--data",
+        metavar="DIR",
+        help="packed dataset directory (with manifest.json); 'default' = the built-in synthetic set "
+        "(built once). Without Slurm (and on the local test cluster) it defaults to 'default'",
+    )
+    what.add_argument(
+        "--src",
+        metavar="DIR",
+        type=Path,
+        help="raw dataset root (train/ val/ unlabeled/ hidden/) for --stage pack, and for the pack job "
+        "of --stage all, which then writes the packed set to --data",
+    )
+    what.add_argument(
+        "--stage-local",
+        action="store_true",
+        help="each job first copies the shards it reads to node-local disk ($SLURM_TMPDIR, else $TMPDIR), "
+        "checks them against the manifest and reads them there (stages that write the data, "
+        "pack and pseudo-label, keep using --data)",
+    )
+    what.add_argument(
+        "--run",
+        metavar="NAME",
+        default=DEFAULT_RUN_NAME,
+        help="run name: the run dir is RUN_ROOT/<stage>/NAME; launching the same name again resumes it (default: default)",
+    )
+    what.add_argument(
+        "--run-root",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="where run dirs live (default: $HPCVP_RUN_ROOT, else ./runs)",
+    )
+    what.add_argument(
+        "--preset",
+        choices=("tiny", "full"),
+        default=None,
+        help="stage size preset (default: the cluster profile's: 'full' on Greene/Torch, "
+        "'tiny' locally and on the local test cluster)",
+    )
+    what.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="stage config override, repeatable (e.g. train.max_steps=2000); with --stage all, "
+        "'STAGE:KEY=VALUE' targets one stage and a bare KEY=VALUE goes to every stage that has KEY",
+    )
 
     where = parser.add_argument_group("where and with what")
-    where.add_argument("--cluster", default="auto", metavar="NAME",
-                       help="cluster profile: auto (Slurm's ClusterName when sbatch is on PATH, else local), greene, "
-                            "torch, slurm-local, slurm, local, or one from ~/.config/hpcvp/clusters.json / $HPCVP_CLUSTERS")
-    where.add_argument("--gpus", type=int, default=1, metavar="N",
-                       help="GPUs per node = Slurm tasks per node (one rank per GPU); on clusters without GPUs "
-                            "(local, slurm-local) N CPU processes with gloo (default: 1)")
+    where.add_argument(
+        "--cluster",
+        default="auto",
+        metavar="NAME",
+        help="cluster profile: auto (Slurm's ClusterName when sbatch is on PATH, else local), greene, "
+        "torch, slurm-local, slurm, local, or one from ~/.config/hpcvp/clusters.json / $HPCVP_CLUSTERS",
+    )
+    where.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GPUs per node = Slurm tasks per node (one rank per GPU); on clusters without GPUs "
+        "(local, slurm-local) N CPU processes with gloo (default: 1)",
+    )
     where.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes per job (default: 1)")
     where.add_argument("--account", metavar="A", help="Slurm account (Greene: pr_<N>_general; Torch: torch_pr_*)")
     where.add_argument("--partition", metavar="P", help="Slurm partition (checked against sinfo)")
-    where.add_argument("--constraint", metavar="C",
-                       help="Slurm --constraint, e.g. 'h200|l40s' on Torch (features checked against sinfo)")
-    where.add_argument("--gpu-type", metavar="T",
-                       help="GPU type: Greene puts it in --gres=gpu:T:N (rtx8000, v100, a100, h100); Torch in --constraint")
+    where.add_argument(
+        "--constraint",
+        metavar="C",
+        help="Slurm --constraint, e.g. 'h200|l40s' on Torch (features checked against sinfo)",
+    )
+    where.add_argument(
+        "--gpu-type",
+        metavar="T",
+        help="GPU type: Greene puts it in --gres=gpu:T:N (rtx8000, v100, a100, h100); Torch in --constraint",
+    )
     where.add_argument("--time", metavar="T", help="time limit: HH:MM:SS, D-HH:MM:SS, 90m, 2h (default: the profile's)")
-    where.add_argument("--mem", metavar="GB",
-                       help="memory per node in GB ('64' or '64G'; default: the profile's GB per GPU x --gpus)")
+    where.add_argument(
+        "--mem", metavar="GB", help="memory per node in GB ('64' or '64G'; default: the profile's GB per GPU x --gpus)"
+    )
     where.add_argument("--cpus-per-gpu", type=int, metavar="N", help="CPU cores per task (default: the profile's)")
-    where.add_argument("--preemptible", action="store_true",
-                       help="run as preemptible where the cluster offers it (Torch: --comment=preemption=yes;requeue=true); "
-                            "preempted jobs save and requeue")
-    where.add_argument("--container", metavar="SIF", type=Path,
-                       help="run python inside this Singularity image (singularity exec --nv ...)")
-    where.add_argument("--overlay", metavar="EXT3", type=Path,
-                       help="ext3 overlay with the Python environment, mounted read-only (its /ext3/env.sh is sourced)")
-    where.add_argument("--max-requeues", type=int, default=5, metavar="N",
-                       help="requeue after a time-out or preemption at most N times (default: 5)")
-    where.add_argument("--signal-seconds", type=int, metavar="S",
-                       help="send the pre-timeout USR2 this many seconds before the time limit (default: the profile's)")
-    where.add_argument("--dependency", metavar="DEP",
-                       help="Slurm dependency for the (first) job, e.g. afterok:12345")
+    where.add_argument(
+        "--preemptible",
+        action="store_true",
+        help="run as preemptible where the cluster offers it (Torch: --comment=preemption=yes;requeue=true); "
+        "preempted jobs save and requeue",
+    )
+    where.add_argument(
+        "--container",
+        metavar="SIF",
+        type=Path,
+        help="run python inside this Singularity image (singularity exec --nv ...)",
+    )
+    where.add_argument(
+        "--overlay",
+        metavar="EXT3",
+        type=Path,
+        help="ext3 overlay with the Python environment, mounted read-only (its /ext3/env.sh is sourced)",
+    )
+    where.add_argument(
+        "--max-requeues",
+        type=int,
+        default=5,
+        metavar="N",
+        help="requeue after a time-out or preemption at most N times (default: 5)",
+    )
+    where.add_argument(
+        "--signal-seconds",
+        type=int,
+        metavar="S",
+        help="send the pre-timeout USR2 this many seconds before the time limit (default: the profile's)",
+    )
+    where.add_argument("--dependency", metavar="DEP", help="Slurm dependency for the (first) job, e.g. afterok:12345")
 
     actions = parser.add_argument_group("actions")
-    actions.add_argument("--dry-run", action="store_true",
-                         help="print the exact batch script(s) and submitit parameters (or local commands); submit nothing")
-    actions.add_argument("--status", action="store_true",
-                         help="print a table of the runs under the run root (stage, job id, sacct state, restarts, "
-                              "last checkpoint step, last metric) and exit")
-    actions.add_argument("--wait", action="store_true",
-                         help="after submitting, wait until the job(s) end and exit non-zero unless all COMPLETED")
+    actions.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the exact batch script(s) and submitit parameters (or local commands); submit nothing",
+    )
+    actions.add_argument(
+        "--status",
+        action="store_true",
+        help="print a table of the runs under the run root (stage, job id, sacct state, restarts, "
+        "last checkpoint step, last metric) and exit",
+    )
+    actions.add_argument(
+        "--wait",
+        action="store_true",
+        help="after submitting, wait until the job(s) end and exit non-zero unless all COMPLETED",
+    )
     return parser
 
 
@@ -195,8 +280,15 @@ def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str
     return per_stage
 
 
-def make_request(profile: ClusterProfile, args: argparse.Namespace, stage: str, run_dir: Path, data: str | None,
-                 preset: str, overrides: list[str]) -> JobRequest:
+def make_request(
+    profile: ClusterProfile,
+    args: argparse.Namespace,
+    stage: str,
+    run_dir: Path,
+    data: str | None,
+    preset: str,
+    overrides: list[str],
+) -> JobRequest:
     cpus_per_gpu = args.cpus_per_gpu or profile.cpus_per_gpu
     try:
         time_minutes = parse_time_minutes(args.time or profile.default_time)
@@ -276,8 +368,9 @@ def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | Non
 # Pre-flight
 
 
-def run_preflight(profile: ClusterProfile, args: argparse.Namespace, jobs: list[PlannedJob], data: str | None,
-                  preset: str) -> list[preflight.Problem]:
+def run_preflight(
+    profile: ClusterProfile, args: argparse.Namespace, jobs: list[PlannedJob], data: str | None, preset: str
+) -> list[preflight.Problem]:
     from hpcvp.stages import ConfigError, build_config, get_stage
 
     problems: list[preflight.Problem] = []
@@ -311,10 +404,13 @@ def run_preflight(profile: ClusterProfile, args: argparse.Namespace, jobs: list[
             except ConfigError as exc:
                 problems.append(preflight.Problem("config", f"stage {request.stage}: {exc}"))
                 spec = None
-            if spec is not None and spec.writes_data and data and "pack" not in stages:
-                if not os.access(data, os.W_OK):
-                    problems.append(preflight.Problem(
-                        "data", f"--data {data}: stage {request.stage} writes into the packed set, which is not writable"))
+            if spec is not None and spec.writes_data and data and "pack" not in stages and not os.access(data, os.W_OK):
+                problems.append(
+                    preflight.Problem(
+                        "data",
+                        f"--data {data}: stage {request.stage} writes into the packed set, which is not writable",
+                    )
+                )
             problems += preflight.check_gpus(profile, request, facts)
         if profile.is_slurm:
             assert facts is not None
@@ -379,12 +475,19 @@ def dry_run(profile: ClusterProfile, jobs: list[PlannedJob], why: str, out=None)
         out.write(f"\n# ---- job {index}/{len(jobs)}: {request.stage}\n")
         if profile.is_slurm:
             params = submitit_parameters(profile, request)
-            out.write(f"# submitit.SlurmExecutor(folder={str(request.job_folder)!r}, "
-                      f"max_num_timeout={request.max_requeues}, python={python_command(profile, request)!r})\n")
-            out.write("# executor.update_parameters(**" + json.dumps(params, indent=2, sort_keys=True, default=str)
-                      .replace("\n", "\n# ") + ")\n")
-            out.write(f"# executor.submit(HpcvpJob({request.module!r}, {request.argv!r}, "
-                      f"max_requeues={request.max_requeues}))\n")
+            out.write(
+                f"# submitit.SlurmExecutor(folder={str(request.job_folder)!r}, "
+                f"max_num_timeout={request.max_requeues}, python={python_command(profile, request)!r})\n"
+            )
+            out.write(
+                "# executor.update_parameters(**"
+                + json.dumps(params, indent=2, sort_keys=True, default=str).replace("\n", "\n# ")
+                + ")\n"
+            )
+            out.write(
+                f"# executor.submit(HpcvpJob({request.module!r}, {request.argv!r}, "
+                f"max_requeues={request.max_requeues}))\n"
+            )
             out.write("# the sbatch script submitit writes:\n")
             out.write(render_submitit_script(profile, request))
         else:
@@ -436,8 +539,16 @@ def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluste
             cancelled = f"; cancelled the jobs already submitted ({', '.join(earlier)})" if earlier else ""
             raise LaunchError(f"sbatch refused the {request.stage} job: {str(exc).strip()}{cancelled}") from exc
         job.job_id = str(submitted.job_id)
-        record_event(request.run_dir, event="submitted", job_id=job.job_id, via="submitit", stage=request.stage,
-                     cluster=profile.name, dependency=request.dependency or "", argv=request.argv)
+        record_event(
+            request.run_dir,
+            event="submitted",
+            job_id=job.job_id,
+            via="submitit",
+            stage=request.stage,
+            cluster=profile.name,
+            dependency=request.dependency or "",
+            argv=request.argv,
+        )
         by_stage[request.stage] = job
     print_jobs_table(console, jobs, f"submitted to {cluster_line}")
 
@@ -448,8 +559,15 @@ def run_jobs_locally(jobs: list[PlannedJob]) -> int:
     for job in jobs:
         request = job.request
         processes = max(1, request.gpus_per_node) * request.nodes
-        record_event(request.run_dir, event="started", via="local", stage=request.stage, pid=os.getpid(),
-                     processes=processes, argv=request.argv)
+        record_event(
+            request.run_dir,
+            event="started",
+            via="local",
+            stage=request.stage,
+            pid=os.getpid(),
+            processes=processes,
+            argv=request.argv,
+        )
         say(f"hpcvp: {request.stage}: {processes} local process(es); run dir {request.run_dir}")
         status = executor.run_local(request.module, request.argv, processes, log_dir=request.run_dir / "logs")
         state = {0: "COMPLETED", executor.EXIT_REQUEUE: "PREEMPTED"}.get(status, "FAILED")
@@ -478,8 +596,10 @@ def resolve_data(args: argparse.Namespace, profile: ClusterProfile, dry: bool) -
             reason = f"no --data on {profile.name!r}"
         else:
             reason = "no Slurm here and no --data"
-        say(f"hpcvp: {reason}: running {args.stage} on the built-in synthetic dataset "
-            f"(built once under {default_cache_root()})")
+        say(
+            f"hpcvp: {reason}: running {args.stage} on the built-in synthetic dataset "
+            f"(built once under {default_cache_root()})"
+        )
         return str(ensure_default_dataset())
     if data is None:
         if args.stage == "pack" or (args.stage == "all" and args.src is not None):
@@ -512,8 +632,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         dry_run(profile, jobs, why)
         if problems:
-            print(f"# {preflight.PreflightError(problems)}".replace("nothing was submitted", "a real launch would stop here"),
-                  file=sys.stderr)
+            print(
+                f"# {preflight.PreflightError(problems)}".replace(
+                    "nothing was submitted", "a real launch would stop here"
+                ),
+                file=sys.stderr,
+            )
             return 2
         return 0
     if problems:

@@ -13,9 +13,9 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from hpcvp.cluster.profiles import ClusterProfile
 from hpcvp.cluster.sbatch import (
@@ -161,18 +161,24 @@ def check_account(profile: ClusterProfile, request: JobRequest, facts: SlurmFact
         return []
     problems = []
     if profile.account_pattern and not re.search(profile.account_pattern, request.account):
-        problems.append(Problem(
-            "account",
-            f"--account {request.account}: accounts on {profile.name!r} match {profile.account_pattern!r}{example}",
-        ))
+        problems.append(
+            Problem(
+                "account",
+                f"--account {request.account}: accounts on {profile.name!r} match {profile.account_pattern!r}{example}",
+            )
+        )
     if accounts is None:
-        problems.append(Problem("account", f"--account {request.account}: cannot ask sacctmgr ({facts.accounts_error})"))
+        problems.append(
+            Problem("account", f"--account {request.account}: cannot ask sacctmgr ({facts.accounts_error})")
+        )
     elif request.account not in accounts:
-        problems.append(Problem(
-            "account",
-            f"--account {request.account}: sacctmgr knows no association of user {facts.user!r} with it"
-            f"{yours or ' (sacctmgr lists none for you)'}",
-        ))
+        problems.append(
+            Problem(
+                "account",
+                f"--account {request.account}: sacctmgr knows no association of user {facts.user!r} with it"
+                f"{yours or ' (sacctmgr lists none for you)'}",
+            )
+        )
     return problems
 
 
@@ -188,9 +194,11 @@ def check_partition_and_constraint(profile: ClusterProfile, request: JobRequest,
         return [Problem("partition", f"cannot ask sinfo for partitions ({facts.partitions_error})")]
     problems = []
     if request.partition and request.partition not in parts:
-        problems.append(Problem(
-            "partition", f"--partition {request.partition}: no such partition (sinfo: {', '.join(sorted(parts))})"
-        ))
+        problems.append(
+            Problem(
+                "partition", f"--partition {request.partition}: no such partition (sinfo: {', '.join(sorted(parts))})"
+            )
+        )
     constraint = constraint_for(profile, request)
     if constraint:
         partition = _target_partition(request, parts) if request.partition else None
@@ -198,11 +206,13 @@ def check_partition_and_constraint(profile: ClusterProfile, request: JobRequest,
         where = f"partition {partition.name!r}" if partition else "this cluster"
         for feature in constraint_features(constraint):
             if feature not in known:
-                problems.append(Problem(
-                    "constraint",
-                    f"--constraint {constraint!r}: feature {feature!r} is on no node of {where} "
-                    f"(sinfo features: {', '.join(sorted(known)) or 'none'})",
-                ))
+                problems.append(
+                    Problem(
+                        "constraint",
+                        f"--constraint {constraint!r}: feature {feature!r} is on no node of {where} "
+                        f"(sinfo features: {', '.join(sorted(known)) or 'none'})",
+                    )
+                )
     return problems
 
 
@@ -213,11 +223,13 @@ def check_gpus(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
     if request.nodes < 1:
         problems.append(Problem("gpus", f"--nodes {request.nodes}: need at least 1"))
     if profile.max_nodes is not None and request.nodes > profile.max_nodes:
-        problems.append(Problem("gpus", f"--nodes {request.nodes}: {profile.name!r} allows at most {profile.max_nodes}"))
+        problems.append(
+            Problem("gpus", f"--nodes {request.nodes}: {profile.name!r} allows at most {profile.max_nodes}")
+        )
     if request.gpu_type and profile.gpu_types and request.gpu_type not in profile.gpu_types:
-        problems.append(Problem(
-            "gpus", f"--gpu-type {request.gpu_type}: {profile.name!r} has {', '.join(profile.gpu_types)}"
-        ))
+        problems.append(
+            Problem("gpus", f"--gpu-type {request.gpu_type}: {profile.name!r} has {', '.join(profile.gpu_types)}")
+        )
     limit, why = profile.max_gpus_per_node, f"the {profile.name!r} profile"
     if limit is None and facts is not None and profile.is_slurm:
         parts = facts.partitions() or {}
@@ -225,8 +237,10 @@ def check_gpus(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
         if partition is not None:
             if profile.gpus_are_cpus:
                 limit = partition.max_cpus_per_node // max(1, request.cpus_per_task)
-                why = (f"partition {partition.name!r} ({partition.max_cpus_per_node} CPUs per node, "
-                       f"{request.cpus_per_task} per GPU task)")
+                why = (
+                    f"partition {partition.name!r} ({partition.max_cpus_per_node} CPUs per node, "
+                    f"{request.cpus_per_task} per GPU task)"
+                )
             else:
                 limit = partition.max_gpus_per_node
                 why = f"partition {partition.name!r} (sinfo GRES)"
@@ -234,17 +248,19 @@ def check_gpus(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
         hint = ""
         if limit > 0 and request.gpus_per_node % limit == 0 and request.nodes == 1:
             hint = f"; for {request.gpus_per_node} GPUs use --nodes {request.gpus_per_node // limit} --gpus {limit}"
-        problems.append(Problem(
-            "gpus", f"--gpus {request.gpus_per_node} per node: {why} allows at most {limit} per node{hint}"
-        ))
+        problems.append(
+            Problem("gpus", f"--gpus {request.gpus_per_node} per node: {why} allows at most {limit} per node{hint}")
+        )
     if profile.max_gpus_per_user is not None:
         queued = facts.queued_gpus() if facts is not None else 0
         if request.total_gpus + queued > profile.max_gpus_per_user:
-            problems.append(Problem(
-                "gpus",
-                f"{request.total_gpus} GPU(s) requested + {queued} already queued by {facts.user if facts else 'you'} "
-                f"exceeds {profile.name!r}'s cap of {profile.max_gpus_per_user} GPUs per user",
-            ))
+            problems.append(
+                Problem(
+                    "gpus",
+                    f"{request.total_gpus} GPU(s) requested + {queued} already queued by {facts.user if facts else 'you'} "
+                    f"exceeds {profile.name!r}'s cap of {profile.max_gpus_per_user} GPUs per user",
+                )
+            )
     return problems
 
 
@@ -261,15 +277,17 @@ def check_time(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
 
         limit, where = parse_time_minutes(profile.max_time), f"the limit of cluster {profile.name!r} (profile max_time)"
     if limit is not None and request.time_minutes > limit:
-        problems.append(Problem(
-            "time", f"--time {format_minutes(request.time_minutes)} exceeds {where} of {format_minutes(limit)}"
-        ))
+        problems.append(
+            Problem("time", f"--time {format_minutes(request.time_minutes)} exceeds {where} of {format_minutes(limit)}")
+        )
     if request.time_minutes * 60 <= request.signal_seconds:
-        problems.append(Problem(
-            "time",
-            f"--time {format_minutes(request.time_minutes)} is not longer than the pre-timeout signal "
-            f"({request.signal_seconds} s, --signal-seconds): the job would be told to stop as it starts",
-        ))
+        problems.append(
+            Problem(
+                "time",
+                f"--time {format_minutes(request.time_minutes)} is not longer than the pre-timeout signal "
+                f"({request.signal_seconds} s, --signal-seconds): the job would be told to stop as it starts",
+            )
+        )
     return problems
 
 
@@ -278,10 +296,13 @@ def check_memory(request: JobRequest, facts: SlurmFacts) -> list[Problem]:
     if request.mem_gb is None or partition is None or partition.max_mem_mb <= 0:
         return []
     if request.mem_gb * 1024 > partition.max_mem_mb:
-        return [Problem(
-            "mem", f"--mem {request.mem_gb:g}G per node exceeds the largest node of partition {partition.name!r} "
-                   f"({partition.max_mem_mb} MB, sinfo)",
-        )]
+        return [
+            Problem(
+                "mem",
+                f"--mem {request.mem_gb:g}G per node exceeds the largest node of partition {partition.name!r} "
+                f"({partition.max_mem_mb} MB, sinfo)",
+            )
+        ]
     return []
 
 
@@ -309,14 +330,17 @@ def check_data(data_dir: Path, splits: Iterable[str] = ()) -> list[Problem]:
             problems.append(Problem("data", f"--data {data_dir}: manifest lists {entry.path}, which is missing"))
             continue
         if size != entry.bytes:
-            problems.append(Problem(
-                "data", f"--data {data_dir}: {entry.path} has {size} bytes, the manifest says {entry.bytes}"
-            ))
+            problems.append(
+                Problem("data", f"--data {data_dir}: {entry.path} has {size} bytes, the manifest says {entry.bytes}")
+            )
     for split in splits:
         if not manifest.shards_for(split):
-            problems.append(Problem(
-                "data", f"--data {data_dir}: no {split!r} shards in the manifest (has: {', '.join(manifest.splits)})"
-            ))
+            problems.append(
+                Problem(
+                    "data",
+                    f"--data {data_dir}: no {split!r} shards in the manifest (has: {', '.join(manifest.splits)})",
+                )
+            )
     return problems
 
 

@@ -19,10 +19,11 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PACKAGED_PROFILES = "profiles.json"
 USER_PROFILES_ENV = "HPCVP_CLUSTERS"
@@ -172,7 +173,9 @@ def load_profiles(user_file: Path | None = None) -> dict[str, ClusterProfile]:
     except (json.JSONDecodeError, KeyError) as exc:  # a packaging bug, not a user error
         raise ProfileError(f"{packaged_path}: broken packaged profiles ({exc})") from exc
 
-    raw: dict[str, tuple[dict[str, Any], str]] = {name: (dict(entry), str(packaged_path)) for name, entry in packaged.items()}
+    raw: dict[str, tuple[dict[str, Any], str]] = {
+        name: (dict(entry), str(packaged_path)) for name, entry in packaged.items()
+    }
     user_path = user_file if user_file is not None else user_profiles_path()
     if user_file is not None or user_path.exists() or os.environ.get(USER_PROFILES_ENV):
         if not user_path.exists():

@@ -70,7 +70,7 @@ def format_minutes(minutes: int) -> str:
 
 def slurm_mem(gb: float) -> str:
     """GB -> sbatch --mem syntax: whole gigabytes as "64G", else megabytes ("1536M")."""
-    return f"{int(gb)}G" if float(gb).is_integer() else f"{int(math.ceil(gb * 1024))}M"
+    return f"{int(gb)}G" if float(gb).is_integer() else f"{math.ceil(gb * 1024)}M"
 
 
 @dataclass
@@ -133,8 +133,9 @@ def constraint_for(profile: ClusterProfile, request: JobRequest) -> str | None:
     return profile.default_constraint
 
 
-def container_prefix(profile: ClusterProfile, container: Path | None, overlay: Path | None,
-                     use_gpus: bool) -> list[str]:
+def container_prefix(
+    profile: ClusterProfile, container: Path | None, overlay: Path | None, use_gpus: bool
+) -> list[str]:
     """Words that run a command inside the container (empty without one).
 
     ``singularity exec --nv --overlay X:ro SIF /bin/bash -c 'SETUP && exec "$@"' hpcvp CMD...``: the
@@ -150,7 +151,7 @@ def container_prefix(profile: ClusterProfile, container: Path | None, overlay: P
         words += ["--overlay", f"{overlay}:ro"]
     words.append(str(container))
     setup = profile.container_setup if overlay is not None else None
-    inner = f"{setup} && exec \"$@\"" if setup else 'exec "$@"'
+    inner = f'{setup} && exec "$@"' if setup else 'exec "$@"'
     words += ["/bin/bash", "-c", inner, "hpcvp-container"]
     return words
 
@@ -208,5 +209,7 @@ def render_submitit_script(profile: ClusterProfile, request: JobRequest, python:
 
     params = submitit_parameters(profile, request)
     folder = request.job_folder.absolute()
-    command = " ".join([python_command(profile, request, python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    command = " ".join(
+        [python_command(profile, request, python), "-u -m submitit.core._submit", shlex.quote(str(folder))]
+    )
     return submitit_slurm._make_sbatch_string(command=command, folder=folder, **params)

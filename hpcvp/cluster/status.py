@@ -14,15 +14,23 @@ import datetime as _dt
 import json
 import os
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 JOBS_FILE = "jobs.jsonl"
 STATE_STYLES = {
-    "RUNNING": "green", "PENDING": "yellow", "REQUEUED": "yellow", "PREEMPTED": "magenta",
-    "TIMEOUT": "red", "COMPLETED": "bold green", "FAILED": "bold red", "CANCELLED": "red",
-    "OUT_OF_MEMORY": "bold red", "NODE_FAIL": "red",
+    "RUNNING": "green",
+    "PENDING": "yellow",
+    "REQUEUED": "yellow",
+    "PREEMPTED": "magenta",
+    "TIMEOUT": "red",
+    "COMPLETED": "bold green",
+    "FAILED": "bold red",
+    "CANCELLED": "red",
+    "OUT_OF_MEMORY": "bold red",
+    "NODE_FAIL": "red",
 }
 
 
@@ -148,8 +156,12 @@ def last_metric(run_dir: Path, max_keys: int = 2) -> str:
         return ""
     scalars = {k: v for k, v in record.items() if k not in ("step", "time", "epoch") and isinstance(v, (int, float))}
     # Evaluation numbers first (what one wants to see), then the rest in file order.
-    ordered = sorted(scalars, key=lambda k: (not any(w in k for w in ("jaccard", "iou", "val")), list(scalars).index(k)))
-    parts = [f"{k}={scalars[k]:.4g}" if isinstance(scalars[k], float) else f"{k}={scalars[k]}" for k in ordered[:max_keys]]
+    ordered = sorted(
+        scalars, key=lambda k: (not any(w in k for w in ("jaccard", "iou", "val")), list(scalars).index(k))
+    )
+    parts = [
+        f"{k}={scalars[k]:.4g}" if isinstance(scalars[k], float) else f"{k}={scalars[k]}" for k in ordered[:max_keys]
+    ]
     step = record.get("step")
     return (f"step {step}: " if step is not None else "") + " ".join(parts)
 
@@ -243,9 +255,12 @@ def status_table(rows: list[RunStatus], run_root: Path):
         style = STATE_STYLES.get(row.state, "")
         job = row.job_id if row.via in ("submitit", "-") else f"{row.job_id} ({row.via})"
         table.add_row(
-            row.stage, row.run, job,
+            row.stage,
+            row.run,
+            job,
             f"[{style}]{row.state}[/]" if style else row.state,
-            str(row.restarts), "-" if row.checkpoint_step is None else str(row.checkpoint_step),
+            str(row.restarts),
+            "-" if row.checkpoint_step is None else str(row.checkpoint_step),
             row.metric or "-",
         )
     return table

@@ -4,6 +4,7 @@ Heavy imports (torch for the datasets, pybullet for the generator) stay in their
 ``from hpcvp.data.datasets import ClipDataset``.
 """
 
+from .default import ensure_default_dataset
 from .layout import (
     HEIGHT,
     NUM_CLASSES,
@@ -29,4 +30,3 @@ from .shards import (
     stage_to_local,
     verify_dataset,
 )
-from .default import ensure_default_dataset

@@ -24,9 +24,9 @@ MASK_SOURCES = ("true", "pseudo", "any")
 
 # (pid, path) -> open h5py.File / _FrameReader; entries of other pids were inherited through fork
 # and are left alone (the parent still owns them).
-_OPEN_FILES: dict[tuple[int, str], "object"] = {}
-_FRAME_READERS: dict[tuple[int, str], "_FrameReader"] = {}
-_MASK_DATASETS: dict[tuple[int, str], "object"] = {}
+_OPEN_FILES: dict[tuple[int, str], object] = {}
+_FRAME_READERS: dict[tuple[int, str], _FrameReader] = {}
+_MASK_DATASETS: dict[tuple[int, str], object] = {}
 
 
 def shard_handle(path: os.PathLike | str):

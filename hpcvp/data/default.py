@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .shards import file_lock, load_manifest, ManifestError, pack_dataset
+from .shards import ManifestError, file_lock, load_manifest, pack_dataset
 
 DEFAULT_COUNTS = {"train": 24, "val": 12, "unlabeled": 24, "hidden": 8}
 DEFAULT_FRAME_SIZE = (80, 120)
@@ -45,8 +45,9 @@ def _is_ready(packed: Path) -> bool:
     return True
 
 
-def ensure_default_dataset(cache_root: os.PathLike | str | None = None, workers: int | None = None,
-                           quiet: bool = True) -> Path:
+def ensure_default_dataset(
+    cache_root: os.PathLike | str | None = None, workers: int | None = None, quiet: bool = True
+) -> Path:
     """Return the packed default dataset directory, generating and packing it on first use."""
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     base = root / default_dataset_name()
@@ -59,7 +60,13 @@ def ensure_default_dataset(cache_root: os.PathLike | str | None = None, workers:
         from .synthetic import generate_dataset  # needs pybullet; only imported when building
 
         generator_workers = workers if workers else min(2, len(os.sched_getaffinity(0)))
-        raw = generate_dataset(base / "raw", DEFAULT_COUNTS, seed=DEFAULT_SEED, size=DEFAULT_FRAME_SIZE,
-                               workers=generator_workers, progress=not quiet)
+        raw = generate_dataset(
+            base / "raw",
+            DEFAULT_COUNTS,
+            seed=DEFAULT_SEED,
+            size=DEFAULT_FRAME_SIZE,
+            workers=generator_workers,
+            progress=not quiet,
+        )
         pack_dataset(raw, packed, shard_size=DEFAULT_SHARD_SIZE, workers=workers, quiet=quiet)
     return packed

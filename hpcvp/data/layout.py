@@ -99,9 +99,7 @@ def read_frame(path: Path, size: tuple[int, int], out: np.ndarray | None = None)
     try:
         with Image.open(path) as image:
             if image.size != (width, height):
-                raise RawDataError(
-                    path, f"image is {image.size[1]}x{image.size[0]} (HxW), expected {height}x{width}"
-                )
+                raise RawDataError(path, f"image is {image.size[1]}x{image.size[0]} (HxW), expected {height}x{width}")
             if image.mode != "RGB":
                 image = image.convert("RGB")
             pixels = np.asarray(image)

@@ -37,17 +37,19 @@ class Progress:
         self._task = None
         self._use_rich = enabled and not force_plain and _is_terminal(self.stream)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self._start = self._last_log = time.monotonic()
         if self._use_rich:
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress as RichProgress,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
             )
 
             self._rich = RichProgress(

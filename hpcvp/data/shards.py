@@ -23,10 +23,10 @@ import re
 import sys
 import zlib
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -113,7 +113,7 @@ def source_frame_size(src: os.PathLike | str) -> tuple[int, int]:
         size = json.loads(info_path.read_text())["size"]
         height, width = int(size[0]), int(size[1])
     except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
-        raise RawDataError(info_path, f"cannot read \"size\": [H, W] ({error})") from None
+        raise RawDataError(info_path, f'cannot read "size": [H, W] ({error})') from None
     return height, width
 
 
@@ -684,8 +684,11 @@ def pack_dataset(
 
     journal = {"config": config, "shards": dict(records)}
     atomic_write_json(out / JOURNAL_NAME, journal)
-    tasks = [(plan.split, vid, str(folder), size, codecs["frames"], codecs["masks"])
-             for plan in pending for vid, folder in plan.videos]
+    tasks = [
+        (plan.split, vid, str(folder), size, codecs["frames"], codecs["masks"])
+        for plan in pending
+        for vid, folder in plan.videos
+    ]
     if pending:
         _log(
             f"packing {len(tasks)} videos into {len(pending)} shard(s) under {out} "
@@ -700,8 +703,17 @@ def pack_dataset(
             # Runs in the finisher thread, one shard at a time in shard order; only this thread
             # writes the journal once packing has started.
             digest, nbytes = _finish_shard(tmp_path, out / plan.name)
-            entry = asdict(ShardEntry(plan.split, plan.name, tuple(kept_ids), nbytes, digest,
-                                      SPLIT_HAS_MASKS[plan.split], SPLIT_NUM_FRAMES[plan.split]))
+            entry = asdict(
+                ShardEntry(
+                    plan.split,
+                    plan.name,
+                    tuple(kept_ids),
+                    nbytes,
+                    digest,
+                    SPLIT_HAS_MASKS[plan.split],
+                    SPLIT_NUM_FRAMES[plan.split],
+                )
+            )
             entry["video_ids"] = kept_ids
             records[plan.name] = {"entry": entry, "planned_ids": plan.planned_ids, "skipped": shard_skipped}
             journal["shards"][plan.name] = records[plan.name]
@@ -728,8 +740,10 @@ def pack_dataset(
         root=out,
         frame_size=size,
         compression=dict(codecs),
-        shards=sorted(carried_shards + [_shard_from_json(records[plan.name]["entry"]) for plan in plans],
-                      key=lambda shard: (split_order[shard.split], shard.path)),
+        shards=sorted(
+            carried_shards + [_shard_from_json(records[plan.name]["entry"]) for plan in plans],
+            key=lambda shard: (split_order[shard.split], shard.path),
+        ),
         skipped=sorted(carried_skipped + skipped, key=lambda video: (split_order[video.split], video.video_id)),
         source=str(src.resolve()),
     )
@@ -893,7 +907,9 @@ def add_pseudo_masks(
                         try:
                             mask = np.asarray(next(mask_iter))
                         except StopIteration:
-                            raise ValueError(f"masks ended after {start + row} items; {len(ids)} video ids given") from None
+                            raise ValueError(
+                                f"masks ended after {start + row} items; {len(ids)} video ids given"
+                            ) from None
                         dataset[row] = _checked_mask(mask, (num_frames, height, width), video_id)
                     shard.create_dataset("video_ids", data=np.asarray(chunk_ids, dtype=np.int64), track_times=False)
                 final_path = data_dir / name
@@ -1036,20 +1052,38 @@ def build_parser() -> argparse.ArgumentParser:
     action.add_argument("--verify", type=Path, metavar="DIR", help="re-hash the shards of a packed directory")
     action.add_argument("--stage", type=Path, metavar="DIR", help="copy a packed directory to node-local disk")
     parser.add_argument("--out", type=Path, help="packed output directory (with --src)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="decoder processes feeding the writer; 0 decodes in the writer (default: CPUs - 1)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoder processes feeding the writer; 0 decodes in the writer (default: CPUs - 1)",
+    )
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="videos per shard")
     parser.add_argument("--compression", default=DEFAULT_COMPRESSION, help="frames: none | lzf | gzip:L")
     parser.add_argument("--mask-compression", default=DEFAULT_MASK_COMPRESSION, help="masks: none | lzf | gzip:L")
-    parser.add_argument("--frame-size", type=parse_frame_size, default=None, metavar="HxW",
-                        help="expected frame size (default: hpcvp_synthetic.json 'size' if present, else 160x240)")
+    parser.add_argument(
+        "--frame-size",
+        type=parse_frame_size,
+        default=None,
+        metavar="HxW",
+        help="expected frame size (default: hpcvp_synthetic.json 'size' if present, else 160x240)",
+    )
     parser.add_argument("--splits", default=",".join(SPLITS), help="comma-separated splits to pack")
-    parser.add_argument("--on-error", choices=("stop", "skip"), default="stop",
-                        help="bad input: stop naming the file (default) or skip the video and record it")
-    parser.add_argument("--stage-dest", type=Path, default=None,
-                        help="with --stage: destination root (default $SLURM_TMPDIR, else $TMPDIR)")
-    parser.add_argument("--stage-splits", default=None,
-                        help="with --stage: comma-separated splits to copy (default: all packed splits)")
+    parser.add_argument(
+        "--on-error",
+        choices=("stop", "skip"),
+        default="stop",
+        help="bad input: stop naming the file (default) or skip the video and record it",
+    )
+    parser.add_argument(
+        "--stage-dest",
+        type=Path,
+        default=None,
+        help="with --stage: destination root (default $SLURM_TMPDIR, else $TMPDIR)",
+    )
+    parser.add_argument(
+        "--stage-splits", default=None, help="with --stage: comma-separated splits to copy (default: all packed splits)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
@@ -1075,7 +1109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out is None:
             parser.error("--src needs --out")
         splits = _split_list(args.splits)
-        manifest = pack_dataset(
+        pack_dataset(
             args.src,
             args.out,
             splits=splits,
@@ -1092,4 +1126,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RawDataError, ManifestError, StagingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-

@@ -50,9 +50,9 @@ import multiprocessing
 import os
 import shutil
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -60,13 +60,13 @@ from PIL import Image
 from hpcvp.data.layout import (
     HEIGHT,
     MASK_FILE_NAME,
-    SYNTHETIC_INFO_FILE_NAME,
     NUM_CLASSES,
     NUM_FRAMES,
     SPLIT_HAS_MASKS,
     SPLIT_ID_RANGES,
     SPLIT_NUM_FRAMES,
     SPLITS,
+    SYNTHETIC_INFO_FILE_NAME,
     WIDTH,
     frame_file_name,
 )
@@ -93,7 +93,7 @@ COLOUR_RGB = {
     "cyan": (41, 208, 208),
     "yellow": (255, 238, 51),
 }
-assert NUM_CLASSES == 1 + len(SHAPES) * len(MATERIALS) * len(COLOURS)
+assert 1 + len(SHAPES) * len(MATERIALS) * len(COLOURS) == NUM_CLASSES
 
 # --- simulation -------------------------------------------------------------------------
 TIME_STEP = 1.0 / 240.0
@@ -253,7 +253,9 @@ def sample_scene(seed: int, video_id: int) -> list[SceneObject]:
                 speed = rng.uniform(1.5, 3.2)
                 travel = _slide_distance(speed, seconds, material)
                 start = meet - direction * travel
-                objects.append(SceneObject(int(classes[index]), tuple(start), rng.uniform(0, math.pi), tuple(direction * speed)))
+                objects.append(
+                    SceneObject(int(classes[index]), tuple(start), rng.uniform(0, math.pi), tuple(direction * speed))
+                )
                 starts.append(start)
                 index += 1
         while index < num_objects:
@@ -279,8 +281,12 @@ def sample_scene(seed: int, video_id: int) -> list[SceneObject]:
         gaps = np.linalg.norm(points[:, None] - points[None], axis=-1) + np.eye(len(points)) * 1e9
         if gaps.min() >= min_gap:
             return [
-                SceneObject(o.cls, (float(o.position[0]), float(o.position[1])), float(o.yaw),
-                            (float(o.velocity[0]), float(o.velocity[1])))
+                SceneObject(
+                    o.cls,
+                    (float(o.position[0]), float(o.position[1])),
+                    float(o.yaw),
+                    (float(o.velocity[0]), float(o.velocity[1])),
+                )
                 for o in objects
             ]
     raise RuntimeError(f"could not place {num_objects} objects without overlap (seed {seed}, video {video_id})")
@@ -312,13 +318,25 @@ def _build_world(client: int, objects: Sequence[SceneObject]) -> dict[int, int]:
     floor = p.createMultiBody(
         0.0,
         p.createCollisionShape(p.GEOM_BOX, halfExtents=floor_half, physicsClientId=client),
-        p.createVisualShape(p.GEOM_BOX, halfExtents=visual_half, rgbaColor=(*FLOOR_RGB, 1.0),
-                            visualFramePosition=(0.0, (visual_y[0] + visual_y[1]) / 2.0, 0.0), physicsClientId=client),
+        p.createVisualShape(
+            p.GEOM_BOX,
+            halfExtents=visual_half,
+            rgbaColor=(*FLOOR_RGB, 1.0),
+            visualFramePosition=(0.0, (visual_y[0] + visual_y[1]) / 2.0, 0.0),
+            physicsClientId=client,
+        ),
         (0.0, 0.0, -floor_half[2]),
         physicsClientId=client,
     )
-    p.changeDynamics(floor, -1, lateralFriction=FLOOR_FRICTION, restitution=0.0,
-                     rollingFriction=1.0, spinningFriction=1.0, physicsClientId=client)
+    p.changeDynamics(
+        floor,
+        -1,
+        lateralFriction=FLOOR_FRICTION,
+        restitution=0.0,
+        rollingFriction=1.0,
+        spinningFriction=1.0,
+        physicsClientId=client,
+    )
 
     body_classes: dict[int, int] = {}
     s = OBJECT_HALF_SIZE
@@ -333,12 +351,21 @@ def _build_world(client: int, objects: Sequence[SceneObject]) -> dict[int, int]:
             visual = p.createVisualShape(p.GEOM_SPHERE, radius=s, rgbaColor=rgba, physicsClientId=client)
         else:
             collision = p.createCollisionShape(p.GEOM_CYLINDER, radius=s, height=2 * s, physicsClientId=client)
-            visual = p.createVisualShape(p.GEOM_CYLINDER, radius=s, length=2 * s, rgbaColor=rgba, physicsClientId=client)
+            visual = p.createVisualShape(
+                p.GEOM_CYLINDER, radius=s, length=2 * s, rgbaColor=rgba, physicsClientId=client
+            )
         orientation = p.getQuaternionFromEuler((0.0, 0.0, obj.yaw))
-        body = p.createMultiBody(OBJECT_MASS[material], collision, visual, (obj.position[0], obj.position[1], s),
-                                 orientation, physicsClientId=client)
+        body = p.createMultiBody(
+            OBJECT_MASS[material],
+            collision,
+            visual,
+            (obj.position[0], obj.position[1], s),
+            orientation,
+            physicsClientId=client,
+        )
         p.changeDynamics(
-            body, -1,
+            body,
+            -1,
             lateralFriction=OBJECT_FRICTION[material],
             restitution=OBJECT_RESTITUTION,
             rollingFriction=SPHERE_ROLLING_FRICTION if shape == "sphere" else 0.0,
@@ -355,22 +382,34 @@ def _build_world(client: int, objects: Sequence[SceneObject]) -> dict[int, int]:
     return body_classes
 
 
-def _render(client: int, width: int, height: int, light: dict, segmentation: bool) -> tuple[np.ndarray, np.ndarray | None]:
+def _render(
+    client: int, width: int, height: int, light: dict, segmentation: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     import pybullet as p
 
     view, proj = _matrices(width, height)
     flags = 0 if segmentation else p.ER_NO_SEGMENTATION_MASK
     _, _, rgba, _, seg = p.getCameraImage(
-        width, height, view, proj,
-        lightDirection=LIGHT_DIRECTION, lightColor=(1.0, 1.0, 1.0), lightDistance=12.0,
-        shadow=0, renderer=p.ER_TINY_RENDERER, flags=flags, physicsClientId=client, **light,
+        width,
+        height,
+        view,
+        proj,
+        lightDirection=LIGHT_DIRECTION,
+        lightColor=(1.0, 1.0, 1.0),
+        lightDistance=12.0,
+        shadow=0,
+        renderer=p.ER_TINY_RENDERER,
+        flags=flags,
+        physicsClientId=client,
+        **light,
     )
     rgb = np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[..., :3]
     return rgb, (np.asarray(seg, dtype=np.int64).reshape(height, width) if segmentation else None)
 
 
-def render_video(video_id: int, seed: int, size: tuple[int, int] = (HEIGHT, WIDTH),
-                 num_frames: int = NUM_FRAMES) -> tuple[np.ndarray, np.ndarray]:
+def render_video(
+    video_id: int, seed: int, size: tuple[int, int] = (HEIGHT, WIDTH), num_frames: int = NUM_FRAMES
+) -> tuple[np.ndarray, np.ndarray]:
     """Simulate and render video ``video_id`` of the dataset made with ``seed``.
 
     Returns ``frames`` uint8 (T,H,W,3) and ``masks`` uint8 (T,H,W) of class ids 0..48, with
@@ -379,8 +418,9 @@ def render_video(video_id: int, seed: int, size: tuple[int, int] = (HEIGHT, WIDT
     return render_scene(sample_scene(seed, video_id), size, num_frames)
 
 
-def render_scene(objects: Sequence[SceneObject], size: tuple[int, int] = (HEIGHT, WIDTH),
-                 num_frames: int = NUM_FRAMES) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    objects: Sequence[SceneObject], size: tuple[int, int] = (HEIGHT, WIDTH), num_frames: int = NUM_FRAMES
+) -> tuple[np.ndarray, np.ndarray]:
     """Simulate ``objects`` from their launch state and render ``num_frames`` frames and masks."""
     import pybullet as p
 
@@ -423,7 +463,9 @@ def split_video_ids(split: str, count: int) -> range:
     if count < 0:
         raise ValueError(f"count for split {split!r} must be >= 0, got {count}")
     if high is not None and low + count > high:
-        raise ValueError(f"split {split!r} holds at most {high - low} videos (ids {low}..{high - 1}), asked for {count}")
+        raise ValueError(
+            f"split {split!r} holds at most {high - low} videos (ids {low}..{high - 1}), asked for {count}"
+        )
     return range(low, low + count)
 
 
@@ -461,7 +503,9 @@ def _check_metadata(path: Path, seed: int, size: tuple[int, int]) -> None:
     try:
         existing = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: unreadable synthetic-dataset metadata ({error}); delete the folder or use another root") from None
+        raise ValueError(
+            f"{path}: unreadable synthetic-dataset metadata ({error}); delete the folder or use another root"
+        ) from None
     found = (existing.get("format"), existing.get("seed"), tuple(existing.get("size") or ()))
     wanted = (FORMAT_VERSION, seed, tuple(size))
     if found != wanted:
@@ -490,7 +534,7 @@ def _prepare_root(root: Path, counts: dict[str, int], seed: int, size: tuple[int
                 shutil.rmtree(entry)  # a killed run's half video
             elif entry.name.startswith("video_") and entry.is_dir():
                 try:
-                    vid = int(entry.name[len("video_"):])
+                    vid = int(entry.name[len("video_") :])
                 except ValueError:
                     continue
                 if not has_metadata:
@@ -529,8 +573,14 @@ def _write_video_task(task: tuple[str, str, int, int, tuple[int, int]]) -> tuple
     return split, video_id
 
 
-def generate_dataset(root: str | os.PathLike, counts: dict[str, int], seed: int = 0,
-                     size: tuple[int, int] = (HEIGHT, WIDTH), workers: int = 1, progress: bool = True) -> Path:
+def generate_dataset(
+    root: str | os.PathLike,
+    counts: dict[str, int],
+    seed: int = 0,
+    size: tuple[int, int] = (HEIGHT, WIDTH),
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
     """Write a synthetic dataset in the competition raw layout under ``root``; returns ``root``.
 
     ``counts`` maps split names (train, val, unlabeled, hidden) to numbers of videos; missing
@@ -588,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hpcvp-make-synthetic",
         description="Write synthetic CLEVRER-like videos in the competition raw layout "
-                    "(<out>/{train,val,unlabeled,hidden}/video_<id>/image_<t>.png, mask.npy).",
+        "(<out>/{train,val,unlabeled,hidden}/video_<id>/image_<t>.png, mask.npy).",
     )
     parser.add_argument("--out", required=True, type=Path, help="dataset root to create or resume")
     parser.add_argument("--train", type=int, default=20, help="train videos (ids from 0)")
@@ -596,18 +646,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--unlabeled", type=int, default=20, help="unlabeled videos (ids from 2000)")
     parser.add_argument("--hidden", type=int, default=5, help="hidden videos, 11 frames (ids from 15000)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--res", type=parse_resolution, default=(HEIGHT, WIDTH),
-                        help=f"frame size HEIGHTxWIDTH (default {HEIGHT}x{WIDTH})")
+    parser.add_argument(
+        "--res",
+        type=parse_resolution,
+        default=(HEIGHT, WIDTH),
+        help=f"frame size HEIGHTxWIDTH (default {HEIGHT}x{WIDTH})",
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes rendering in parallel")
     parser.add_argument("--no-progress", action="store_true", help="print nothing while rendering")
     args = parser.parse_args(argv)
     counts = {"train": args.train, "val": args.val, "unlabeled": args.unlabeled, "hidden": args.hidden}
     try:
-        root = generate_dataset(args.out, counts, seed=args.seed, size=args.res, workers=args.workers,
-                                progress=not args.no_progress)
+        root = generate_dataset(
+            args.out, counts, seed=args.seed, size=args.res, workers=args.workers, progress=not args.no_progress
+        )
     except ValueError as error:
         parser.exit(2, f"hpcvp-make-synthetic: error: {error}\n")
-    print(f"{root}: " + ", ".join(f"{n} {split}" for split, n in counts.items()) + f" videos at {args.res[0]}x{args.res[1]}")
+    print(
+        f"{root}: "
+        + ", ".join(f"{n} {split}" for split, n in counts.items())
+        + f" videos at {args.res[0]}x{args.res[1]}"
+    )
     return 0
 
 

@@ -51,7 +51,7 @@ class ConfusionMatrix:
         counts = torch.bincount(target * self.num_classes + pred, minlength=self.num_classes**2)
         self.matrix += counts.reshape(self.num_classes, self.num_classes)
 
-    def all_reduce(self) -> "ConfusionMatrix":
+    def all_reduce(self) -> ConfusionMatrix:
         """Sum the matrix over all ranks (no-op when torch.distributed is not initialised).
 
         Call once, after the last ``update``, on every rank: calling it twice counts the other

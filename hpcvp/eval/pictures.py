@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import colorsys
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -166,7 +166,7 @@ def save_grid(path, rows: Sequence[Sequence], titles=None) -> Path:
     any_label = any(label for row in labels for label in row)
     label_height = 0
     if any_label:
-        left, top, right, bottom = font.getbbox("Ag")
+        _left, _top, _right, bottom = font.getbbox("Ag")
         label_height = bottom + 2 * LABEL_PAD
     cell_h = max(image.shape[0] for row in rows for image in row)
     cell_w = max(image.shape[1] for row in rows for image in row)

@@ -5,6 +5,8 @@
 
 from hpcvp.models.raft import (
     PRESETS as RAFT_PRESETS,
+)
+from hpcvp.models.raft import (
     RaftWeightsError,
     backward_warp,
     build_raft,
@@ -14,9 +16,12 @@ from hpcvp.models.raft import (
     pad_for_raft,
     unpad,
 )
-from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS, SimVP
-from hpcvp.models.slot_attention import PRESETS as SLOT_PRESETS, SlotAttentionAutoEncoder
-from hpcvp.models.unet import PRESETS as UNET_PRESETS, UNet
+from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS
+from hpcvp.models.simvp import SimVP
+from hpcvp.models.slot_attention import PRESETS as SLOT_PRESETS
+from hpcvp.models.slot_attention import SlotAttentionAutoEncoder
+from hpcvp.models.unet import PRESETS as UNET_PRESETS
+from hpcvp.models.unet import UNet
 
 ALL_PRESETS = {
     "unet": UNET_PRESETS,
@@ -39,12 +44,12 @@ def preset(model: str, name: str) -> dict:
 __all__ = [
     "ALL_PRESETS",
     "RAFT_PRESETS",
-    "RaftWeightsError",
     "SIMVP_PRESETS",
     "SLOT_PRESETS",
+    "UNET_PRESETS",
+    "RaftWeightsError",
     "SimVP",
     "SlotAttentionAutoEncoder",
-    "UNET_PRESETS",
     "UNet",
     "backward_warp",
     "build_raft",

@@ -138,7 +138,9 @@ def estimate_flow(
 ) -> list[torch.Tensor]:
     """Flow predictions (each (B, 2, H, W), coarse to fine) from image0 to image1, both (B, 3, H, W) in [0, 1]."""
     if image0.shape != image1.shape or image0.ndim != 4 or image0.shape[1] != 3:
-        raise ValueError(f"estimate_flow expects two (B, 3, H, W) images, got {tuple(image0.shape)} and {tuple(image1.shape)}")
+        raise ValueError(
+            f"estimate_flow expects two (B, 3, H, W) images, got {tuple(image0.shape)} and {tuple(image1.shape)}"
+        )
     pair, pads = pad_for_raft(torch.stack([image0, image1]) * 2.0 - 1.0)
     flows = model(pair[0], pair[1], num_flow_updates=num_flow_updates)
     return [unpad(flow, pads) for flow in flows]
@@ -178,7 +180,9 @@ def backward_warp(
     norm_y = 2.0 * coords[:, 1] / max(height - 1, 1) - 1.0
     grid = torch.stack([norm_x, norm_y], dim=-1)
     source = x.to(flow.dtype) if integer else x
-    out = F.grid_sample(source, grid, mode="nearest" if integer else mode, padding_mode=padding_mode, align_corners=True)
+    out = F.grid_sample(
+        source, grid, mode="nearest" if integer else mode, padding_mode=padding_mode, align_corners=True
+    )
     if integer:
         out = out.round().to(x.dtype)
     return out.squeeze(1) if squeeze else out

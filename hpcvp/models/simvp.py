@@ -61,9 +61,7 @@ class ConvNormAct(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, upsample: bool = False):
         super().__init__()
         if upsample:
-            self.conv = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels * 4, 3, padding=1), nn.PixelShuffle(2)
-            )
+            self.conv = nn.Sequential(nn.Conv2d(in_channels, out_channels * 4, 3, padding=1), nn.PixelShuffle(2))
         else:
             self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
         self.norm = nn.GroupNorm(_group_count(out_channels, 2), out_channels)
@@ -193,9 +191,7 @@ class GSTABlock(nn.Module):
         self.scale_attn = nn.Parameter(torch.full((in_channels, 1, 1), layer_scale_init))
         self.scale_mlp = nn.Parameter(torch.full((in_channels, 1, 1), layer_scale_init))
         self.drop_path = DropPath(drop_path)
-        self.reshape = (
-            nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
-        )
+        self.reshape = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.scale_attn * self.attention(self.norm_attn(x)))
@@ -336,9 +332,7 @@ class SimVP(nn.Module):
         # The decoder skip comes per input frame; when T_out != T_in a 1x1 conv maps the stacked
         # skips to T_out of them.
         self.skip_frames = (
-            None
-            if in_frames == out_frames
-            else nn.Conv2d(in_frames * hid_S, out_frames * hid_S, kernel_size=1)
+            None if in_frames == out_frames else nn.Conv2d(in_frames * hid_S, out_frames * hid_S, kernel_size=1)
         )
         self.decoder = SpatialDecoder(hid_S, out_channels, N_S)
 

@@ -13,9 +13,10 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 PRESET_NAMES = ("tiny", "full")
 
@@ -117,8 +118,7 @@ def set_dotted(cfg: Any, key: str, value: Any, *, source: str = "--set", _full_k
     names = {f.name for f in dataclasses.fields(cfg)}
     if head not in names:
         raise ConfigError(
-            f"{source} {full_key}: unknown key {head!r} in {type(cfg).__name__}; "
-            f"known keys: {', '.join(sorted(names))}"
+            f"{source} {full_key}: unknown key {head!r} in {type(cfg).__name__}; known keys: {', '.join(sorted(names))}"
         )
     current = getattr(cfg, head)
     if rest:
@@ -319,8 +319,8 @@ __all__ = [
     "flatten",
     "get_stage",
     "load_stage_config",
-    "read_stage_file",
     "parse_overrides",
+    "read_stage_file",
     "save_stage_config",
     "set_dotted",
 ]

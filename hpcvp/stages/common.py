@@ -8,8 +8,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,7 +177,9 @@ def load_model_from_run(run_dir: str | os.PathLike, expected_stage: str | tuple[
     try:
         model.load_state_dict(_strip_prefixes(state), strict=True)
     except RuntimeError as exc:
-        raise ValueError(f"{run_dir}: checkpoint does not fit the model its stage_config.json describes: {exc}") from None
+        raise ValueError(
+            f"{run_dir}: checkpoint does not fit the model its stage_config.json describes: {exc}"
+        ) from None
     return model.to(device).eval(), cfg, step
 
 
@@ -239,7 +242,14 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
             for header in headers:
                 table.add_column(str(header))
             for row in rows:
-                table.add_row(*[("n/a" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}") if isinstance(v, float) else str(v) for v in row])
+                table.add_row(
+                    *[
+                        ("n/a" if isinstance(v, float) and math.isnan(v) else f"{v:.4f}")
+                        if isinstance(v, float)
+                        else str(v)
+                        for v in row
+                    ]
+                )
             Console().print(table)
             return
         except ImportError:

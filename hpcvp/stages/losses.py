@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 # ---------------------------------------------------------------------------------------------
 # Lovász-softmax
 
@@ -35,7 +34,9 @@ def lovasz_grad(sorted_fg: Tensor) -> Tensor:
     return jaccard
 
 
-def lovasz_softmax(logits: Tensor, target: Tensor, *, classes: str = "present", ignore_index: int | None = None) -> Tensor:
+def lovasz_softmax(
+    logits: Tensor, target: Tensor, *, classes: str = "present", ignore_index: int | None = None
+) -> Tensor:
     """Lovász-softmax loss, computed over all pixels of the batch at once.
 
     logits: (N, C, ...) unnormalised scores; target: (N, ...) int class ids.

@@ -35,8 +35,7 @@ from hpcvp.data.datasets import ClipDataset, HiddenDataset
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
 from hpcvp.data.shards import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
-from hpcvp.stages import ConfigError, StageSpec
-from hpcvp.stages import common
+from hpcvp.stages import ConfigError, StageSpec, common
 from hpcvp.stages.raft import extrapolate_mask, flow_between
 from hpcvp.stages.seg import segment_frames
 from hpcvp.stages.simvp import predict_frames, predict_masks
@@ -100,8 +99,14 @@ class Models:
         self._cfgs: dict[str, Any] = {}
         self.seg = self._load("seg", cfg.seg_run, "seg", None, env, frame_size)
         wanted = set(cfg.pipeline_list())
-        self.simvp_masks = self._load("simvp_masks", cfg.simvp_masks_run, "simvp", "masks", env, frame_size) if "a" in wanted else None
-        self.simvp_frames = self._load("simvp_frames", cfg.simvp_frames_run, "simvp", "frames", env, frame_size) if "b" in wanted else None
+        self.simvp_masks = (
+            self._load("simvp_masks", cfg.simvp_masks_run, "simvp", "masks", env, frame_size) if "a" in wanted else None
+        )
+        self.simvp_frames = (
+            self._load("simvp_frames", cfg.simvp_frames_run, "simvp", "frames", env, frame_size)
+            if "b" in wanted
+            else None
+        )
         self.raft = None
         self.raft_updates = 12
         if "c" in wanted:
@@ -198,7 +203,9 @@ def run_pipelines(
     return {k: v.long() for k, v in out.items()}
 
 
-def _score_val(cfg: PredictConfig, models: Models, names: list[str], data_dir: Path, run_dir: Path, env) -> dict[str, float]:
+def _score_val(
+    cfg: PredictConfig, models: Models, names: list[str], data_dir: Path, run_dir: Path, env
+) -> dict[str, float]:
     dataset = ClipDataset(data_dir, cfg.eval_split, frames=True, masks=True, mask_source="true")
     loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers, cfg.eval_max_videos)
     matrices = {name: ConfusionMatrix(NUM_CLASSES, device=env.device) for name in names}
@@ -214,7 +221,11 @@ def _score_val(cfg: PredictConfig, models: Models, names: list[str], data_dir: P
         if env.rank == 0 and len(rows) < cfg.num_pictures:
             for i in range(min(target.shape[0], cfg.num_pictures - len(rows))):
                 rows.append(
-                    [common.frame_image(frames_in[i, -1]), common.frame_image(batch["frames_out"][i, -1]), common.mask_image(target[i])]
+                    [
+                        common.frame_image(frames_in[i, -1]),
+                        common.frame_image(batch["frames_out"][i, -1]),
+                        common.mask_image(target[i]),
+                    ]
                     + [common.mask_image(preds[name][i]) for name in names]
                 )
                 titles.append(["frame 11", "true frame 22", "true mask 22"] + [f"({name})" for name in names])
@@ -225,7 +236,9 @@ def _score_val(cfg: PredictConfig, models: Models, names: list[str], data_dir: P
     return {name: matrix.jaccard() for name, matrix in matrices.items()}
 
 
-def _predict_hidden(cfg: PredictConfig, models: Models, pipeline: str, data_dir: Path, run_dir: Path, env) -> Path | None:
+def _predict_hidden(
+    cfg: PredictConfig, models: Models, pipeline: str, data_dir: Path, run_dir: Path, env
+) -> Path | None:
     dataset = HiddenDataset(data_dir, cfg.hidden_split)
     loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers)
     ids: list[int] = []
@@ -238,7 +251,8 @@ def _predict_hidden(cfg: PredictConfig, models: Models, pipeline: str, data_dir:
     height, width = dataset.frame_size
     part = Path(run_dir) / "parts" / f"{cfg.hidden_split}-rank{env.rank:04d}.pt"
     common.atomic_torch_save(
-        {"video_ids": ids, "masks": torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.uint8)}, part
+        {"video_ids": ids, "masks": torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.uint8)},
+        part,
     )
     common.barrier(env)
     path = None
@@ -343,7 +357,9 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
         common.print_table(title, headers, rows)
         lines = [f"# {title}\n", common.markdown_table(headers, rows)]
         if submission is not None:
-            lines.append(f"\nSubmission: `{submission}` from pipeline ({submission_pipeline}) {PIPELINES[submission_pipeline][0]}.\n")
+            lines.append(
+                f"\nSubmission: `{submission}` from pipeline ({submission_pipeline}) {PIPELINES[submission_pipeline][0]}.\n"
+            )
             common.log(env, f"predict: submission {submission} from pipeline ({submission_pipeline})")
         common.atomic_write_text(run_dir / "jaccard.md", "".join(lines))
         common.write_json(
@@ -359,7 +375,13 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
             },
         )
         writer = MetricsWriter(rundir.metrics_path)
-        writer.write({"step": 0, **{f"val_jaccard_{name.replace('*', '_oracle')}": s for name, s in scores.items()}, "time": time.time()})
+        writer.write(
+            {
+                "step": 0,
+                **{f"val_jaccard_{name.replace('*', '_oracle')}": s for name, s in scores.items()},
+                "time": time.time(),
+            }
+        )
         writer.close()
     common.barrier(env)
     return FitResult(status="completed", step=0, stop_reason="predictions written")

@@ -26,9 +26,9 @@ from hpcvp.data.layout import NUM_CLASSES, SPLITS
 from hpcvp.data.shards import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import flow_image
-from hpcvp.models.raft import PRESETS as RAFT_PRESETS, VARIANTS, backward_warp, build_raft, estimate_flow, forward_consistency_occlusion
-from hpcvp.stages import ConfigError, StageSpec
-from hpcvp.stages import common
+from hpcvp.models.raft import PRESETS as RAFT_PRESETS
+from hpcvp.models.raft import VARIANTS, backward_warp, build_raft, estimate_flow, forward_consistency_occlusion
+from hpcvp.stages import ConfigError, StageSpec, common
 from hpcvp.stages.losses import edge_aware_smoothness, masked_mean, photometric_loss
 from hpcvp.stages.seg import check_splits
 from hpcvp.train.config import TrainConfig
@@ -49,7 +49,9 @@ class RaftConfig:
         default_factory=lambda: TrainConfig(max_steps=20000, batch_size=8, lr=2e-4, weight_decay=1e-5, eval_every=2000)
     )
     train_splits: str = "train,unlabeled"  # self-supervised: any video's frames
-    photometric: str = "ssim_l1"  # ssim_l1 | census (census learned nothing in 15 steps on the synthetic set; see tests)
+    photometric: str = (
+        "ssim_l1"  # ssim_l1 | census (census learned nothing in 15 steps on the synthetic set; see tests)
+    )
     smooth_weight: float = 4.0
     smooth_edge_weight: float = 150.0
     occlusion: bool = True  # mask forward-backward inconsistent pixels out of the photometric loss
@@ -76,7 +78,9 @@ class RaftConfig:
             raise ConfigError(f"model.weights_path={self.model.weights_path}: file not found")
 
 
-def build_raft_model(cfg: RaftConfig, frame_size: tuple[int, int] | None = None, with_weights: bool = False) -> nn.Module:
+def build_raft_model(
+    cfg: RaftConfig, frame_size: tuple[int, int] | None = None, with_weights: bool = False
+) -> nn.Module:
     weights = cfg.model.weights_path if (with_weights and cfg.model.weights_path) else None
     return build_raft(cfg.model.variant, weights)
 
@@ -198,7 +202,10 @@ class RaftTask:
         return build_raft_model(self.cfg, self.frame_size, with_weights=True)
 
     def train_dataset(self) -> Dataset:
-        parts = [PairDataset(self.data_dir, split, masks=False) for split in check_splits(self.cfg.train_splits, "train_splits")]
+        parts = [
+            PairDataset(self.data_dir, split, masks=False)
+            for split in check_splits(self.cfg.train_splits, "train_splits")
+        ]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
@@ -226,8 +233,9 @@ class RaftTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
-        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
-                                    self.cfg.eval_max_pairs)
+        loader = common.eval_loader(
+            self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers, self.cfg.eval_max_pairs
+        )
         warped_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
         copy_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
         rows: list[list] = []
@@ -261,8 +269,12 @@ class RaftTask:
         return {"val_warp_jaccard": warped_cm.jaccard(), "val_copy_jaccard": copy_cm.jaccard()}
 
     def identity(self) -> dict:
-        return {"stage": "raft", "model": asdict(self.cfg.model), "train_splits": self.cfg.train_splits,
-                "frame_size": list(self.frame_size)}
+        return {
+            "stage": "raft",
+            "model": asdict(self.cfg.model),
+            "train_splits": self.cfg.train_splits,
+            "frame_size": list(self.frame_size),
+        }
 
     def describe(self) -> dict:
         return {"stage": "raft", "model": asdict(self.cfg.model), "photometric": self.cfg.photometric}

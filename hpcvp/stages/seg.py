@@ -9,7 +9,6 @@ of the U-Net's labels over its pixels (hpcvp.stages.slot).
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,15 +18,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from hpcvp.data.datasets import ClipDataset, FrameDataset, HiddenDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLIT_NUM_FRAMES, SPLITS
 from hpcvp.data.shards import add_pseudo_masks, load_manifest, open_h5
 from hpcvp.eval.jaccard import ConfusionMatrix
-from hpcvp.models.unet import PRESETS as UNET_PRESETS, UNet
-from hpcvp.stages import ConfigError, StageSpec
-from hpcvp.stages import common
+from hpcvp.models.unet import PRESETS as UNET_PRESETS
+from hpcvp.models.unet import UNet
+from hpcvp.stages import ConfigError, StageSpec, common
 from hpcvp.train.config import TrainConfig
 
 
@@ -126,8 +125,9 @@ class SegTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
-        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
-                                    self.cfg.eval_max_frames)
+        loader = common.eval_loader(
+            self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers, self.cfg.eval_max_frames
+        )
         confusion = ConfusionMatrix(NUM_CLASSES, device=env.device)
         picture_rows: list[list] = []
         for batch in loader:
@@ -142,7 +142,7 @@ class SegTask:
                     )
         confusion.all_reduce()
         if env.rank == 0 and picture_rows:
-            titles = [[f"frame", "true mask", "U-Net mask"] for _ in picture_rows]
+            titles = [["frame", "true mask", "U-Net mask"] for _ in picture_rows]
             common.save_picture(common.picture_path(run, step, "seg_val"), picture_rows, titles)
         return {"val_jaccard": confusion.jaccard(), "val_pixel_acc": confusion.pixel_accuracy()}
 
@@ -320,7 +320,9 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
             raise ConfigError(f"slot_run: {slot_run} was trained on {have} frames, the data in {data_dir} are {want}")
         num_slots = slot_cfg.model.num_slots
         label = _run_label(seg_run, step, slot_run, slot_step)
-        common.log(env, f"pseudo-label: slot masks of {slot_run} (step {slot_step}, {num_slots} slots) named by the U-Net")
+        common.log(
+            env, f"pseudo-label: slot masks of {slot_run} (step {slot_step}, {num_slots} slots) named by the U-Net"
+        )
     else:
         label = _run_label(seg_run, step)
     flag = PreemptionFlag(cfg.train.preempt_signal)
@@ -383,7 +385,11 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
             common.barrier(env)
             if env.rank == 0:
                 add_pseudo_masks(
-                    data_dir, split, dataset.video_ids, _merged_masks(run_dir, split, env.world_size, dataset.video_ids), run=label
+                    data_dir,
+                    split,
+                    dataset.video_ids,
+                    _merged_masks(run_dir, split, env.world_size, dataset.video_ids),
+                    run=label,
                 )
                 for r in range(env.world_size):
                     with contextlib.suppress(FileNotFoundError):

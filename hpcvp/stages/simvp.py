@@ -23,9 +23,9 @@ from hpcvp.data.datasets import ClipDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, NUM_INPUT_FRAMES, SPLITS
 from hpcvp.data.shards import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
-from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS, TRANSLATORS, SimVP
-from hpcvp.stages import ConfigError, StageSpec
-from hpcvp.stages import common
+from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS
+from hpcvp.models.simvp import TRANSLATORS, SimVP
+from hpcvp.stages import ConfigError, StageSpec, common
 from hpcvp.stages.losses import lovasz_softmax
 from hpcvp.stages.seg import check_splits
 from hpcvp.train.config import TrainConfig
@@ -177,7 +177,9 @@ class SimVPTask:
         if self.cfg.init_from:
             source, source_cfg, step = common.load_model_from_run(self.cfg.init_from, "simvp", torch.device("cpu"))
             if source_cfg.mode != self.cfg.mode:
-                raise ConfigError(f"init_from={self.cfg.init_from}: a {source_cfg.mode} run, this is a {self.cfg.mode} run")
+                raise ConfigError(
+                    f"init_from={self.cfg.init_from}: a {source_cfg.mode} run, this is a {self.cfg.mode} run"
+                )
             model.load_state_dict(source.state_dict())
             common.log(self.env, f"simvp: initialised from {self.cfg.init_from} (step {step})")
         return model
@@ -240,8 +242,9 @@ class SimVPTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
-        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
-                                    self.cfg.eval_max_videos)
+        loader = common.eval_loader(
+            self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers, self.cfg.eval_max_videos
+        )
         if self.masks_mode:
             return self._evaluate_masks(net, loader, env, run, step)
         return self._evaluate_frames(net, loader, env, run, step)
@@ -264,8 +267,12 @@ class SimVPTask:
                 frames = batch["frames_in"]
                 for i in range(min(pred.shape[0], self.cfg.num_pictures - len(rows))):
                     rows.append(
-                        [common.frame_image(frames[i, -1]), common.mask_image(masks_in[i, -1]),
-                         common.mask_image(target[i, -1]), common.mask_image(pred[i])]
+                        [
+                            common.frame_image(frames[i, -1]),
+                            common.mask_image(masks_in[i, -1]),
+                            common.mask_image(target[i, -1]),
+                            common.mask_image(pred[i]),
+                        ]
                     )
         confusion.all_reduce()
         copy_last.all_reduce()
@@ -321,7 +328,12 @@ class SimVPTask:
         }
 
     def describe(self) -> dict:
-        return {"stage": "simvp", "mode": self.cfg.mode, "loss": self.cfg.loss_name, "train_splits": self.cfg.train_splits}
+        return {
+            "stage": "simvp",
+            "mode": self.cfg.mode,
+            "loss": self.cfg.loss_name,
+            "train_splits": self.cfg.train_splits,
+        }
 
 
 def run(cfg: SimVPConfig, data_dir: Path, run_dir: Path, env):

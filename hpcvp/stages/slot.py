@@ -25,9 +25,9 @@ from hpcvp.data.layout import NUM_CLASSES, SPLITS
 from hpcvp.data.shards import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import slot_masks_image
-from hpcvp.models.slot_attention import PRESETS as SLOT_PRESETS, SlotAttentionAutoEncoder
-from hpcvp.stages import ConfigError, StageSpec
-from hpcvp.stages import common
+from hpcvp.models.slot_attention import PRESETS as SLOT_PRESETS
+from hpcvp.models.slot_attention import SlotAttentionAutoEncoder
+from hpcvp.stages import ConfigError, StageSpec, common
 from hpcvp.stages.seg import check_splits, segment_frames
 from hpcvp.train.config import TrainConfig
 
@@ -84,7 +84,9 @@ def _comb2(x: torch.Tensor) -> torch.Tensor:
     return x * (x - 1) / 2
 
 
-def adjusted_rand_index(true_ids: torch.Tensor, pred_ids: torch.Tensor, valid: torch.Tensor, num_true: int, num_pred: int) -> torch.Tensor:
+def adjusted_rand_index(
+    true_ids: torch.Tensor, pred_ids: torch.Tensor, valid: torch.Tensor, num_true: int, num_pred: int
+) -> torch.Tensor:
     """ARI per image between two labelings, counting only ``valid`` pixels.
 
     true_ids (B, N) in [0, num_true), pred_ids (B, N) in [0, num_pred), valid (B, N) bool.
@@ -138,7 +140,9 @@ def seeded_slots(model: nn.Module, seeds: list[int], num_frames: int, device: to
     attention = common.unwrap(model).slot_attention
     noise = torch.cat(
         [
-            torch.randn(num_frames, attention.num_slots, attention.dim, generator=torch.Generator().manual_seed(int(seed)))
+            torch.randn(
+                num_frames, attention.num_slots, attention.dim, generator=torch.Generator().manual_seed(int(seed))
+            )
             for seed in seeds
         ]
     ).to(device)
@@ -147,7 +151,9 @@ def seeded_slots(model: nn.Module, seeds: list[int], num_frames: int, device: to
 
 
 @torch.no_grad()
-def slot_partition(model: nn.Module, frames: torch.Tensor, video_ids: list[int], amp: str, chunk: int = 64) -> torch.Tensor:
+def slot_partition(
+    model: nn.Module, frames: torch.Tensor, video_ids: list[int], amp: str, chunk: int = 64
+) -> torch.Tensor:
     """uint8 frames (B, T, H, W, 3) of videos ``video_ids`` on the model's device -> slot ids
     (B, T, H, W) long: per pixel the slot with the largest alpha, slots seeded per video
     (``seeded_slots``), ``chunk`` frames per forward."""
@@ -176,7 +182,10 @@ class SlotTask:
         return build_slot_model(self.cfg, self.frame_size)
 
     def train_dataset(self) -> Dataset:
-        parts = [FrameDataset(self.data_dir, split, masks=False) for split in check_splits(self.cfg.train_splits, "train_splits")]
+        parts = [
+            FrameDataset(self.data_dir, split, masks=False)
+            for split in check_splits(self.cfg.train_splits, "train_splits")
+        ]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
@@ -205,8 +214,9 @@ class SlotTask:
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
         net = common.unwrap(model)
         seg = self._seg_model(env)
-        loader = common.eval_loader(self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers,
-                                    self.cfg.eval_max_frames)
+        loader = common.eval_loader(
+            self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers, self.cfg.eval_max_frames
+        )
         sums = {"ari": 0.0, "ari_count": 0.0, "se": 0.0, "pixels": 0.0}
         oracle_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
         unet_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
@@ -249,7 +259,12 @@ class SlotTask:
         if seg is not None:
             unet_cm.all_reduce()
         if env.rank == 0 and rows:
-            titles = [["frame", "reconstruction", "slot masks", "true mask", "slots, true labels", "slots, U-Net labels"][: len(r)] for r in rows]
+            titles = [
+                ["frame", "reconstruction", "slot masks", "true mask", "slots, true labels", "slots, U-Net labels"][
+                    : len(r)
+                ]
+                for r in rows
+            ]
             common.save_picture(common.picture_path(run, step, "slot_val"), rows, titles)
         metrics = {
             "val_fg_ari": sums["ari"] / sums["ari_count"] if sums["ari_count"] else float("nan"),
@@ -261,8 +276,12 @@ class SlotTask:
         return metrics
 
     def identity(self) -> dict:
-        return {"stage": "slot", "model": asdict(self.cfg.model), "train_splits": self.cfg.train_splits,
-                "frame_size": list(self.frame_size)}
+        return {
+            "stage": "slot",
+            "model": asdict(self.cfg.model),
+            "train_splits": self.cfg.train_splits,
+            "frame_size": list(self.frame_size),
+        }
 
 
 def run(cfg: SlotConfig, data_dir: Path, run_dir: Path, env):

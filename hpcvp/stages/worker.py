@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from hpcvp.stages import PRESET_NAMES, STAGES, ConfigError, build_config, flatten, get_stage, save_stage_config
 
@@ -110,7 +110,9 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
         if args.stage_local:
             if spec.writes_data:
                 if env.rank == 0:
-                    _say(f"--stage-local ignored: stage {spec.name} writes into {shared_data_dir}, which must stay shared")
+                    _say(
+                        f"--stage-local ignored: stage {spec.name} writes into {shared_data_dir}, which must stay shared"
+                    )
             else:
                 data_dir = stage_to_local(shared_data_dir)
         manifest = load_manifest(data_dir)
@@ -128,7 +130,10 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
         if env.rank == 0 and spec.trains:
             save_stage_config(run_dir, spec.name, cfg, data_facts)
         if env.rank == 0:
-            _say(f"stage {spec.name}: {result.status} at step {result.step}" + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else ""))
+            _say(
+                f"stage {spec.name}: {result.status} at step {result.step}"
+                + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else "")
+            )
         finished = True
         return result.exit_code
     finally:

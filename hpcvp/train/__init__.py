@@ -30,10 +30,10 @@ from .sampler import ResumableDistributedSampler
 from .signals import EXIT_REQUEUE, PreemptionFlag
 
 __all__ = [
+    "EXIT_REQUEUE",
     "Checkpoint",
     "CheckpointError",
     "DistEnv",
-    "EXIT_REQUEUE",
     "FitResult",
     "IdentityMismatchError",
     "PreemptionFlag",

@@ -230,9 +230,7 @@ def load_checkpoint(
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: unreadable ({exc})") from exc
     if meta.get("format") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_path}: format {meta.get('format')!r}, this hpcvp reads {FORMAT_VERSION}"
-        )
+        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, this hpcvp reads {FORMAT_VERSION}")
     files = meta.get("files", {})
     if STATE_FILE not in files:
         raise CheckpointError(f"{meta_path}: no {STATE_FILE} listed")
@@ -246,9 +244,7 @@ def load_checkpoint(
         file_path = path / name
         _verify_file(file_path, files[name])
         try:
-            loaded[name] = torch.load(
-                file_path, map_location=map_location, weights_only=(name != EXTRA_FILE)
-            )
+            loaded[name] = torch.load(file_path, map_location=map_location, weights_only=(name != EXTRA_FILE))
         except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError/...
             raise CheckpointError(f"{file_path}: cannot load ({type(exc).__name__}: {exc})") from exc
     state = loaded[STATE_FILE]
@@ -298,9 +294,7 @@ def load_latest(
             log.warning("%s: meta.json says step %d", path, ckpt.step)
         return ckpt
     if failures:
-        raise CheckpointError(
-            f"no usable checkpoint in {root}; tried newest first:\n  " + "\n  ".join(failures)
-        )
+        raise CheckpointError(f"no usable checkpoint in {root}; tried newest first:\n  " + "\n  ".join(failures))
     return None
 
 

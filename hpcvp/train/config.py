@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Iterable
+from typing import Any
 
 from .signals import parse_signal
 
@@ -98,16 +99,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
-                f"TrainConfig: unknown key(s) {unknown}; known keys: {sorted(known)}"
-            )
+            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**data)
 
-    def with_overrides(self, overrides: Iterable[str] | dict[str, Any]) -> "TrainConfig":
+    def with_overrides(self, overrides: Iterable[str] | dict[str, Any]) -> TrainConfig:
         """New config with ``["lr=3e-4", "amp=off"]`` (or a dict) applied; values are parsed by
         the field's type (bools accept true/false/1/0/yes/no)."""
         items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)

@@ -14,8 +14,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -183,13 +184,10 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
         world = _int_env(env, "WORLD_SIZE")
         rank = _int_env(env, "RANK")
         local_rank = _int_env(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
-        local_world = (
-            _int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else max(1, world)
-        )
+        local_world = _int_env(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else max(1, world)
         if world > 1 and ("MASTER_ADDR" not in env or "MASTER_PORT" not in env):
             raise DistSetupError(
-                "RANK/WORLD_SIZE are set (torchrun-style launch) but MASTER_ADDR or MASTER_PORT "
-                "is missing"
+                "RANK/WORLD_SIZE are set (torchrun-style launch) but MASTER_ADDR or MASTER_PORT is missing"
             )
         info = LaunchInfo(
             launcher="torchrun",
@@ -216,9 +214,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
         if "MASTER_ADDR" in env:
             addr = env["MASTER_ADDR"]
         else:
-            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
-                "SLURM_NODELIST"
-            )
+            nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
             if world > 1 and not nodelist:
                 raise DistSetupError(
                     "Slurm launch with several tasks but neither SLURM_STEP_NODELIST nor "
@@ -237,9 +233,7 @@ def detect_launch(env: Mapping[str, str] | None = None) -> LaunchInfo:
     else:
         info = LaunchInfo("single", 0, 1, 0, 1, "127.0.0.1", 0)
     if not 0 <= info.rank < info.world_size:
-        raise DistSetupError(
-            f"{info.launcher} launch: rank {info.rank} is outside world size {info.world_size}"
-        )
+        raise DistSetupError(f"{info.launcher} launch: rank {info.rank} is outside world size {info.world_size}")
     return info
 
 

@@ -59,9 +59,19 @@ CHECKPOINT_STATE_VERSION = 1
 
 # TrainConfig keys whose change on resume does not alter the trained weights.
 _HARMLESS_KEYS = {
-    "eval_every", "eval_at_end", "save_every_steps", "save_every_minutes", "keep_last",
-    "num_workers", "prefetch_factor", "log_every", "progress", "preempt_signal",
-    "dist_timeout_minutes", "compile", "compile_backend",
+    "eval_every",
+    "eval_at_end",
+    "save_every_steps",
+    "save_every_minutes",
+    "keep_last",
+    "num_workers",
+    "prefetch_factor",
+    "log_every",
+    "progress",
+    "preempt_signal",
+    "dist_timeout_minutes",
+    "compile",
+    "compile_backend",
 }
 
 
@@ -288,9 +298,7 @@ class Trainer:
         while True:
             if self._iter is None:
                 self.sampler.set_epoch(self.epoch, self.position)
-                self._loader_gen.manual_seed(
-                    mix_seed(TAG_LOADER, self.cfg.seed, self.epoch, self.env.rank) >> 1
-                )
+                self._loader_gen.manual_seed(mix_seed(TAG_LOADER, self.cfg.seed, self.epoch, self.env.rank) >> 1)
                 self._iter = iter(self.loader)
             try:
                 batch = next(self._iter)
@@ -360,11 +368,7 @@ class Trainer:
             batch = self._next_batch()
             # everything random in this micro-step is a function of (seed, rank, step, micro)
             seed_globals(mix_seed(TAG_STEP, cfg.seed, self.env.rank, step, micro), cuda=cuda)
-            sync = (
-                self.ddp.no_sync()
-                if self.ddp is not None and micro < accum - 1
-                else contextlib.nullcontext()
-            )
+            sync = self.ddp.no_sync() if self.ddp is not None and micro < accum - 1 else contextlib.nullcontext()
             with sync:
                 with self._autocast():
                     loss, logs = self.task.loss(self.train_model, batch, self.device)
@@ -414,8 +418,7 @@ class Trainer:
             )
         saved_cfg = state.get("train_config", {})
         changed = sorted(
-            k for k, v in cfg.to_dict().items()
-            if k not in _HARMLESS_KEYS and k in saved_cfg and saved_cfg[k] != v
+            k for k, v in cfg.to_dict().items() if k not in _HARMLESS_KEYS and k in saved_cfg and saved_cfg[k] != v
         )
         saved_threads = state.get("num_threads")
         if saved_threads is not None and saved_threads != torch.get_num_threads():
@@ -424,7 +427,9 @@ class Trainer:
         if changed and env.is_main:
             log.warning(
                 "resuming %s with changed training settings %s; the run will not be bitwise "
-                "equal to an uninterrupted one", run.path, changed,
+                "equal to an uninterrupted one",
+                run.path,
+                changed,
             )
 
         self.module.load_state_dict(state["model"])
@@ -451,7 +456,9 @@ class Trainer:
                 log.warning(
                     "resuming %s with %d rank(s), checkpoint has %d: data order continues, RNG "
                     "states are not restored (not bitwise reproducible)",
-                    run.path, env.world_size, saved_world,
+                    run.path,
+                    env.world_size,
+                    saved_world,
                 )
         if ckpt.extra is not None and hasattr(self.task, "load_extra_state"):
             self.task.load_extra_state(ckpt.extra)
@@ -493,11 +500,15 @@ class Trainer:
                 }
                 extra = self.task.extra_state() if hasattr(self.task, "extra_state") else None
                 path = save_checkpoint(
-                    self.run.checkpoints, step, state, ranks=gathered, extra=extra,
+                    self.run.checkpoints,
+                    step,
+                    state,
+                    ranks=gathered,
+                    extra=extra,
                     keep_last=self.cfg.keep_last,
                 )
                 result = (None, str(path))
-            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            except Exception as exc:
                 log.exception("checkpoint save at step %d failed", step)
                 result = (f"checkpoint save at step {step} failed on rank 0: {exc!r}", None)
         # every rank waits for the write and learns whether it worked (no rank runs on alone)
@@ -530,9 +541,7 @@ class Trainer:
         means = self._reduce_window()
         now = time.monotonic()
         elapsed = max(1e-9, now - self._window_t0)
-        samples = (
-            self._window_steps * self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
-        )
+        samples = self._window_steps * self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
         rate = samples / elapsed if self._window_steps else None
         self._window_steps = 0
         self._window_t0 = now
@@ -649,9 +658,7 @@ class Trainer:
             self._log(self.step, None)
         self._save(self.step)
         if self.step >= self.cfg.max_steps and not eval_due:
-            return self._result(
-                "completed", f"max_steps reached ({signal_name(signum)} at the last step)", signum
-            )
+            return self._result("completed", f"max_steps reached ({signal_name(signum)} at the last step)", signum)
         reason = f"{signal_name(signum)} received by at least one rank; saved at step {self.step}"
         if self.env.is_main:
             self._progress.message(reason)
@@ -673,12 +680,8 @@ class Trainer:
                 self.task.after_step(self.module, step, env)
             last = step >= cfg.max_steps
             log_due = step % cfg.log_every == 0 or last
-            time_due = int(
-                env.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= minutes
-            )
-            eval_due = bool(
-                (cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_at_end)
-            )
+            time_due = int(env.is_main and minutes > 0 and time.monotonic() - self._last_save_time >= minutes)
+            eval_due = bool((cfg.eval_every and step % cfg.eval_every == 0) or (last and cfg.eval_at_end))
             signum, time_due = self._agree(flag.signum, time_due)
             if signum:
                 return self._stop_for_signal(signum, log_due, eval_due)

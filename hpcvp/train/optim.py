@@ -62,7 +62,7 @@ class WarmupConstant:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LRScheduler:
-    warmup_steps = int(round(cfg.warmup_frac * cfg.max_steps))
+    warmup_steps = round(cfg.warmup_frac * cfg.max_steps)
     if cfg.schedule == "onecycle":
         # OneCycleLR needs a non-empty warm-up phase; cycle momentum only where there is one
         total_steps = max(4, cfg.max_steps)

@@ -14,7 +14,7 @@ from typing import TextIO
 def format_duration(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):  # NaN / inf
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
@@ -80,8 +80,7 @@ class TrainProgress:
             return float("nan")
         return (time.monotonic() - self._t0) / done * (self.total - step)
 
-    def update(self, step: int, loss: float | None = None, samples_per_s: float | None = None,
-               extra: str = "") -> None:
+    def update(self, step: int, loss: float | None = None, samples_per_s: float | None = None, extra: str = "") -> None:
         if self.mode == "off":
             return
         loss_text = "-" if loss is None else f"{loss:.4g}"

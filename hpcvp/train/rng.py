@@ -100,7 +100,7 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_states[0])
 
 
-def worker_init_fn(worker_id: int) -> None:  # noqa: ARG001 - DataLoader API
+def worker_init_fn(worker_id: int) -> None:
     """Seed numpy and python in a DataLoader worker from torch's per-worker seed (torch seeds only
     itself and `random`); per-sample seeding overrides this for every sample anyway."""
     seed = torch.initial_seed()

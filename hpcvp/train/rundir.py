@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -32,7 +33,7 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def for_stage(cls, root: str | os.PathLike, stage: str, name: str) -> "RunDir":
+    def for_stage(cls, root: str | os.PathLike, stage: str, name: str) -> RunDir:
         return cls(Path(root) / stage / name)
 
     @property
@@ -55,7 +56,7 @@ class RunDir:
     def logs(self) -> Path:
         return self.path / "logs"
 
-    def ensure(self) -> "RunDir":
+    def ensure(self) -> RunDir:
         for d in (self.path, self.checkpoints, self.pictures, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         return self

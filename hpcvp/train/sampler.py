@@ -8,7 +8,7 @@ exactly those and never replays them.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,9 +29,7 @@ class ResumableDistributedSampler(Sampler):
         with_sample_seeds: bool = False,
     ):
         if dataset_len < num_replicas:
-            raise ValueError(
-                f"dataset has {dataset_len} samples, fewer than the {num_replicas} ranks"
-            )
+            raise ValueError(f"dataset has {dataset_len} samples, fewer than the {num_replicas} ranks")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.dataset_len = int(dataset_len)

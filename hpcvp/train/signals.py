@@ -24,9 +24,7 @@ def parse_signal(name: str | int) -> signal.Signals:
         except KeyError:
             raise ValueError(f"preempt_signal: unknown signal {name!r}") from None
     if sig == signal.SIGUSR1:
-        raise ValueError(
-            "preempt_signal: SIGUSR1 is reserved (NCCL uses it); use USR2 (submitit's default)"
-        )
+        raise ValueError("preempt_signal: SIGUSR1 is reserved (NCCL uses it); use USR2 (submitit's default)")
     if sig in (signal.SIGKILL, signal.SIGSTOP):
         raise ValueError(f"preempt_signal: {sig.name} cannot be caught")
     return sig
@@ -52,7 +50,7 @@ class PreemptionFlag:
     def requested(self) -> bool:
         return self.signum != 0
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002 - signal API
+    def _handle(self, signum, frame) -> None:
         # Only assignments here: no logging or I/O inside a signal handler.
         if self.signum == 0:
             self.signum = signum
@@ -78,7 +76,7 @@ class PreemptionFlag:
         self._previous.clear()
         self.installed = False
 
-    def __enter__(self) -> "PreemptionFlag":
+    def __enter__(self) -> PreemptionFlag:
         self.install()
         return self
 

@@ -56,9 +56,7 @@ class ToyDataset(Dataset):
 
 
 class ToyModel(nn.Module):
-    def __init__(
-        self, dim: int, width: int, ballast_mb: float = 0.0, batch_norm: bool = True, dropout: float = 0.2
-    ):
+    def __init__(self, dim: int, width: int, ballast_mb: float = 0.0, batch_norm: bool = True, dropout: float = 0.2):
         super().__init__()
         self.body = nn.Sequential(
             nn.Linear(dim, width),
@@ -194,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="TrainConfig override (repeatable)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override (repeatable)"
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -214,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             step_sleep_s=args.step_sleep_s,
         )
         result = Trainer(task, cfg, RunDir(args.run_dir), env).fit()
-    except Exception:  # noqa: BLE001 - report, leave the process group, exit non-zero
+    except Exception:
         traceback.print_exc()
         teardown(sync=False)
         return 1
