@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpcvp.stages.common import RankShardSampler, spread_indices
+from hpcvp.stages.evaluation import RankShardSampler, spread_indices
 from hpcvp.stages.losses import census_loss, edge_aware_smoothness, lovasz_softmax, ssim_l1_loss
 from hpcvp.stages.raft import extrapolate_mask, self_supervised_flow_loss
 from hpcvp.stages.slot import adjusted_rand_index, foreground_ari, label_slots
@@ -131,10 +131,10 @@ class _ConstantFlowRaft(nn.Module):
 def test_predict_flow_extrapolation_direction():
     """An object moving right by 2 px/frame: flow(11 -> 10) is (-2, 0); pipeline (c*) must put the
     frame-11 object 22 px further right in frame 22."""
-    from hpcvp.stages.predict import Models, PredictConfig, run_pipelines
+    from hpcvp.stages.predict import LoadedRuns, PredictConfig, run_pipelines
 
     cfg = PredictConfig(preset="tiny", pipelines="c", extrapolation="pixel")
-    models = Models.__new__(Models)
+    models = LoadedRuns.__new__(LoadedRuns)
     models.seg = models.simvp_masks = models.simvp_frames = None
     models.raft = _ConstantFlowRaft(-2.0, 0.0)
     models.raft_updates = 1
@@ -196,7 +196,7 @@ def test_rank_shard_sampler_covers_each_index_once():
 
 
 def test_simvp_copy_last_prior_starts_at_the_no_motion_prediction():
-    from hpcvp.stages import build_config
+    from hpcvp.stages.registry import build_config
     from hpcvp.stages.simvp import CopyLastPrior, build_simvp
 
     torch.manual_seed(0)

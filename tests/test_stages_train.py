@@ -121,7 +121,7 @@ def test_seg_trains_and_evaluates(seg_run):
 
 
 def test_pseudo_label_writes_mask_shards_matching_the_unet(pseudo_labelled, seg_run):
-    from hpcvp.stages.common import load_model_from_run
+    from hpcvp.stages.runs import load_model_from_run
     from hpcvp.stages.seg import segment_frames
 
     manifest = load_manifest(pseudo_labelled)
@@ -165,7 +165,7 @@ def test_raft_trains_self_supervised_and_loads_a_saved_state_dict(raft_run, data
     assert pictures(raft_run) == ["step0000002_raft_val.png"]
 
     from hpcvp.models.raft import build_raft
-    from hpcvp.stages import build_config
+    from hpcvp.stages.registry import build_config
     from hpcvp.stages.raft import RaftTask
     from hpcvp.train.dist import single_process_env
 
@@ -197,7 +197,7 @@ def slot_run(data_dir, runs) -> Path:
 
 def test_pseudo_label_exports_slot_masks_named_by_the_unet(data_dir, seg_run, slot_run, tmp_path):
     from hpcvp.data.datasets import frames_to_float
-    from hpcvp.stages.common import load_model_from_run
+    from hpcvp.stages.runs import load_model_from_run
     from hpcvp.stages.seg import segment_frames
     from hpcvp.stages.slot import label_slots, seeded_slots
 
@@ -245,8 +245,8 @@ def test_pseudo_label_exports_slot_masks_named_by_the_unet(data_dir, seg_run, sl
 
 
 def test_pseudo_label_refuses_a_missing_or_wrong_slot_run(data_dir, seg_run, tmp_path):
-    from hpcvp.stages import ConfigError
-    from hpcvp.stages.common import MissingRunError
+    from hpcvp.config_overrides import ConfigError
+    from hpcvp.stages.runs import MissingRunError
 
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from hpcvp.stages.common import markdown_table  # noqa: E402
+from hpcvp.stages.report import markdown_table  # noqa: E402
 from hpcvp.stages.worker import run_worker  # noqa: E402
 
 # Shares of the training budget (what is left after data generation and the inference stages'

@@ -19,24 +19,17 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcvp.cluster import pipeline, preflight
+from hpcvp.cluster import preflight
+from hpcvp.cluster.plan import LaunchError, PlannedJob, plan_jobs, run_root_from, split_overrides
 from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
-from hpcvp.cluster.sbatch import (
-    JobRequest,
-    format_minutes,
-    parse_time_minutes,
-    render_submitit_script,
-    submitit_parameters,
-)
+from hpcvp.cluster.sbatch import format_minutes, render_submitit_script, submitit_parameters
 from hpcvp.cluster.status import print_status, record_event, slurm_job_states
+from hpcvp.config_overrides import ConfigError
+from hpcvp.stages import registry
+from hpcvp.stages.spec import DEFAULT_RUN_NAME
 
-WORKER_ENTRY = "hpcvp.stages.worker:run_worker"
-PACK_ENTRY = "hpcvp.data.shards:main"
-PIPELINE = ("pack", "seg", "pseudo-label", "simvp", "predict")
-SINGLE_STAGES = ("pack", "seg", "pseudo-label", "slot", "raft", "simvp", "predict")
 TERMINAL_STATES = {
     "COMPLETED",
     "FAILED",
@@ -48,11 +41,8 @@ TERMINAL_STATES = {
     "DEADLINE",
     "PREEMPTED",
 }
-DEFAULT_RUN_NAME = "default"
-
-
-class LaunchError(RuntimeError):
-    """A usage problem found before anything ran; printed as one message, exit status 2."""
+# Re-exported: tests and scripts drive the launcher through this module.
+__all__ = ["LaunchError", "PlannedJob", "build_parser", "main", "plan_jobs", "run_preflight", "split_overrides"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to run")
     what.add_argument(
         "--stage",
-        choices=(*SINGLE_STAGES, "all"),
-        help="the stage to run; 'all' runs pack -> seg -> pseudo-label -> simvp (masks) -> predict, "
-        "on Slurm as jobs chained with afterok dependencies (pack only with --src)",
+        choices=(*registry.STAGES, "all"),
+        help="the stage to run; 'all' runs "
+        + " -> ".join(s.name for s in registry.chain_stages())
+        + ", on Slurm as jobs chained with afterok dependencies (pack only with --src)",
     )
     what.add_argument(
         "--data",
@@ -135,11 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--gpus",
-        type=int,
-        default=1,
-        metavar="N",
+        action="append",
+        metavar="N|STAGE:N",
         help="GPUs per node = Slurm tasks per node (one rank per GPU); on clusters without GPUs "
-        "(local, slurm-local) N CPU processes with gloo (default: 1)",
+        "(local, slurm-local) N CPU processes with gloo (default: 1). With --stage all, inference "
+        "stages (pseudo-label, predict) keep their own default of 1; STAGE:N sets one stage's (repeatable)",
     )
     where.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes per job (default: 1)")
     where.add_argument("--account", metavar="A", help="Slurm account (Greene: pr_<N>_general; Torch: torch_pr_*)")
@@ -154,7 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="T",
         help="GPU type: Greene puts it in --gres=gpu:T:N (rtx8000, v100, a100, h100); Torch in --constraint",
     )
-    where.add_argument("--time", metavar="T", help="time limit: HH:MM:SS, D-HH:MM:SS, 90m, 2h (default: the profile's)")
+    where.add_argument(
+        "--time",
+        action="append",
+        metavar="T|STAGE:T",
+        help="time limit: HH:MM:SS, D-HH:MM:SS, 90m, 2h (default: the profile's; inference stages ask for "
+        "less, their own default at most); STAGE:T sets one stage's (repeatable)",
+    )
     where.add_argument(
         "--mem", metavar="GB", help="memory per node in GB ('64' or '64G'; default: the profile's GB per GPU x --gpus)"
     )
@@ -216,154 +213,6 @@ def build_parser() -> argparse.ArgumentParser:
 # Planning
 
 
-@dataclass
-class PlannedJob:
-    request: JobRequest
-    depends_on: str | None = None  # stage name of the job this one waits for
-    job_id: str = ""
-    overrides: list[str] = field(default_factory=list)
-
-
-def run_root_from(args: argparse.Namespace) -> Path:
-    if args.run_root is not None:
-        return args.run_root.expanduser().absolute()
-    return Path(os.environ.get("HPCVP_RUN_ROOT", "runs")).expanduser().absolute()
-
-
-def parse_mem_gb(text: str) -> float:
-    cleaned = text.strip().upper().removesuffix("B")
-    factor = 1.0
-    if cleaned.endswith("G"):
-        cleaned = cleaned[:-1]
-    elif cleaned.endswith("M"):
-        cleaned, factor = cleaned[:-1], 1 / 1024
-    elif cleaned.endswith("T"):
-        cleaned, factor = cleaned[:-1], 1024.0
-    try:
-        value = float(cleaned) * factor
-    except ValueError:
-        raise LaunchError(f"--mem {text}: expected GB per node, e.g. 64 or 64G") from None
-    if value <= 0:
-        raise LaunchError(f"--mem {text}: must be positive")
-    return value
-
-
-def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str, list[str]]:
-    """'STAGE:KEY=VALUE' goes to STAGE; a bare KEY=VALUE to every listed stage whose config has KEY
-    (with one stage it simply goes to that stage; a bad key is then reported by pre-flight)."""
-    from hpcvp.stages import ConfigError, build_config
-
-    per_stage: dict[str, list[str]] = {s: [] for s in stages}
-    for item in overrides:
-        head, sep, rest = item.partition(":")
-        if sep and "=" not in head and head in SINGLE_STAGES:
-            if head not in per_stage:
-                raise LaunchError(f"--set {item}: stage {head!r} is not part of this launch ({', '.join(stages)})")
-            per_stage[head].append(rest)
-            continue
-        if len(stages) == 1:
-            per_stage[stages[0]].append(item)
-            continue
-        takers = []
-        for stage in stages:
-            if stage == "pack":
-                continue
-            try:
-                build_config(stage, "tiny", [item])
-            except ConfigError:
-                continue
-            takers.append(stage)
-        if not takers:
-            raise LaunchError(f"--set {item}: no stage of this launch ({', '.join(stages)}) has that key")
-        for stage in takers:
-            per_stage[stage].append(item)
-    return per_stage
-
-
-def make_request(
-    profile: ClusterProfile,
-    args: argparse.Namespace,
-    stage: str,
-    run_dir: Path,
-    data: str | None,
-    preset: str,
-    overrides: list[str],
-) -> JobRequest:
-    cpus_per_gpu = args.cpus_per_gpu or profile.cpus_per_gpu
-    try:
-        time_minutes = parse_time_minutes(args.time or profile.default_time)
-    except ValueError as exc:
-        raise LaunchError(f"--time: {exc}") from None
-    if stage == "pack":
-        gpus, cpus = 0, cpus_per_gpu * max(1, args.gpus)
-        module = PACK_ENTRY
-        # one core stays with the process that writes the shards; the others decode PNGs
-        argv = ["--src", str(args.src), "--out", str(data), "--workers", str(max(1, cpus - 1)), "--quiet"]
-    else:
-        gpus, cpus = args.gpus, cpus_per_gpu
-        module = WORKER_ENTRY
-        argv = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), "--preset", preset]
-        if args.stage_local:
-            argv.append("--stage-local")
-        for item in overrides:
-            argv += ["--set", item]
-    mem_gb = parse_mem_gb(args.mem) if args.mem else profile.mem_per_gpu_gb * max(1, args.gpus)
-    env = {"OMP_NUM_THREADS": str(cpus), "PYTHONUNBUFFERED": "1"}
-    # The job imports hpcvp when it unpickles its callable: this checkout, even if not pip-installed.
-    package_root = Path(__file__).resolve().parents[2]
-    setup = [f"export PYTHONPATH={shlex.quote(str(package_root))}${{PYTHONPATH:+:$PYTHONPATH}}"]
-    return JobRequest(
-        stage=stage,
-        job_name=f"hpcvp-{stage}-{args.run}",
-        run_dir=run_dir,
-        module=module,
-        argv=argv,
-        gpus_per_node=gpus,
-        nodes=args.nodes if stage != "pack" else 1,
-        time_minutes=time_minutes,
-        mem_gb=mem_gb if profile.is_slurm else None,
-        cpus_per_task=cpus,
-        account=args.account,
-        partition=args.partition or profile.default_partition,
-        constraint=args.constraint,
-        gpu_type=args.gpu_type or profile.default_gpu_type,
-        comment=profile.preemptible_comment if args.preemptible else None,
-        container=args.container,
-        overlay=args.overlay,
-        max_requeues=args.max_requeues,
-        signal_seconds=args.signal_seconds if args.signal_seconds is not None else profile.signal_seconds,
-        env=env,
-        setup=setup,
-    )
-
-
-def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | None, preset: str) -> list[PlannedJob]:
-    run_root = run_root_from(args)
-    if args.stage == "all":
-        stages = list(PIPELINE)
-        if args.src is None:
-            stages.remove("pack")  # the data is already packed (or is the built-in set)
-    else:
-        stages = [args.stage]
-    run_dirs = {stage: run_root / stage / args.run for stage in stages}
-    per_stage = split_overrides(args.overrides, stages)
-    jobs: list[PlannedJob] = []
-    previous: str | None = None
-    for stage in stages:
-        if args.stage == "all":  # wired to the chain's own runs
-            linked = pipeline.wiring(stage, run_dirs)
-        else:  # the earlier runs of the same name
-            linked = pipeline.links(stage, run_root, args.run)
-        overrides = linked + per_stage.get(stage, [])
-        request = make_request(profile, args, stage, run_dirs[stage], data, preset, overrides)
-        job = PlannedJob(request, depends_on=previous, overrides=overrides)
-        if previous is None and args.dependency:
-            request.dependency = args.dependency
-        jobs.append(job)
-        previous = stage
-    return jobs
-
-
 # ---------------------------------------------------------------------------------------------
 # Pre-flight
 
@@ -371,8 +220,6 @@ def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | Non
 def run_preflight(
     profile: ClusterProfile, args: argparse.Namespace, jobs: list[PlannedJob], data: str | None, preset: str
 ) -> list[preflight.Problem]:
-    from hpcvp.stages import ConfigError, build_config, get_stage
-
     problems: list[preflight.Problem] = []
     facts = preflight.SlurmFacts() if profile.is_slurm else None
     problems += preflight.check_run_dir_writable(run_root_from(args))
@@ -391,26 +238,27 @@ def run_preflight(
             problems += preflight.check_raw_source(args.src)
         if not data:
             problems.append(preflight.Problem("data", "--stage pack needs --data OUT_DIR for the packed set"))
-    elif data and (Path(data).exists() or not args.dry_run):
-        # (A dry run does not build the built-in set, so there may be nothing to check yet.)
-        needed = sorted({s for stage in stages for s in pipeline.SPLITS_READ.get(stage, ())})
-        problems += preflight.check_data(Path(data), needed)
+    # split -> the stages that read it, from each stage's effective config (--set and the chain's wiring)
+    readers: dict[str, list[str]] = {}
     for job in jobs:
         request = job.request
-        if request.stage != "pack":
+        spec = registry.get_stage(request.stage)
+        if spec.has_config:
             try:
-                spec = get_stage(request.stage)
-                build_config(spec, preset, job.overrides)
+                cfg = registry.build_config(spec, preset, job.overrides)
             except ConfigError as exc:
                 problems.append(preflight.Problem("config", f"stage {request.stage}: {exc}"))
-                spec = None
-            if spec is not None and spec.writes_data and data and "pack" not in stages and not os.access(data, os.W_OK):
+            else:
+                for split in registry.splits_read(spec, cfg):
+                    readers.setdefault(split, []).append(spec.name)
+            if spec.writes_data and data and "pack" not in stages and not os.access(data, os.W_OK):
                 problems.append(
                     preflight.Problem(
                         "data",
                         f"--data {data}: stage {request.stage} writes into the packed set, which is not writable",
                     )
                 )
+        if spec.resources.gpus != 0:  # a CPU job (pack) has no GPUs to check
             problems += preflight.check_gpus(profile, request, facts)
         if profile.is_slurm:
             assert facts is not None
@@ -418,6 +266,9 @@ def run_preflight(
             problems += preflight.check_partition_and_constraint(profile, request, facts)
             problems += preflight.check_time(profile, request, facts)
             problems += preflight.check_memory(request, facts)
+    if "pack" not in stages and data and (Path(data).exists() or not args.dry_run):
+        # (A dry run does not build the built-in set, so there may be nothing to check yet.)
+        problems += preflight.check_data(Path(data), readers)
     # The same problem found for every job of a chain is reported once.
     unique: list[preflight.Problem] = []
     for problem in problems:

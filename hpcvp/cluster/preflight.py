@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -312,9 +312,10 @@ def check_preemptible(profile: ClusterProfile, preemptible: bool) -> list[Proble
     return []
 
 
-def check_data(data_dir: Path, splits: Iterable[str] = ()) -> list[Problem]:
+def check_data(data_dir: Path, splits: Iterable[str] | Mapping[str, Sequence[str]] = ()) -> list[Problem]:
     """The packed manifest loads, every shard it lists is there with its recorded size, and the
-    splits the stage reads are present (hashes are not recomputed here: that is `hpcvp-pack --verify`)."""
+    splits the stages read are present (hashes are not recomputed here: that is `hpcvp-pack --verify`).
+    ``splits``: the split names, or split -> the stages that read it (named in the message)."""
     from hpcvp.data.shards import ManifestError, load_manifest
 
     try:
@@ -333,12 +334,14 @@ def check_data(data_dir: Path, splits: Iterable[str] = ()) -> list[Problem]:
             problems.append(
                 Problem("data", f"--data {data_dir}: {entry.path} has {size} bytes, the manifest says {entry.bytes}")
             )
-    for split in splits:
+    readers = splits if isinstance(splits, Mapping) else dict.fromkeys(splits, ())
+    for split in sorted(readers):
         if not manifest.shards_for(split):
+            by = f"; read by stage {', '.join(readers[split])}" if readers[split] else ""
             problems.append(
                 Problem(
                     "data",
-                    f"--data {data_dir}: no {split!r} shards in the manifest (has: {', '.join(manifest.splits)})",
+                    f"--data {data_dir}: no {split!r} shards in the manifest (has: {', '.join(manifest.splits)}){by}",
                 )
             )
     return problems

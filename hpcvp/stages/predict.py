@@ -31,14 +31,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import ClipDataset, HiddenDataset
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
 from hpcvp.data.shards import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
-from hpcvp.stages import ConfigError, StageSpec, common
+from hpcvp.stages import common, evaluation, report, runs
 from hpcvp.stages.raft import extrapolate_mask, flow_between
 from hpcvp.stages.seg import segment_frames
 from hpcvp.stages.simvp import predict_frames, predict_masks
+from hpcvp.stages.spec import DEFAULT_RUN_ROOT, Resources, StageSpec, default_run
+from hpcvp.train import dist as hdist
 from hpcvp.train.config import TrainConfig
 
 PIPELINES = {
@@ -58,10 +61,10 @@ class PredictConfig:
     preset: str = "full"
     # engine settings reused for inference: amp, num_workers (nothing is trained)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=1, batch_size=8))
-    seg_run: str = common.default_run("seg")
-    simvp_masks_run: str = "runs/simvp/masks"
-    simvp_frames_run: str = "runs/simvp/frames"
-    raft_run: str = common.default_run("raft")
+    seg_run: str = default_run("seg")
+    simvp_masks_run: str = default_run("simvp")
+    simvp_frames_run: str = str(DEFAULT_RUN_ROOT / "simvp" / "frames")  # a run named "frames" (mode=frames)
+    raft_run: str = default_run("raft")
     pipelines: str = "a,b,c,d,e"
     oracle_rows: bool = True  # also score a* and c* (true input masks) on val
     eval_split: str = "val"
@@ -90,7 +93,7 @@ class PredictConfig:
         return [p.strip() for p in self.pipelines.split(",") if p.strip()]
 
 
-class Models:
+class LoadedRuns:
     """The earlier stages' models that could be loaded, and why the others could not."""
 
     def __init__(self, cfg: PredictConfig, env, frame_size: tuple[int, int]):
@@ -118,16 +121,16 @@ class Models:
         if not run_dir:
             self.missing[key] = "run dir not configured"
             return None
-        run_size = common.run_frame_size(run_dir)
+        run_size = runs.run_frame_size(run_dir)
         if run_size is not None and tuple(run_size) != tuple(frame_size):
             message = f"{run_dir} was trained on {run_size[0]}x{run_size[1]} frames, the data are {frame_size[0]}x{frame_size[1]}"
             if stage == "simvp":  # built for one frame size
                 self.missing[key] = message
                 return None
-            common.log(env, f"predict: note: {message}")  # convolutional: runs at any size
+            report.log(env, f"predict: note: {message}")  # convolutional: runs at any size
         try:
-            model, cfg, step = common.load_model_from_run(run_dir, stage, env.device)
-        except common.MissingRunError as exc:
+            model, cfg, step = runs.load_model_from_run(run_dir, stage, env.device)
+        except runs.MissingRunError as exc:
             self.missing[key] = str(exc)
             return None
         if mode is not None and cfg.mode != mode:
@@ -135,7 +138,7 @@ class Models:
             return None
         self._cfgs[key] = cfg
         self.steps[key] = step
-        common.log(env, f"predict: {key} from {run_dir} (step {step})")
+        report.log(env, f"predict: {key} from {run_dir} (step {step})")
         return model
 
     def requirements(self, pipeline: str) -> list[str]:
@@ -163,7 +166,7 @@ def frames_from_float(frames: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def run_pipelines(
-    models: Models, names: list[str], frames_in: torch.Tensor, masks_in: torch.Tensor | None, cfg: PredictConfig
+    models: LoadedRuns, names: list[str], frames_in: torch.Tensor, masks_in: torch.Tensor | None, cfg: PredictConfig
 ) -> dict[str, torch.Tensor]:
     """Predicted frame-22 masks (B, H, W) long for each pipeline in ``names`` (all available)."""
     amp = cfg.train.amp
@@ -178,17 +181,17 @@ def run_pipelines(
     if seg_last is None and models.seg is not None and need_seg_last:
         seg_last = segment_frames(models.seg, frames_in[:, -1], amp, cfg.frames_per_forward)
     if "a" in names:
-        with common.autocast(device, amp):
+        with evaluation.autocast(device, amp):
             out["a"] = predict_masks(models.simvp_masks, seg_masks)[:, -1].argmax(dim=1)
     if "a*" in names and masks_in is not None:
-        with common.autocast(device, amp):
+        with evaluation.autocast(device, amp):
             out["a*"] = predict_masks(models.simvp_masks, masks_in)[:, -1].argmax(dim=1)
     if "b" in names:
-        with common.autocast(device, amp):
+        with evaluation.autocast(device, amp):
             frame22 = predict_frames(models.simvp_frames, frames_in)[:, -1]
         out["b"] = segment_frames(models.seg, frames_from_float(frame22), amp, cfg.frames_per_forward).long()
     if "c" in names or ("c*" in names and masks_in is not None):
-        with common.autocast(device, amp):
+        with evaluation.autocast(device, amp):
             # velocity at frame-11 pixels: where each pixel came from is p + flow(11 -> 10)(p), so
             # it moves by -flow(11 -> 10)(p) per frame.
             velocity = -flow_between(models.raft, frames_in[:, 10], frames_in[:, 9], models.raft_updates)
@@ -204,10 +207,10 @@ def run_pipelines(
 
 
 def _score_val(
-    cfg: PredictConfig, models: Models, names: list[str], data_dir: Path, run_dir: Path, env
+    cfg: PredictConfig, models: LoadedRuns, names: list[str], data_dir: Path, run_dir: Path, env
 ) -> dict[str, float]:
     dataset = ClipDataset(data_dir, cfg.eval_split, frames=True, masks=True, mask_source="true")
-    loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers, cfg.eval_max_videos)
+    loader = evaluation.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers, cfg.eval_max_videos)
     matrices = {name: ConfusionMatrix(NUM_CLASSES, device=env.device) for name in names}
     rows: list[list] = []
     titles: list[list[str]] = []
@@ -222,25 +225,25 @@ def _score_val(
             for i in range(min(target.shape[0], cfg.num_pictures - len(rows))):
                 rows.append(
                     [
-                        common.frame_image(frames_in[i, -1]),
-                        common.frame_image(batch["frames_out"][i, -1]),
-                        common.mask_image(target[i]),
+                        report.frame_image(frames_in[i, -1]),
+                        report.frame_image(batch["frames_out"][i, -1]),
+                        report.mask_image(target[i]),
                     ]
-                    + [common.mask_image(preds[name][i]) for name in names]
+                    + [report.mask_image(preds[name][i]) for name in names]
                 )
                 titles.append(["frame 11", "true frame 22", "true mask 22"] + [f"({name})" for name in names])
     for matrix in matrices.values():
         matrix.all_reduce()
     if env.rank == 0 and rows:
-        common.save_picture(Path(run_dir) / "pictures" / "predict_val.png", rows, titles)
+        report.save_picture(Path(run_dir) / "pictures" / "predict_val.png", rows, titles)
     return {name: matrix.jaccard() for name, matrix in matrices.items()}
 
 
 def _predict_hidden(
-    cfg: PredictConfig, models: Models, pipeline: str, data_dir: Path, run_dir: Path, env
+    cfg: PredictConfig, models: LoadedRuns, pipeline: str, data_dir: Path, run_dir: Path, env
 ) -> Path | None:
     dataset = HiddenDataset(data_dir, cfg.hidden_split)
-    loader = common.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers)
+    loader = evaluation.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers)
     ids: list[int] = []
     masks: list[torch.Tensor] = []
     for batch in loader:
@@ -254,7 +257,7 @@ def _predict_hidden(
         {"video_ids": ids, "masks": torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.uint8)},
         part,
     )
-    common.barrier(env)
+    hdist.barrier(env)
     path = None
     if env.rank == 0:
         all_ids: list[int] = []
@@ -287,7 +290,7 @@ def _predict_hidden(
                 (Path(run_dir) / "parts" / f"{cfg.hidden_split}-rank{rank:04d}.pt").unlink()
         with contextlib.suppress(OSError):
             (Path(run_dir) / "parts").rmdir()
-    common.barrier(env)
+    hdist.barrier(env)
     return path
 
 
@@ -299,11 +302,11 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
     rundir = RunDir(run_dir)
     if env.rank == 0:
         rundir.pictures.mkdir(parents=True, exist_ok=True)
-    common.barrier(env)
+    hdist.barrier(env)
     t0 = time.monotonic()
     manifest = load_manifest(data_dir)
     frame_size = manifest.frame_size
-    models = Models(cfg, env, frame_size)
+    models = LoadedRuns(cfg, env, frame_size)
     requested = cfg.pipeline_list()
     status: dict[str, str] = {}
     names: list[str] = []
@@ -318,12 +321,12 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
         if ok:
             names.append(name)
         else:
-            common.log(env, f"predict: pipeline ({name}) {PIPELINES[name][0]}: {why}")
+            report.log(env, f"predict: pipeline ({name}) {PIPELINES[name][0]}: {why}")
     scores: dict[str, float] = {}
     if eval_split_ok and names:
         scores = _score_val(cfg, models, names, data_dir, run_dir, env)
     elif not eval_split_ok:
-        common.log(env, f"predict: split {cfg.eval_split!r} is not packed in {data_dir}; no validation scores")
+        report.log(env, f"predict: split {cfg.eval_split!r} is not packed in {data_dir}; no validation scores")
 
     # ------------------------------------------------------------------ submission
     deployable_scored = {n: s for n, s in scores.items() if PIPELINES[n][1] and not math.isnan(s)}
@@ -338,11 +341,11 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
         submission_pipeline = cfg.submission_pipeline
     submission = None
     if not cfg.hidden_split:
-        common.log(env, "predict: hidden_split is empty; no submission written")
+        report.log(env, "predict: hidden_split is empty; no submission written")
     elif not manifest.shards_for(cfg.hidden_split):
-        common.log(env, f"predict: split {cfg.hidden_split!r} is not packed in {data_dir}; no submission written")
+        report.log(env, f"predict: split {cfg.hidden_split!r} is not packed in {data_dir}; no submission written")
     elif submission_pipeline is None:
-        common.log(env, f"predict: no deployable pipeline available ({cfg.submission_pipeline}); no submission written")
+        report.log(env, f"predict: no deployable pipeline available ({cfg.submission_pipeline}); no submission written")
     else:
         submission = _predict_hidden(cfg, models, submission_pipeline, data_dir, run_dir, env)
 
@@ -353,14 +356,14 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
         for name, why in status.items():
             score = scores.get(name, float("nan"))
             rows.append([f"({name})", PIPELINES[name][0], score, "yes" if PIPELINES[name][1] else "no", why])
-        title = f"frame-22 mask Jaccard on {cfg.eval_split} ({len(common.spread_indices(len(manifest.video_ids(cfg.eval_split)), cfg.eval_max_videos)) if eval_split_ok else 0} videos)"
-        common.print_table(title, headers, rows)
-        lines = [f"# {title}\n", common.markdown_table(headers, rows)]
+        title = f"frame-22 mask Jaccard on {cfg.eval_split} ({len(evaluation.spread_indices(len(manifest.video_ids(cfg.eval_split)), cfg.eval_max_videos)) if eval_split_ok else 0} videos)"
+        report.print_table(title, headers, rows)
+        lines = [f"# {title}\n", report.markdown_table(headers, rows)]
         if submission is not None:
             lines.append(
                 f"\nSubmission: `{submission}` from pipeline ({submission_pipeline}) {PIPELINES[submission_pipeline][0]}.\n"
             )
-            common.log(env, f"predict: submission {submission} from pipeline ({submission_pipeline})")
+            report.log(env, f"predict: submission {submission} from pipeline ({submission_pipeline})")
         common.atomic_write_text(run_dir / "jaccard.md", "".join(lines))
         common.write_json(
             run_dir / "jaccard.json",
@@ -383,7 +386,7 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
             }
         )
         writer.close()
-    common.barrier(env)
+    hdist.barrier(env)
     return FitResult(status="completed", step=0, stop_reason="predictions written")
 
 
@@ -395,6 +398,15 @@ SPEC = StageSpec(
         "tiny": {"train.num_workers": 0, "batch_size": 4, "num_pictures": 2},
         "full": {"train.num_workers": 4, "batch_size": 16, "frames_per_forward": 176},
     },
+    splits_read=lambda cfg: tuple(s for s in (cfg.eval_split, cfg.hidden_split) if s),
+    run_links={"seg_run": "seg", "simvp_masks_run": "simvp", "raft_run": "raft"},
+    chain_order=40,
+    # The chain trains no frame-mode SimVP and no RAFT: score the pipelines it can feed
+    # (a: U-Net masks -> SimVP masks; d, e: the no-motion references) and submit the best.
+    chain_settings=("pipelines=a,d,e",),
+    # Inference only: one GPU and a short time, whatever the training stages ask for.
+    resources=Resources(gpus=1, time="02:00:00"),
+    sbatch_template="predict.sbatch",
     trains=False,
     description="pipelines (a)-(e) scored on val; hidden submission tensor",
 )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import PairDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
 from hpcvp.data.shards import load_manifest
@@ -28,9 +29,9 @@ from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import flow_image
 from hpcvp.models.raft import PRESETS as RAFT_PRESETS
 from hpcvp.models.raft import VARIANTS, backward_warp, build_raft, estimate_flow, forward_consistency_occlusion
-from hpcvp.stages import ConfigError, StageSpec, common
+from hpcvp.stages import evaluation, report
 from hpcvp.stages.losses import edge_aware_smoothness, masked_mean, photometric_loss
-from hpcvp.stages.seg import check_splits
+from hpcvp.stages.spec import StageSpec, check_splits, train_and_eval_splits
 from hpcvp.train.config import TrainConfig
 
 
@@ -232,8 +233,8 @@ class RaftTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
-        net = common.unwrap(model)
-        loader = common.eval_loader(
+        net = evaluation.unwrap(model)
+        loader = evaluation.eval_loader(
             self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers, self.cfg.eval_max_pairs
         )
         warped_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
@@ -242,7 +243,7 @@ class RaftTask:
         for batch in loader:
             frame0, frame1 = batch["frame0"].to(env.device), batch["frame1"].to(env.device)
             mask0, mask1 = batch["mask0"].to(env.device), batch["mask1"].to(env.device)
-            with common.autocast(env.device, self.cfg.train.amp):
+            with evaluation.autocast(env.device, self.cfg.train.amp):
                 # mask(t+1)(p) = mask(t)(p + flow(t+1 -> t)(p)): backward warping needs the flow
                 # defined on frame t+1's pixels.
                 flow_back = flow_between(net, frame1, frame0, self.cfg.model.num_flow_updates)
@@ -253,19 +254,19 @@ class RaftTask:
                 for i in range(min(frame0.shape[0], self.cfg.num_pictures - len(rows))):
                     rows.append(
                         [
-                            common.frame_image(frame0[i]),
-                            common.frame_image(frame1[i]),
+                            report.frame_image(frame0[i]),
+                            report.frame_image(frame1[i]),
                             flow_image(-flow_back[i]),
-                            common.mask_image(mask0[i]),
-                            common.mask_image(warped[i]),
-                            common.mask_image(mask1[i]),
+                            report.mask_image(mask0[i]),
+                            report.mask_image(warped[i]),
+                            report.mask_image(mask1[i]),
                         ]
                     )
         warped_cm.all_reduce()
         copy_cm.all_reduce()
         if env.rank == 0 and rows:
             titles = [["frame t", "frame t+1", "-flow(t+1->t)", "mask t", "mask t warped", "mask t+1"] for _ in rows]
-            common.save_picture(common.picture_path(run, step, "raft_val"), rows, titles)
+            report.save_picture(report.picture_path(run, step, "raft_val"), rows, titles)
         return {"val_warp_jaccard": warped_cm.jaccard(), "val_copy_jaccard": copy_cm.jaccard()}
 
     def identity(self) -> dict:
@@ -313,6 +314,8 @@ SPEC = StageSpec(
     config_cls=RaftConfig,
     run=run,
     presets=_presets(),
+    splits_read=train_and_eval_splits,
+    sbatch_template="raft.sbatch",
     build_model=build_raft_model,
     description="torchvision RAFT, self-supervised photometric training; val warp Jaccard",
 )

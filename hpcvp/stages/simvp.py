@@ -19,15 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import ClipDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, NUM_INPUT_FRAMES, SPLITS
 from hpcvp.data.shards import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS
 from hpcvp.models.simvp import TRANSLATORS, SimVP
-from hpcvp.stages import ConfigError, StageSpec, common
+from hpcvp.stages import evaluation, report, runs
 from hpcvp.stages.losses import lovasz_softmax
-from hpcvp.stages.seg import check_splits
+from hpcvp.stages.spec import StageSpec, check_splits, train_and_eval_splits
+from hpcvp.train import dist as hdist
 from hpcvp.train.config import TrainConfig
 
 MODES = ("frames", "masks")
@@ -175,13 +177,13 @@ class SimVPTask:
     def build_model(self) -> nn.Module:
         model = build_simvp(self.cfg, self.frame_size)
         if self.cfg.init_from:
-            source, source_cfg, step = common.load_model_from_run(self.cfg.init_from, "simvp", torch.device("cpu"))
+            source, source_cfg, step = runs.load_model_from_run(self.cfg.init_from, "simvp", torch.device("cpu"))
             if source_cfg.mode != self.cfg.mode:
                 raise ConfigError(
                     f"init_from={self.cfg.init_from}: a {source_cfg.mode} run, this is a {self.cfg.mode} run"
                 )
             model.load_state_dict(source.state_dict())
-            common.log(self.env, f"simvp: initialised from {self.cfg.init_from} (step {step})")
+            report.log(self.env, f"simvp: initialised from {self.cfg.init_from} (step {step})")
         return model
 
     def train_dataset(self) -> Dataset:
@@ -241,8 +243,8 @@ class SimVPTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
-        net = common.unwrap(model)
-        loader = common.eval_loader(
+        net = evaluation.unwrap(model)
+        loader = evaluation.eval_loader(
             self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers, self.cfg.eval_max_videos
         )
         if self.masks_mode:
@@ -258,7 +260,7 @@ class SimVPTask:
         for batch in loader:
             masks_in = batch["masks_in"].to(env.device)
             target = batch["masks_out"].to(env.device)
-            with common.autocast(env.device, self.cfg.train.amp):
+            with evaluation.autocast(env.device, self.cfg.train.amp):
                 logits = predict_masks(net, masks_in)
             pred = logits[:, -1].argmax(dim=1)
             confusion.update(pred, target[:, -1])
@@ -268,17 +270,17 @@ class SimVPTask:
                 for i in range(min(pred.shape[0], self.cfg.num_pictures - len(rows))):
                     rows.append(
                         [
-                            common.frame_image(frames[i, -1]),
-                            common.mask_image(masks_in[i, -1]),
-                            common.mask_image(target[i, -1]),
-                            common.mask_image(pred[i]),
+                            report.frame_image(frames[i, -1]),
+                            report.mask_image(masks_in[i, -1]),
+                            report.mask_image(target[i, -1]),
+                            report.mask_image(pred[i]),
                         ]
                     )
         confusion.all_reduce()
         copy_last.all_reduce()
         if env.rank == 0 and rows:
             titles = [["frame 11", "mask 11 (input)", "true mask 22", "SimVP mask 22"] for _ in rows]
-            common.save_picture(common.picture_path(run, step, "simvp_masks_val"), rows, titles)
+            report.save_picture(report.picture_path(run, step, "simvp_masks_val"), rows, titles)
         return {"val_jaccard_true_inputs": confusion.jaccard(), "val_jaccard_copy_last": copy_last.jaccard()}
 
     def _evaluate_frames(self, net, loader, env, run, step) -> dict[str, float]:
@@ -288,7 +290,7 @@ class SimVPTask:
         for batch in loader:
             frames_in = batch["frames_in"].to(env.device)
             target = frames_to_float(batch["frames_out"].to(env.device))
-            with common.autocast(env.device, self.cfg.train.amp):
+            with evaluation.autocast(env.device, self.cfg.train.amp):
                 pred = predict_frames(net, frames_in)
             pred = pred.float().clamp(0, 1)
             sums["se_all"] += float(((pred - target) ** 2).sum())
@@ -301,15 +303,15 @@ class SimVPTask:
                 show = [0, 5, 10]
                 for i in range(min(pred.shape[0], self.cfg.num_pictures - len(rows) // 3)):
                     # per video: input frames 1, 6, 11 / true 12, 17, 22 / predicted 12, 17, 22
-                    rows.append([common.frame_image(frames_in[i, t]) for t in show])
+                    rows.append([report.frame_image(frames_in[i, t]) for t in show])
                     titles.append([f"input {t + 1}" for t in show])
-                    rows.append([common.frame_image(target[i, t]) for t in show])
+                    rows.append([report.frame_image(target[i, t]) for t in show])
                     titles.append([f"true {t + 12}" for t in show])
-                    rows.append([common.frame_image(pred[i, t]) for t in show])
+                    rows.append([report.frame_image(pred[i, t]) for t in show])
                     titles.append([f"SimVP {t + 12}" for t in show])
-        sums = common.all_reduce_sum(sums, env.device)
+        sums = hdist.all_reduce_sum(sums, env.device)
         if env.rank == 0 and rows:
-            common.save_picture(common.picture_path(run, step, "simvp_frames_val"), rows, titles)
+            report.save_picture(report.picture_path(run, step, "simvp_frames_val"), rows, titles)
         pixels_all, pixels_last = max(sums["pixels_all"], 1.0), max(sums["pixels_last"], 1.0)
         return {
             "val_mse": sums["se_all"] / pixels_all,
@@ -341,11 +343,6 @@ def run(cfg: SimVPConfig, data_dir: Path, run_dir: Path, env):
     from hpcvp.train.rundir import RunDir
 
     return Trainer(SimVPTask(cfg, data_dir, env), cfg.train, RunDir(run_dir), env).fit()
-
-
-def default_run_name(cfg: SimVPConfig) -> str:
-    # Pipelines need one run of each mode; by default they live side by side.
-    return cfg.mode
 
 
 def _presets() -> dict[str, dict[str, Any]]:
@@ -385,7 +382,11 @@ SPEC = StageSpec(
     config_cls=SimVPConfig,
     run=run,
     presets=_presets(),
+    splits_read=train_and_eval_splits,
+    chain_order=30,
+    # After pseudo-labelling, SimVP learns mask dynamics from every video's (pseudo) masks.
+    chain_settings=("mode=masks", "train_splits=train,unlabeled", "mask_source=any"),
+    sbatch_template="simvp.sbatch",
     build_model=build_simvp,
-    default_run_name=default_run_name,
     description="SimVP (gSTA / Inception-U): frames or masks 1-11 -> 12-22",
 )

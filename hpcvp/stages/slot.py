@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import FrameDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
 from hpcvp.data.shards import load_manifest
@@ -27,8 +28,10 @@ from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import slot_masks_image
 from hpcvp.models.slot_attention import PRESETS as SLOT_PRESETS
 from hpcvp.models.slot_attention import SlotAttentionAutoEncoder
-from hpcvp.stages import ConfigError, StageSpec, common
-from hpcvp.stages.seg import check_splits, segment_frames
+from hpcvp.stages import evaluation, report, runs
+from hpcvp.stages.seg import segment_frames
+from hpcvp.stages.spec import StageSpec, check_splits, default_run, train_and_eval_splits
+from hpcvp.train import dist as hdist
 from hpcvp.train.config import TrainConfig
 
 
@@ -52,7 +55,7 @@ class SlotConfig:
     eval_split: str = "val"
     eval_max_frames: int = 2000  # 0 = every frame of the split
     eval_batch_size: int = 32
-    seg_run: str = common.default_run("seg")  # U-Net used to name slots; skipped when absent
+    seg_run: str = default_run("seg")  # U-Net used to name slots; skipped when absent
     num_pictures: int = 2
 
     def validate(self) -> None:
@@ -137,7 +140,7 @@ def seeded_slots(model: nn.Module, seeds: list[int], num_frames: int, device: to
     """Initial slots (len(seeds) * num_frames, K, D) drawn from the model's learned Gaussian with one
     CPU generator per seed (a video id): frame t of a video always starts from the same slots, so
     exported partitions do not depend on batching, ranks, device or the global RNG."""
-    attention = common.unwrap(model).slot_attention
+    attention = evaluation.unwrap(model).slot_attention
     noise = torch.cat(
         [
             torch.randn(
@@ -162,7 +165,7 @@ def slot_partition(
     slots_init = seeded_slots(model, video_ids, num_frames, flat.device)
     out = []
     for start in range(0, flat.shape[0], chunk):
-        with common.autocast(flat.device, amp):
+        with evaluation.autocast(flat.device, amp):
             masks = model(frames_to_float(flat[start : start + chunk]), slots_init[start : start + chunk])["masks"]
         out.append(masks[:, :, 0].float().argmax(dim=1))
     return torch.cat(out).reshape(batch, num_frames, *frames.shape[-3:-1])
@@ -204,17 +207,17 @@ class SlotTask:
             self._seg_checked = True
             if self.cfg.seg_run:
                 try:
-                    self._seg, _, step = common.load_model_from_run(self.cfg.seg_run, "seg", env.device)
-                    common.log(env, f"slot: naming slots with the U-Net of {self.cfg.seg_run} (step {step})")
-                except common.MissingRunError as exc:
-                    common.log(env, f"slot: no U-Net to name slots ({exc}); reporting oracle labels only")
+                    self._seg, _, step = runs.load_model_from_run(self.cfg.seg_run, "seg", env.device)
+                    report.log(env, f"slot: naming slots with the U-Net of {self.cfg.seg_run} (step {step})")
+                except runs.MissingRunError as exc:
+                    report.log(env, f"slot: no U-Net to name slots ({exc}); reporting oracle labels only")
         return self._seg
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, env, run, step: int) -> dict[str, float]:
-        net = common.unwrap(model)
+        net = evaluation.unwrap(model)
         seg = self._seg_model(env)
-        loader = common.eval_loader(
+        loader = evaluation.eval_loader(
             self._eval_data(), env, self.cfg.eval_batch_size, self.cfg.train.num_workers, self.cfg.eval_max_frames
         )
         sums = {"ari": 0.0, "ari_count": 0.0, "se": 0.0, "pixels": 0.0}
@@ -226,7 +229,7 @@ class SlotTask:
             frames = batch["frame"].to(env.device)
             target = batch["mask"].to(env.device)
             image = frames_to_float(frames)
-            with common.autocast(env.device, self.cfg.train.amp):
+            with evaluation.autocast(env.device, self.cfg.train.amp):
                 out = net(image)
             masks = out["masks"].float()
             ari = foreground_ari(target, masks)
@@ -245,16 +248,16 @@ class SlotTask:
             if env.rank == 0 and len(rows) < self.cfg.num_pictures:
                 for i in range(min(frames.shape[0], self.cfg.num_pictures - len(rows))):
                     row = [
-                        common.frame_image(frames[i]),
-                        common.frame_image(out["recon"][i].float().clamp(0, 1)),
+                        report.frame_image(frames[i]),
+                        report.frame_image(out["recon"][i].float().clamp(0, 1)),
                         slot_masks_image(masks[i]),
-                        common.mask_image(target[i]),
-                        common.mask_image(oracle[i]),
+                        report.mask_image(target[i]),
+                        report.mask_image(oracle[i]),
                     ]
                     if unet_named is not None:
-                        row.append(common.mask_image(unet_named[i]))
+                        row.append(report.mask_image(unet_named[i]))
                     rows.append(row)
-        sums = common.all_reduce_sum(sums, env.device)
+        sums = hdist.all_reduce_sum(sums, env.device)
         oracle_cm.all_reduce()
         if seg is not None:
             unet_cm.all_reduce()
@@ -265,7 +268,7 @@ class SlotTask:
                 ]
                 for r in rows
             ]
-            common.save_picture(common.picture_path(run, step, "slot_val"), rows, titles)
+            report.save_picture(report.picture_path(run, step, "slot_val"), rows, titles)
         metrics = {
             "val_fg_ari": sums["ari"] / sums["ari_count"] if sums["ari_count"] else float("nan"),
             "val_mse": sums["se"] / max(sums["pixels"], 1.0),
@@ -317,6 +320,9 @@ SPEC = StageSpec(
     config_cls=SlotConfig,
     run=run,
     presets=_presets(),
+    splits_read=train_and_eval_splits,
+    run_links={"seg_run": "seg"},
+    sbatch_template="slot.sbatch",
     build_model=build_slot_model,
     description="Slot Attention autoencoder on frames; val FG-ARI",
 )

@@ -18,7 +18,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpcvp.stages import PRESET_NAMES, STAGES, ConfigError, build_config, flatten, get_stage, save_stage_config
+from hpcvp.config_overrides import ConfigError, flatten
+from hpcvp.stages.registry import STAGES, build_config, get_stage
+from hpcvp.stages.runs import save_stage_config
+from hpcvp.stages.spec import DEFAULT_RUN_NAME, PRESET_NAMES, run_root
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--run-dir",
         type=Path,
-        help="run directory (default: RUNS_ROOT/<stage>/default; simvp: RUNS_ROOT/simvp/<mode>)",
+        help="run directory (default: RUN_ROOT/<stage>/default, as the launcher's --run default)",
     )
-    parser.add_argument("--runs-root", type=Path, default=Path("runs"), help="root of default run dirs (default: runs)")
+    parser.add_argument(
+        "--run-root",
+        type=Path,
+        default=None,
+        help="root of default run dirs (default: $HPCVP_RUN_ROOT, else ./runs)",
+    )
+    # The old spelling, kept working for scripts that used it.
+    parser.add_argument("--runs-root", dest="run_root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument(
         "--preset",
         choices=[*PRESET_NAMES, "auto"],
@@ -75,18 +85,21 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, spec in sorted(STAGES.items()):
-            print(f"{name:14s} {spec.description}")
+            if spec.has_config:  # pack is a program of its own (hpcvp-pack)
+                print(f"{name:14s} {spec.description}")
         return 0
     if not args.stage:
         parser.error("--stage is required (see --list)")
     try:
         spec = get_stage(args.stage)
+        if not spec.has_config:
+            raise ConfigError(f"stage {spec.name!r} is not run by the worker (it runs {spec.entry})")
         preset = resolve_preset(args.preset)
         cfg = build_config(spec, preset, args.overrides)
     except (ConfigError, ValueError) as exc:
         print(f"hpcvp worker: {exc}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir if args.run_dir is not None else spec.default_run_dir(cfg, args.runs_root)
+    run_dir = args.run_dir if args.run_dir is not None else spec.default_run_dir(run_root(args.run_root), DEFAULT_RUN_NAME)
     if args.print_config:
         for key, value in flatten(cfg).items():
             print(f"{key}={value}")

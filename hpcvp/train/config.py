@@ -1,16 +1,17 @@
 """TrainConfig: everything the loop owns (the stage owns model/data settings).
 
 Stages nest it (``cfg.train``); ``from_dict`` rejects unknown keys and ``with_overrides`` applies
-``key=value`` strings typed by the field's declared type, so CLI overrides fail with the key named.
+``key=value`` strings typed by the field's declared type (hpcvp.config_overrides), so CLI overrides fail with the key named.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
+
+from hpcvp.config_overrides import apply_overrides
 
 from .signals import parse_signal
 
@@ -108,43 +109,5 @@ class TrainConfig:
 
     def with_overrides(self, overrides: Iterable[str] | dict[str, Any]) -> TrainConfig:
         """New config with ``["lr=3e-4", "amp=off"]`` (or a dict) applied; values are parsed by
-        the field's type (bools accept true/false/1/0/yes/no)."""
-        items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
-        types = {f.name: f.type for f in fields(self)}
-        values = self.to_dict()
-        for key, raw in items:
-            if key not in types:
-                raise ValueError(f"TrainConfig: unknown key {key!r}; known keys: {sorted(types)}")
-            values[key] = parse_field_value(key, types[key], raw)
-        return TrainConfig(**values)
-
-
-def _split_override(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ValueError(f"override {text!r}: expected key=value")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
-def parse_field_value(key: str, type_name: Any, raw: Any) -> Any:
-    """Parse ``raw`` (usually a CLI string) as the dataclass field type named ``type_name``."""
-    if not isinstance(raw, str):
-        return raw
-    name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", "")
-    try:
-        if name == "bool":
-            low = raw.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true/false")
-        if name == "int":
-            return int(raw)
-        if name == "float":
-            return float(raw)
-        if name == "str":
-            return raw
-        return json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"override {key}={raw!r}: {exc}") from None
+        the field's type (bools accept true/false/1/0/yes/no). The package's one override parser."""
+        return apply_overrides(self, overrides, source="override")

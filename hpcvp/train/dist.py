@@ -341,3 +341,40 @@ def teardown(sync: bool = True) -> None:
 def single_process_env(device: str | torch.device = "cpu") -> DistEnv:
     """A DistEnv for in-process use (tests, notebooks) without touching the environment."""
     return DistEnv(0, 1, 0, torch.device(device), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small collectives for code outside the Trainer (stages' evaluation and inference). Each is a
+# no-op on one process.
+
+
+def _joined(group=None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def any_rank_flag(flag: int | bool, group=None, device: torch.device | None = None) -> int:
+    """MAX of an int flag over the ranks of ``group``: every rank learns that some rank raised it
+    (e.g. a preemption signal), so all of them stop together. ``device``: where the tensor lives
+    for the collective (CUDA for an NCCL group; None = CPU, for gloo groups)."""
+    value = int(flag)
+    if not _joined(group):
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())
+
+
+def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Sum floats over ranks (identity when not distributed)."""
+    if not _joined():
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return {k: float(v) for k, v in zip(keys, tensor.tolist())}
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world_size > 1 and _joined():
+        dist.barrier()
+

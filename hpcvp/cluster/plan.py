@@ -1,0 +1,221 @@
+"""Planning a launch: which jobs, with what command line and what resources, in what order.
+
+Everything about a stage comes from its StageSpec (hpcvp.stages.spec): its program, the runs it
+links to, its place in ``--stage all`` and its default resources. Resource flags (``--gpus``,
+``--time``) take a bare value, the size of the launch, or ``STAGE:VALUE`` for one stage. A bare
+value sizes every stage of a single-stage launch; in ``--stage all`` the stages with defaults of
+their own (inference: pseudo-label, predict) take those, never more than the bare value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpcvp.cluster import chain
+from hpcvp.cluster.profiles import ClusterProfile
+from hpcvp.cluster.sbatch import JobRequest, parse_time_minutes
+from hpcvp.config_overrides import ConfigError
+from hpcvp.stages.registry import STAGES, build_config, get_stage
+from hpcvp.stages.spec import StageSpec, run_root
+
+
+class LaunchError(RuntimeError):
+    """A usage problem found before anything ran; printed as one message, exit status 2."""
+
+
+@dataclass
+class PlannedJob:
+    request: JobRequest
+    depends_on: str | None = None  # stage name of the job this one waits for
+    job_id: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+def run_root_from(args: argparse.Namespace) -> Path:
+    return run_root(args.run_root).absolute()
+
+
+def parse_mem_gb(text: str) -> float:
+    cleaned = text.strip().upper().removesuffix("B")
+    factor = 1.0
+    if cleaned.endswith("G"):
+        cleaned = cleaned[:-1]
+    elif cleaned.endswith("M"):
+        cleaned, factor = cleaned[:-1], 1 / 1024
+    elif cleaned.endswith("T"):
+        cleaned, factor = cleaned[:-1], 1024.0
+    try:
+        value = float(cleaned) * factor
+    except ValueError:
+        raise LaunchError(f"--mem {text}: expected GB per node, e.g. 64 or 64G") from None
+    if value <= 0:
+        raise LaunchError(f"--mem {text}: must be positive")
+    return value
+
+
+def _stage_prefix(item: str) -> tuple[str | None, str]:
+    """'STAGE:REST' -> (STAGE, REST) when STAGE names a stage; else (None, item)."""
+    head, sep, rest = item.partition(":")
+    if sep and "=" not in head and head in STAGES:
+        return head, rest
+    return None, item
+
+
+def resource_values(flag: str, values: Sequence[str] | None) -> tuple[str | None, dict[str, str]]:
+    """Repeated ``--gpus``/``--time`` -> (the bare value, {stage: value}); the last one given wins."""
+    bare, per_stage = None, {}
+    for item in values or ():
+        stage, value = _stage_prefix(item)
+        if not value:
+            raise LaunchError(f"{flag} {item}: expected VALUE or STAGE:VALUE")
+        if stage is None:
+            bare = value
+        else:
+            per_stage[stage] = value
+    return bare, per_stage
+
+
+def stage_gpus(spec: StageSpec, args: argparse.Namespace) -> int:
+    """GPUs per node for ``spec``'s job in this launch (0: a CPU job)."""
+    if spec.resources.gpus == 0:
+        return 0
+    bare, per_stage = resource_values("--gpus", args.gpus)
+    text = per_stage.get(spec.name, bare if args.stage != "all" or spec.resources.gpus is None else None)
+    if text is None:
+        base = int(bare) if bare is not None and bare.isdigit() else 1
+        return min(spec.resources.gpus, base) if spec.resources.gpus is not None else base
+    try:
+        return int(text)
+    except ValueError:
+        raise LaunchError(f"--gpus {text}: expected a whole number of GPUs per node") from None
+
+
+def stage_time_minutes(spec: StageSpec, args: argparse.Namespace, profile: ClusterProfile) -> int:
+    bare, per_stage = resource_values("--time", args.time)
+    try:
+        if spec.name in per_stage:
+            return parse_time_minutes(per_stage[spec.name])
+        base = parse_time_minutes(bare or profile.default_time)
+        if spec.resources.time is None or (bare is not None and args.stage != "all"):
+            return base
+        return min(base, parse_time_minutes(spec.resources.time))  # never more than training gets
+    except ValueError as exc:
+        raise LaunchError(f"--time: {exc}") from None
+
+
+def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str, list[str]]:
+    """'STAGE:KEY=VALUE' goes to STAGE; a bare KEY=VALUE to every listed stage whose config has KEY
+    (with one stage it simply goes to that stage; a bad key is then reported by pre-flight)."""
+    per_stage: dict[str, list[str]] = {s: [] for s in stages}
+    for item in overrides:
+        head, rest = _stage_prefix(item)
+        if head is not None:
+            if head not in per_stage:
+                raise LaunchError(f"--set {item}: stage {head!r} is not part of this launch ({', '.join(stages)})")
+            per_stage[head].append(rest)
+            continue
+        if len(stages) == 1:
+            per_stage[stages[0]].append(item)
+            continue
+        takers = []
+        for stage in stages:
+            if not get_stage(stage).has_config:
+                continue
+            try:
+                build_config(stage, "tiny", [item])
+            except ConfigError:
+                continue
+            takers.append(stage)
+        if not takers:
+            raise LaunchError(f"--set {item}: no stage of this launch ({', '.join(stages)}) has that key")
+        for stage in takers:
+            per_stage[stage].append(item)
+    return per_stage
+
+
+def _pack_argv(args: argparse.Namespace, data: str | None, cpus: int) -> list[str]:
+    # one core stays with the process that writes the shards; the others decode PNGs
+    return ["--src", str(args.src), "--out", str(data), "--workers", str(max(1, cpus - 1)), "--quiet"]
+
+
+def make_request(
+    profile: ClusterProfile,
+    args: argparse.Namespace,
+    stage: str,
+    run_dir: Path,
+    data: str | None,
+    preset: str,
+    overrides: list[str],
+) -> JobRequest:
+    spec = get_stage(stage)
+    cpus_per_gpu = args.cpus_per_gpu or profile.cpus_per_gpu
+    time_minutes = stage_time_minutes(spec, args, profile)
+    gpus = stage_gpus(spec, args)
+    if spec.has_config:
+        cpus = cpus_per_gpu
+        argv = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), "--preset", preset]
+        if args.stage_local:
+            argv.append("--stage-local")
+        for item in overrides:
+            argv += ["--set", item]
+    else:  # pack: a CPU job sized like the launch's GPU jobs
+        launch_gpus, _ = resource_values("--gpus", args.gpus)
+        cpus = cpus_per_gpu * max(1, int(launch_gpus or 1))
+        argv = _pack_argv(args, data, cpus)
+    mem_gb = parse_mem_gb(args.mem) if args.mem else spec.resources.mem_gb
+    if mem_gb is None:
+        mem_gb = profile.mem_per_gpu_gb * max(1, gpus)
+    env = {"OMP_NUM_THREADS": str(cpus), "PYTHONUNBUFFERED": "1"}
+    # The job imports hpcvp when it unpickles its callable: this checkout, even if not pip-installed.
+    package_root = Path(__file__).resolve().parents[2]
+    setup = [f"export PYTHONPATH={shlex.quote(str(package_root))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    return JobRequest(
+        stage=stage,
+        job_name=f"hpcvp-{stage}-{args.run}",
+        run_dir=run_dir,
+        module=spec.entry,
+        argv=argv,
+        gpus_per_node=gpus,
+        nodes=args.nodes if gpus else 1,
+        time_minutes=time_minutes,
+        mem_gb=mem_gb if profile.is_slurm else None,
+        cpus_per_task=cpus,
+        account=args.account,
+        partition=args.partition or profile.default_partition,
+        constraint=args.constraint,
+        gpu_type=args.gpu_type or profile.default_gpu_type,
+        comment=profile.preemptible_comment if args.preemptible else None,
+        container=args.container,
+        overlay=args.overlay,
+        max_requeues=args.max_requeues,
+        signal_seconds=args.signal_seconds if args.signal_seconds is not None else profile.signal_seconds,
+        env=env,
+        setup=setup,
+    )
+
+
+def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | None, preset: str) -> list[PlannedJob]:
+    root = run_root_from(args)
+    # the data is already packed (or is the built-in set) unless --src names raw data
+    stages = chain.chain(with_pack=args.src is not None) if args.stage == "all" else [args.stage]
+    run_dirs = {stage: root / stage / args.run for stage in stages}
+    per_stage = split_overrides(args.overrides, stages)
+    jobs: list[PlannedJob] = []
+    previous: str | None = None
+    for stage in stages:
+        if args.stage == "all":  # wired to the chain's own runs
+            linked = chain.wiring(stage, run_dirs)
+        else:  # the earlier runs of the same name
+            linked = chain.links(stage, root, args.run)
+        overrides = linked + per_stage.get(stage, [])
+        request = make_request(profile, args, stage, run_dirs[stage], data, preset, overrides)
+        job = PlannedJob(request, depends_on=previous, overrides=overrides)
+        if previous is None and args.dependency:
+            request.dependency = args.dependency
+        jobs.append(job)
+        previous = stage
+    return jobs
