@@ -53,7 +53,9 @@ def test_dry_run_locally_prints_the_commands(no_slurm, tmp_path, capsys):
     assert "no sbatch on PATH" in out
     jobs = out.split("# ---- job ")[1:]
     assert [j.split(":", 1)[1].split()[0] for j in jobs] == ["seg", "pseudo-label", "simvp", "predict"]  # no pack
-    assert all("2 local process(es)" in j for j in jobs)
+    # --gpus sizes the training stages; the inference stages keep their own default of 1
+    processes = {j.split(":", 1)[1].split()[0]: j.split("# ")[1].split()[0] for j in jobs}
+    assert processes == {"seg": "2", "pseudo-label": "1", "simvp": "2", "predict": "1"}
     assert not (tmp_path / "runs" / "seg").exists()
 
 

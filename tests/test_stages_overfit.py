@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 
-from hpcvp.stages.registry import build_config
 from hpcvp.stages.raft import RaftTask
+from hpcvp.stages.registry import build_config
 from hpcvp.stages.seg import SegTask
 from hpcvp.stages.simvp import SimVPTask
 from hpcvp.stages.slot import SlotTask

@@ -165,8 +165,8 @@ def test_raft_trains_self_supervised_and_loads_a_saved_state_dict(raft_run, data
     assert pictures(raft_run) == ["step0000002_raft_val.png"]
 
     from hpcvp.models.raft import build_raft
-    from hpcvp.stages.registry import build_config
     from hpcvp.stages.raft import RaftTask
+    from hpcvp.stages.registry import build_config
     from hpcvp.train.dist import single_process_env
 
     torch.manual_seed(123)

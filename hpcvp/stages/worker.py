@@ -99,7 +99,9 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"hpcvp worker: {exc}", file=sys.stderr)
         return 2
-    run_dir = args.run_dir if args.run_dir is not None else spec.default_run_dir(run_root(args.run_root), DEFAULT_RUN_NAME)
+    run_dir = (
+        args.run_dir if args.run_dir is not None else spec.default_run_dir(run_root(args.run_root), DEFAULT_RUN_NAME)
+    )
     if args.print_config:
         for key, value in flatten(cfg).items():
             print(f"{key}={value}")

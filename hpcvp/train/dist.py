@@ -377,4 +377,3 @@ def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, 
 def barrier(env: DistEnv) -> None:
     if env.world_size > 1 and _joined():
         dist.barrier()
-
