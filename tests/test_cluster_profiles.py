@@ -22,14 +22,11 @@ from hpcvp.cluster.profiles import ProfileError, load_profiles, resolve_profile
 from hpcvp.cluster.sbatch import (
     JobRequest,
     container_prefix,
-    format_minutes,
-    parse_partition_limit_minutes,
-    parse_time_minutes,
     python_command,
     render_submitit_script,
-    slurm_mem,
     submitit_parameters,
 )
+from hpcvp.cluster.slurm_units import format_minutes, parse_partition_limit_minutes, parse_time_minutes, slurm_mem
 from hpcvp.cluster.status import find_runs, last_metric, read_events, record_event, run_status
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,13 +24,8 @@ from pathlib import Path
 
 from hpcvp.cluster import pipeline, preflight
 from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
-from hpcvp.cluster.sbatch import (
-    JobRequest,
-    format_minutes,
-    parse_time_minutes,
-    render_submitit_script,
-    submitit_parameters,
-)
+from hpcvp.cluster.sbatch import JobRequest, render_submitit_script, submitit_parameters
+from hpcvp.cluster.slurm_units import format_minutes, parse_time_minutes
 from hpcvp.cluster.status import print_status, record_event, slurm_job_states
 
 WORKER_ENTRY = "hpcvp.stages.worker:run_worker"

@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hpcvp.cluster.slurm_units import parse_time_minutes
+
 PACKAGED_PROFILES = "profiles.json"
 USER_PROFILES_ENV = "HPCVP_CLUSTERS"
 USER_PROFILES_DEFAULT = Path("~/.config/hpcvp/clusters.json")
@@ -135,8 +137,6 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         except re.error as exc:
             raise ProfileError(f"{where}: key 'account_pattern' is not a regular expression: {exc}") from exc
     if key in ("default_time", "max_time") and value is not None:
-        from hpcvp.cluster.sbatch import parse_time_minutes
-
         try:
             parse_time_minutes(value)
         except ValueError as exc:
