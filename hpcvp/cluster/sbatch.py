@@ -112,6 +112,38 @@ def python_command(profile: ClusterProfile, request: JobRequest, python: str | N
     return shlex.quote(python or sys.executable)
 
 
+# First lines of every submitit batch script. Slurm delivers `scancel --batch --signal=USR2` and
+# `--signal=B:USR2@S` to the batch shell only, whose default action for USR2 is to die (the job ends
+# FAILED 0:12, nothing saved). The trap passes USR2 and TERM on to the tasks, which save at the next
+# step boundary; rank 0 then requeues (executor.HpcvpJob). bash runs a trap only once the foreground
+# command has ended, so the `srun` function runs submitit's own srun line in the background and
+# waits for it with `wait`, which a trapped signal interrupts.
+BATCH_SIGNAL_SETUP = tuple(
+    r"""
+hpcvp_signals=0
+hpcvp_forward() {
+    hpcvp_signals=$((hpcvp_signals + 1))
+    echo "hpcvp: the batch shell got SIG$1: passing it on to the tasks" >&2
+    # scancel without --batch signals the job steps (every task on every node), not this shell.
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null ||
+        { [ -n "${hpcvp_srun_pid:-}" ] && kill -s "$1" "$hpcvp_srun_pid" 2>/dev/null; }
+}
+trap 'hpcvp_forward USR2' USR2
+trap 'hpcvp_forward TERM' TERM
+srun() {
+    command srun "$@" &
+    hpcvp_srun_pid=$!
+    hpcvp_seen=$hpcvp_signals
+    # A trap cuts `wait` short (status 128+N): wait again until srun itself has ended.
+    while wait "$hpcvp_srun_pid"; hpcvp_status=$?; [ $hpcvp_status -gt 128 ] && [ $hpcvp_seen != $hpcvp_signals ]; do
+        hpcvp_seen=$hpcvp_signals
+    done
+    return $hpcvp_status
+}
+""".strip().splitlines()
+)
+
+
 def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[str, Any]:
     """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (sbatch's names and syntax)."""
     params: dict[str, Any] = {
@@ -141,11 +173,13 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
     if request.dependency:
         # A failed parent cancels the rest of a chain instead of leaving it pending forever.
         params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
-    setup = list(profile.setup) + list(request.setup)
     env = {**profile.env, **request.env}
-    setup += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
-    if setup:
-        params["setup"] = setup
+    params["setup"] = [
+        *BATCH_SIGNAL_SETUP,
+        *profile.setup,
+        *request.setup,
+        *(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())),
+    ]
     return params
 
 
