@@ -594,7 +594,68 @@ def test_slurm_status_uses_sacct_state(tmp_path):
     record_event(run_dir, event="submitted", job_id="41", via="submitit")
     record_event(run_dir, event="submitted", job_id="42", via="submitit")
     status = run_status(run_dir, {"42": SlurmJobState("42", "RUNNING", 2)})
-    assert (status.job_id, status.state, status.restarts) == ("42", "RUNNING", 2)
+    # 42 is a relaunch of the run (41 came first): one restart more than 42's own two requeues.
+    assert (status.job_id, status.state, status.restarts) == ("42", "RUNNING", 3)
+
+
+# A run of three jobs (two relaunches): 41 requeued twice, then timed out for good; 42 preempted
+# once; 43 running. sacct -D lists every attempt of a requeued job as a row of its own.
+FAKE_SACCT = """\
+41|REQUEUED|0:0|2024-05-01T10:00:00|2024-05-01T11:00:00
+41|REQUEUED|0:0|2024-05-01T11:02:00|2024-05-01T12:00:00
+41|TIMEOUT|0:0|2024-05-01T12:10:00|2024-05-01T13:00:00
+42|PREEMPTED|0:0|2024-05-01T14:00:00|2024-05-01T15:00:00
+42|CANCELLED by 0|0:0|2024-05-01T15:30:00|2024-05-01T16:00:00
+43|RUNNING|0:0|2024-05-01T16:05:00|Unknown
+7|COMPLETED|0:0|2024-05-01T09:00:00|2024-05-01T09:30:00
+"""
+
+
+def test_status_counts_every_requeue_and_relaunch_of_the_run(tmp_path, monkeypatch, capsys):
+    from hpcvp.cluster import status as status_module
+
+    run_dir = tmp_path / "runs" / "simvp" / "long"
+    for job_id in ("41", "42", "43"):
+        record_event(run_dir, event="submitted", job_id=job_id, via="submitit")
+    record_event(run_dir, event="started", job_id="43", via="sbatch", restart=0)  # the same job again
+    calls = []
+
+    def fake_run(args):
+        calls.append(args)
+        return FAKE_SACCT if args[0] == "sacct" else None
+
+    monkeypatch.setattr(status_module, "_run", fake_run)
+    (row,) = status_module.collect_status(tmp_path / "runs")
+    assert calls[0][calls[0].index("-j") + 1] == "41,42,43"  # every job of the run, in one sacct call
+    # 2 relaunches + 41's 2 requeues + 42's requeue after preemption = 5 (41's final timeout and
+    # 42's cancel are ends, not restarts: the relaunches after them are counted).
+    assert (row.job_id, row.state, row.restarts) == ("43", "RUNNING", 5)
+    # Gaps: 2 + 10 min (41's requeues), 60 (41 -> 42), 30 (42's requeue), 5 (42 -> 43) = 107 min.
+    assert row.lost_seconds == 107 * 60
+    assert status_module.format_duration(row.lost_seconds) == "1h47m"
+    status_module.print_status(tmp_path / "runs", console=rich_console())
+    out = capsys.readouterr().out
+    assert "time lost" in out and "1h47m" in out and " 5 " in out
+
+
+def rich_console():
+    from rich.console import Console
+
+    return Console(width=200, force_terminal=False)
+
+
+def test_local_time_lost_is_the_gap_between_attempts(tmp_path):
+    run_dir = tmp_path / "runs" / "seg" / "l"
+    lines = [
+        {"event": "started", "via": "local", "time": "2024-05-01T10:00:00+00:00", "pid": 0},
+        {"event": "finished", "via": "local", "state": "PREEMPTED", "time": "2024-05-01T10:30:00+00:00"},
+        {"event": "started", "via": "local", "time": "2024-05-01T10:45:00+00:00", "pid": 0},
+        {"event": "finished", "via": "local", "state": "COMPLETED", "time": "2024-05-01T11:00:00+00:00"},
+    ]
+    run_dir.mkdir(parents=True)
+    (run_dir / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    row = run_status(run_dir)
+    assert (row.state, row.restarts, row.lost_seconds) == ("COMPLETED", 1, 15 * 60)
 
 
 def test_scoped_override_for_a_single_stage():

@@ -397,13 +397,16 @@ def test_status_reports_every_run(run_root, reference_run, capsys, monkeypatch):
     assert rows[("seg", "reference")].state == "COMPLETED" and rows[("seg", "reference")].restarts == 0
     if ("seg", "cancelled") in rows:
         assert rows[("seg", "cancelled")].state == "CANCELLED"
-    for name in ("interrupted", "sbatch"):
+    for name in ("interrupted", "sbatch", "batch-usr2"):
         if ("seg", name) in rows:  # (absent only when that test was deselected)
             assert rows[("seg", name)].state == "COMPLETED"
             assert rows[("seg", name)].restarts == 1
             assert rows[("seg", name)].checkpoint_step == 60
+            # Slurm holds a requeued job back a little (BeginTime): the gap is time lost.
+            assert rows[("seg", name)].lost_seconds is not None and rows[("seg", name)].lost_seconds > 0
     assert rows[("seg", "reference")].metric.startswith("step 60:")
     monkeypatch.setenv("COLUMNS", "200")
     assert launch.main(["--status", "--run-root", str(run_root)]) == 0
     out = capsys.readouterr().out
     assert "COMPLETED" in out and "reference" in out and job_id_of(reference_run) in out
+    assert "time lost" in out
