@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -261,6 +263,36 @@ def test_rendered_script_is_submitits(tmp_path):
         assert expected in lines, expected
     assert any(line.startswith("srun ") and "-m submitit.core._submit" in line for line in lines)
     assert str(tmp_path / "runs" / "seg" / "t" / "slurm" / "%j") in script  # job folder under the run dir
+
+
+@pytest.mark.parametrize("signame", ["USR2", "TERM"])
+def test_batch_shell_passes_signals_on_to_srun(tmp_path, signame):
+    """The trap in submitit scripts: a signal to the batch shell reaches the tasks (here a fake srun,
+    reached through kill when scancel fails) and the shell waits for srun's own exit status."""
+    from hpcvp.cluster.sbatch import BATCH_SIGNAL_SETUP
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scancel").write_text("#!/bin/bash\nexit 1\n")
+    (bin_dir / "srun").write_text(
+        f"#!/bin/bash\ntrap 'echo \"$*\" > {tmp_path}/got; exit 75' {signame}\n"
+        f"touch {tmp_path}/ready\nwhile :; do sleep 0.05; done\n"
+    )
+    for tool in ("scancel", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join([*BATCH_SIGNAL_SETUP, "srun --unbuffered task", 'echo "after srun: $?"']) + "\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1"}
+    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and shell.poll() is None, shell.communicate()
+        time.sleep(0.05)
+    shell.send_signal(getattr(signal, f"SIG{signame}"))
+    out, err = shell.communicate(timeout=20)
+    assert f"the batch shell got SIG{signame}: passing it on to the tasks" in err
+    assert (tmp_path / "got").read_text().strip() == "--unbuffered task"
+    assert out.strip() == "after srun: 75"  # the shell outlived the signal and kept srun's status
 
 
 # --------------------------------------------------------------------------------------------- pre-flight
