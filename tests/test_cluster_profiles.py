@@ -694,3 +694,40 @@ def test_scoped_override_for_a_single_stage():
     assert launch.split_overrides(["seg:train.lr=1", "train.nope=2"], ["seg"]) == {
         "seg": ["train.lr=1", "train.nope=2"]
     }
+
+
+def test_user_mistakes_end_in_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    user_file = tmp_path / "clusters.json"
+    user_file.write_text(json.dumps({"clusters": {"mine": {"extends": ["greene"]}}}))
+    with pytest.raises(ProfileError, match=r"clusters.json: cluster 'mine': key 'extends' must name a cluster"):
+        load_profiles(user_file)
+    user_file.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ProfileError, match=r"clusters.json: not a UTF-8 text file"):
+        load_profiles(user_file)
+    monkeypatch.setenv("HPCVP_CLUSTERS", str(user_file))
+    assert launch.main(["--stage", "seg", "--cluster", "local", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: {user_file}: not a UTF-8") and "Traceback" not in err
+
+
+def test_status_shows_an_unreadable_run_as_a_row(tmp_path, capsys):
+    good, bad = tmp_path / "runs" / "seg" / "good", tmp_path / "runs" / "seg" / "bad"
+    record_event(good, event="finished", via="local", state="COMPLETED")
+    (bad / "jobs.jsonl").mkdir(parents=True)  # unreadable as a file
+    from hpcvp.cluster.status import collect_status
+
+    rows = {r.run: r for r in collect_status(tmp_path / "runs")}
+    assert rows["good"].state == "COMPLETED"
+    assert rows["bad"].state == "UNREADABLE" and f"cannot read {bad / 'jobs.jsonl'}" in rows["bad"].metric
+    assert launch.main(["--status", "--run-root", str(tmp_path / "runs")]) == 0
+    assert "UNREADABLE" in capsys.readouterr().out
+
+
+def test_local_run_with_unwritable_log_dir_says_so(tmp_path, capsys):
+    from hpcvp.cluster.executor import run_local
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status = run_local("hpcvp.cluster.profiles:slurm_available", [], 2, log_dir=blocker / "logs")
+    assert status == 2
+    assert f"error: cannot write the rank logs in {blocker / 'logs'}" in capsys.readouterr().err

@@ -187,8 +187,16 @@ def run_local(
         )
         stdout = None
         if log_dir is not None and rank > 0:  # rank 0 talks to the terminal; the others to files
-            log_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(log_dir / f"local_rank{rank}.log", "ab")
+            try:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                handle = open(log_dir / f"local_rank{rank}.log", "ab")
+            except OSError as exc:
+                for child in children:
+                    child.kill()
+                for opened in logs:
+                    opened.close()
+                print(f"error: cannot write the rank logs in {log_dir}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
             logs.append(handle)
             stdout = handle
         children.append(

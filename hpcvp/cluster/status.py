@@ -256,7 +256,7 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
     elif via == "local" or not job_id:
         finished = [e for e in events if e.get("event") == "finished"]
         started = [e for e in events if e.get("event") in ("started", "submitted")]
-        if finished and (not started or finished[-1]["time"] >= started[-1]["time"]):
+        if finished and (not started or str(finished[-1].get("time")) >= str(started[-1].get("time"))):
             state = str(finished[-1].get("state", "")).upper()
         elif started:
             state = "RUNNING" if _pid_alive(started[-1].get("pid")) else "FAILED"
@@ -306,9 +306,25 @@ def _pid_alive(pid: Any) -> bool:
 
 def collect_status(run_root: Path) -> list[RunStatus]:
     runs = find_runs(run_root)
-    job_ids = [job_id for run_dir in runs for job_id in run_job_ids(read_events(run_dir))]
+    job_ids = []
+    for run_dir in runs:
+        try:
+            job_ids += run_job_ids(read_events(run_dir))
+        except OSError:
+            pass  # its row says why (below)
     states = slurm_job_states(job_ids) if job_ids else {}
-    return [run_status(run_dir, states) for run_dir in runs]
+    rows = []
+    for run_dir in runs:
+        try:
+            rows.append(run_status(run_dir, states))
+        except OSError as exc:  # e.g. another user's run dir: one row says so, the table goes on
+            rows.append(_unreadable(run_dir, exc))
+    return rows
+
+
+def _unreadable(run_dir: Path, exc: OSError) -> RunStatus:
+    what = f"cannot read {exc.filename or run_dir}: {exc.strerror or exc}"
+    return RunStatus(run_dir.parent.name, run_dir.name, run_dir, "-", "-", "UNREADABLE", 0, None, what)
 
 
 STAGE_ORDER = ("pack", "seg", "pseudo-label", "slot", "raft", "simvp", "predict")
@@ -347,7 +363,11 @@ def print_status(run_root: Path, console=None) -> list[RunStatus]:
     from rich.console import Console
 
     console = console or Console()
-    rows = collect_status(run_root)
+    try:
+        rows = collect_status(run_root)
+    except OSError as exc:
+        console.print(f"error: --run-root {run_root}: cannot read {exc.filename or run_root}: {exc.strerror or exc}")
+        return []
     if not rows:
         console.print(f"no runs under {run_root} (launch one, or pass --run-root)")
         return rows
