@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,11 @@ from hpcvp.cluster.profiles import ProfileError, load_profiles, resolve_profile
 from hpcvp.cluster.sbatch import (
     JobRequest,
     container_prefix,
-    format_minutes,
-    parse_partition_limit_minutes,
-    parse_time_minutes,
     python_command,
     render_submitit_script,
-    slurm_mem,
     submitit_parameters,
 )
+from hpcvp.cluster.slurm_units import format_minutes, parse_partition_limit_minutes, parse_time_minutes, slurm_mem
 from hpcvp.cluster.status import find_runs, last_metric, read_events, record_event, run_status
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,6 +263,36 @@ def test_rendered_script_is_submitits(tmp_path):
         assert expected in lines, expected
     assert any(line.startswith("srun ") and "-m submitit.core._submit" in line for line in lines)
     assert str(tmp_path / "runs" / "seg" / "t" / "slurm" / "%j") in script  # job folder under the run dir
+
+
+@pytest.mark.parametrize("signame", ["USR2", "TERM"])
+def test_batch_shell_passes_signals_on_to_srun(tmp_path, signame):
+    """The trap in submitit scripts: a signal to the batch shell reaches the tasks (here a fake srun,
+    reached through kill when scancel fails) and the shell waits for srun's own exit status."""
+    from hpcvp.cluster.sbatch import BATCH_SIGNAL_SETUP
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scancel").write_text("#!/bin/bash\nexit 1\n")
+    (bin_dir / "srun").write_text(
+        f"#!/bin/bash\ntrap 'echo \"$*\" > {tmp_path}/got; exit 75' {signame}\n"
+        f"touch {tmp_path}/ready\nwhile :; do sleep 0.05; done\n"
+    )
+    for tool in ("scancel", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    script = tmp_path / "job.sh"
+    script.write_text("\n".join([*BATCH_SIGNAL_SETUP, "srun --unbuffered task", 'echo "after srun: $?"']) + "\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "1"}
+    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and shell.poll() is None, shell.communicate()
+        time.sleep(0.05)
+    shell.send_signal(getattr(signal, f"SIG{signame}"))
+    out, err = shell.communicate(timeout=20)
+    assert f"the batch shell got SIG{signame}: passing it on to the tasks" in err
+    assert (tmp_path / "got").read_text().strip() == "--unbuffered task"
+    assert out.strip() == "after srun: 75"  # the shell outlived the signal and kept srun's status
 
 
 # --------------------------------------------------------------------------------------------- pre-flight
@@ -597,10 +626,108 @@ def test_slurm_status_uses_sacct_state(tmp_path):
     record_event(run_dir, event="submitted", job_id="41", via="submitit")
     record_event(run_dir, event="submitted", job_id="42", via="submitit")
     status = run_status(run_dir, {"42": SlurmJobState("42", "RUNNING", 2)})
-    assert (status.job_id, status.state, status.restarts) == ("42", "RUNNING", 2)
+    # 42 is a relaunch of the run (41 came first): one restart more than 42's own two requeues.
+    assert (status.job_id, status.state, status.restarts) == ("42", "RUNNING", 3)
+
+
+# A run of three jobs (two relaunches): 41 requeued twice, then timed out for good; 42 preempted
+# once; 43 running. sacct -D lists every attempt of a requeued job as a row of its own.
+FAKE_SACCT = """\
+41|REQUEUED|0:0|2024-05-01T10:00:00|2024-05-01T11:00:00
+41|REQUEUED|0:0|2024-05-01T11:02:00|2024-05-01T12:00:00
+41|TIMEOUT|0:0|2024-05-01T12:10:00|2024-05-01T13:00:00
+42|PREEMPTED|0:0|2024-05-01T14:00:00|2024-05-01T15:00:00
+42|CANCELLED by 0|0:0|2024-05-01T15:30:00|2024-05-01T16:00:00
+43|RUNNING|0:0|2024-05-01T16:05:00|Unknown
+7|COMPLETED|0:0|2024-05-01T09:00:00|2024-05-01T09:30:00
+"""
+
+
+def test_status_counts_every_requeue_and_relaunch_of_the_run(tmp_path, monkeypatch, capsys):
+    from hpcvp.cluster import status as status_module
+
+    run_dir = tmp_path / "runs" / "simvp" / "long"
+    for job_id in ("41", "42", "43"):
+        record_event(run_dir, event="submitted", job_id=job_id, via="submitit")
+    record_event(run_dir, event="started", job_id="43", via="sbatch", restart=0)  # the same job again
+    calls = []
+
+    def fake_run(args):
+        calls.append(args)
+        return FAKE_SACCT if args[0] == "sacct" else None
+
+    monkeypatch.setattr(status_module, "_run", fake_run)
+    (row,) = status_module.collect_status(tmp_path / "runs")
+    assert calls[0][calls[0].index("-j") + 1] == "41,42,43"  # every job of the run, in one sacct call
+    # 2 relaunches + 41's 2 requeues + 42's requeue after preemption = 5 (41's final timeout and
+    # 42's cancel are ends, not restarts: the relaunches after them are counted).
+    assert (row.job_id, row.state, row.restarts) == ("43", "RUNNING", 5)
+    # Gaps: 2 + 10 min (41's requeues), 60 (41 -> 42), 30 (42's requeue), 5 (42 -> 43) = 107 min.
+    assert row.lost_seconds == 107 * 60
+    assert status_module.format_duration(row.lost_seconds) == "1h47m"
+    status_module.print_status(tmp_path / "runs", console=rich_console())
+    out = capsys.readouterr().out
+    assert "time lost" in out and "1h47m" in out and " 5 " in out
+
+
+def rich_console():
+    from rich.console import Console
+
+    return Console(width=200, force_terminal=False)
+
+
+def test_local_time_lost_is_the_gap_between_attempts(tmp_path):
+    run_dir = tmp_path / "runs" / "seg" / "l"
+    lines = [
+        {"event": "started", "via": "local", "time": "2024-05-01T10:00:00+00:00", "pid": 0},
+        {"event": "finished", "via": "local", "state": "PREEMPTED", "time": "2024-05-01T10:30:00+00:00"},
+        {"event": "started", "via": "local", "time": "2024-05-01T10:45:00+00:00", "pid": 0},
+        {"event": "finished", "via": "local", "state": "COMPLETED", "time": "2024-05-01T11:00:00+00:00"},
+    ]
+    run_dir.mkdir(parents=True)
+    (run_dir / "jobs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    row = run_status(run_dir)
+    assert (row.state, row.restarts, row.lost_seconds) == ("COMPLETED", 1, 15 * 60)
 
 
 def test_scoped_override_for_a_single_stage():
     assert launch.split_overrides(["seg:train.lr=1", "train.nope=2"], ["seg"]) == {
         "seg": ["train.lr=1", "train.nope=2"]
     }
+
+
+def test_user_mistakes_end_in_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    user_file = tmp_path / "clusters.json"
+    user_file.write_text(json.dumps({"clusters": {"mine": {"extends": ["greene"]}}}))
+    with pytest.raises(ProfileError, match=r"clusters.json: cluster 'mine': key 'extends' must name a cluster"):
+        load_profiles(user_file)
+    user_file.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ProfileError, match=r"clusters.json: not a UTF-8 text file"):
+        load_profiles(user_file)
+    monkeypatch.setenv("HPCVP_CLUSTERS", str(user_file))
+    assert launch.main(["--stage", "seg", "--cluster", "local", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"error: {user_file}: not a UTF-8") and "Traceback" not in err
+
+
+def test_status_shows_an_unreadable_run_as_a_row(tmp_path, capsys):
+    good, bad = tmp_path / "runs" / "seg" / "good", tmp_path / "runs" / "seg" / "bad"
+    record_event(good, event="finished", via="local", state="COMPLETED")
+    (bad / "jobs.jsonl").mkdir(parents=True)  # unreadable as a file
+    from hpcvp.cluster.status import collect_status
+
+    rows = {r.run: r for r in collect_status(tmp_path / "runs")}
+    assert rows["good"].state == "COMPLETED"
+    assert rows["bad"].state == "UNREADABLE" and f"cannot read {bad / 'jobs.jsonl'}" in rows["bad"].metric
+    assert launch.main(["--status", "--run-root", str(tmp_path / "runs")]) == 0
+    assert "UNREADABLE" in capsys.readouterr().out
+
+
+def test_local_run_with_unwritable_log_dir_says_so(tmp_path, capsys):
+    from hpcvp.cluster.executor import run_local
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    status = run_local("hpcvp.cluster.profiles:slurm_available", [], 2, log_dir=blocker / "logs")
+    assert status == 2
+    assert f"error: cannot write the rank logs in {blocker / 'logs'}" in capsys.readouterr().err

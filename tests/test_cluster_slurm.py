@@ -193,6 +193,31 @@ def test_interrupted_submitit_job_requeues_resumes_and_matches(packed, run_root,
     assert_same_weights(run_dir, reference_run)
 
 
+def metric_steps(run_dir: Path) -> list[int]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if line.strip()]
+
+
+def test_usr2_to_the_batch_shell_of_a_launcher_job_saves_requeues_and_resumes(packed, run_root):
+    """``scancel --batch -s USR2`` (what ``--signal=B:USR2@S`` does) on a submitit job: the batch
+    shell's trap passes it on to the tasks, which save; rank 0 requeues; the run resumes."""
+    assert launch.main(seg_args(packed, run_root, "batch-usr2")) == 0
+    run_dir = run_root / "seg" / "batch-usr2"
+    job_id = job_id_of(run_dir)
+    wait_for_step(run_dir, job_id, 6)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)
+    assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
+    assert [a["state"] for a in sacct_attempts(job_id)] == ["REQUEUED", "COMPLETED"]
+    logs = logs_of(run_dir)
+    assert "the batch shell got SIGUSR2: passing it on to the tasks" in logs, logs[-4000:]
+    assert "saved; job requeued" in logs and "resumed from step" in logs
+    resumed_from = int(logs.split("resumed from step ")[1].split()[0])
+    assert 6 <= resumed_from < 60
+    steps = metric_steps(run_dir)
+    assert steps == sorted(set(steps)) and steps[-1] == 60, steps  # every step logged once: none redone
+    assert final_weights(run_dir)[0] == 60
+
+
 def test_sbatch_template_forwards_signal_requeues_and_matches(packed, run_root, reference_run):
     env = dict(os.environ)
     env.update(
@@ -372,13 +397,16 @@ def test_status_reports_every_run(run_root, reference_run, capsys, monkeypatch):
     assert rows[("seg", "reference")].state == "COMPLETED" and rows[("seg", "reference")].restarts == 0
     if ("seg", "cancelled") in rows:
         assert rows[("seg", "cancelled")].state == "CANCELLED"
-    for name in ("interrupted", "sbatch"):
+    for name in ("interrupted", "sbatch", "batch-usr2"):
         if ("seg", name) in rows:  # (absent only when that test was deselected)
             assert rows[("seg", name)].state == "COMPLETED"
             assert rows[("seg", name)].restarts == 1
             assert rows[("seg", name)].checkpoint_step == 60
+            # Slurm holds a requeued job back a little (BeginTime): the gap is time lost.
+            assert rows[("seg", name)].lost_seconds is not None and rows[("seg", name)].lost_seconds > 0
     assert rows[("seg", "reference")].metric.startswith("step 60:")
     monkeypatch.setenv("COLUMNS", "200")
     assert launch.main(["--status", "--run-root", str(run_root)]) == 0
     out = capsys.readouterr().out
     assert "COMPLETED" in out and "reference" in out and job_id_of(reference_run) in out
+    assert "time lost" in out

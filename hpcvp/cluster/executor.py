@@ -3,7 +3,9 @@
 Preemption and time-outs, end to end (submitit path):
 
 1. Slurm sends USR2 to every task ``signal_delay_s`` before the time limit (``--signal=USR2@S``), or
-   a preempting scheduler / ``scancel --signal`` sends SIGTERM and/or USR2 to the tasks.
+   a preempting scheduler / ``scancel --signal`` sends SIGTERM and/or USR2 to the tasks. A signal
+   to the batch shell only (``scancel --batch``, ``--signal=B:``) is passed on to the tasks by the
+   trap that heads every script (``sbatch.BATCH_SIGNAL_SETUP``).
 2. While the trainer runs, its ``PreemptionFlag`` owns USR2 and SIGTERM on every rank: the ranks
    agree at the next step boundary, save one checkpoint, and the worker returns ``EXIT_REQUEUE``
    on every rank. :class:`HpcvpJob` then asks for the requeue on rank 0 only, through submitit's own
@@ -187,8 +189,16 @@ def run_local(
         )
         stdout = None
         if log_dir is not None and rank > 0:  # rank 0 talks to the terminal; the others to files
-            log_dir.mkdir(parents=True, exist_ok=True)
-            handle = open(log_dir / f"local_rank{rank}.log", "ab")
+            try:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                handle = open(log_dir / f"local_rank{rank}.log", "ab")
+            except OSError as exc:
+                for child in children:
+                    child.kill()
+                for opened in logs:
+                    opened.close()
+                print(f"error: cannot write the rank logs in {log_dir}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
             logs.append(handle)
             stdout = handle
         children.append(

@@ -24,7 +24,8 @@ from pathlib import Path
 from hpcvp.cluster import preflight
 from hpcvp.cluster.plan import LaunchError, PlannedJob, plan_jobs, run_root_from, split_overrides
 from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
-from hpcvp.cluster.sbatch import format_minutes, render_submitit_script, submitit_parameters
+from hpcvp.cluster.sbatch import render_submitit_script, submitit_parameters
+from hpcvp.cluster.slurm_units import format_minutes
 from hpcvp.cluster.status import print_status, record_event, slurm_job_states
 from hpcvp.config_overrides import ConfigError
 from hpcvp.stages import registry

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from hpcvp.cluster import chain
 from hpcvp.cluster.profiles import ClusterProfile
-from hpcvp.cluster.sbatch import JobRequest, parse_time_minutes
+from hpcvp.cluster.sbatch import JobRequest
+from hpcvp.cluster.slurm_units import parse_time_minutes
 from hpcvp.config_overrides import ConfigError
 from hpcvp.stages.registry import STAGES, build_config, get_stage
 from hpcvp.stages.spec import StageSpec, run_root

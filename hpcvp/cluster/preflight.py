@@ -18,12 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcvp.cluster.profiles import ClusterProfile
-from hpcvp.cluster.sbatch import (
-    JobRequest,
-    constraint_for,
-    format_minutes,
-    parse_partition_limit_minutes,
-)
+from hpcvp.cluster.sbatch import JobRequest, constraint_for
+from hpcvp.cluster.slurm_units import format_minutes, parse_partition_limit_minutes, parse_time_minutes
 
 
 @dataclass(frozen=True)
@@ -273,8 +269,6 @@ def check_time(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
         if partition is not None and partition.max_minutes is not None:
             limit, where = partition.max_minutes, f"the MaxTime of partition {partition.name!r} (sinfo)"
     if limit is None and profile.max_time is not None:
-        from hpcvp.cluster.sbatch import parse_time_minutes
-
         limit, where = parse_time_minutes(profile.max_time), f"the limit of cluster {profile.name!r} (profile max_time)"
     if limit is not None and request.time_minutes > limit:
         problems.append(

@@ -25,6 +25,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from hpcvp.cluster.slurm_units import parse_time_minutes
+
 PACKAGED_PROFILES = "profiles.json"
 USER_PROFILES_ENV = "HPCVP_CLUSTERS"
 USER_PROFILES_DEFAULT = Path("~/.config/hpcvp/clusters.json")
@@ -135,8 +137,6 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         except re.error as exc:
             raise ProfileError(f"{where}: key 'account_pattern' is not a regular expression: {exc}") from exc
     if key in ("default_time", "max_time") and value is not None:
-        from hpcvp.cluster.sbatch import parse_time_minutes
-
         try:
             parse_time_minutes(value)
         except ValueError as exc:
@@ -151,6 +151,8 @@ def _read_profile_file(path: Path) -> dict[str, dict[str, Any]]:
         raise ProfileError(f"{path}: cannot read cluster profiles ({exc.strerror})") from exc
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not a UTF-8 text file of cluster profiles ({exc.reason})") from exc
     if not isinstance(data, dict) or not isinstance(data.get("clusters"), dict):
         raise ProfileError(f'{path}: expected an object {{"clusters": {{NAME: {{...}}}}}}')
     for name, entry in data["clusters"].items():
@@ -183,6 +185,10 @@ def load_profiles(user_file: Path | None = None) -> dict[str, ClusterProfile]:
         for name, entry in _read_profile_file(user_path).items():
             entry = dict(entry)
             base_name = entry.pop("extends", None)
+            if base_name is not None and not isinstance(base_name, str):
+                raise ProfileError(
+                    f"{user_path}: cluster {name!r}: key 'extends' must name a cluster, got {base_name!r}"
+                )
             if base_name is not None:
                 if base_name not in raw:
                     raise ProfileError(f"{user_path}: cluster {name!r} extends unknown cluster {base_name!r}")

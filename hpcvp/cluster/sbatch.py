@@ -9,8 +9,6 @@ for the python command (:func:`python_command`).
 
 from __future__ import annotations
 
-import math
-import re
 import shlex
 import sys
 from dataclasses import dataclass, field
@@ -18,59 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcvp.cluster.profiles import ClusterProfile
-
-_TIME_RE = re.compile(r"^(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?$")
-_SUFFIX_RE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)(?P<unit>[smhd])$")
-
-
-def parse_time_minutes(text: str) -> int:
-    """Slurm time syntax -> whole minutes (rounded up).
-
-    Accepts what sbatch accepts ("MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS") plus
-    "90m", "2h", "1.5h", "2d". "infinite"/"UNLIMITED" are not job times (see partition limits).
-    """
-    text = str(text).strip()
-    suffix = _SUFFIX_RE.match(text)
-    if suffix:
-        factor = {"s": 1 / 60, "m": 1, "h": 60, "d": 1440}[suffix["unit"]]
-        minutes = math.ceil(float(suffix["num"]) * factor)
-    else:
-        match = _TIME_RE.match(text)
-        if not match:
-            raise ValueError(f"time {text!r}: expected HH:MM:SS, D-HH:MM:SS, MM, or 90m / 2h / 2d")
-        days = int(match["days"] or 0)
-        parts = [int(p) for p in (match["a"], match["b"], match["c"]) if p is not None]
-        if match["days"] is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
-            hours, mins, secs = (parts + [0, 0])[:3]
-        elif len(parts) == 1:  # MM
-            hours, mins, secs = 0, parts[0], 0
-        elif len(parts) == 2:  # MM:SS
-            hours, mins, secs = 0, parts[0], parts[1]
-        else:
-            hours, mins, secs = parts
-        minutes = days * 1440 + hours * 60 + mins + math.ceil(secs / 60)
-    if minutes < 1:
-        raise ValueError(f"time {text!r}: must be at least one minute")
-    return minutes
-
-
-def parse_partition_limit_minutes(text: str) -> int | None:
-    """sinfo's %l (partition MaxTime) -> minutes, or None for no limit."""
-    text = text.strip()
-    if text.lower() in ("infinite", "unlimited", "n/a", ""):
-        return None
-    return parse_time_minutes(text)
-
-
-def format_minutes(minutes: int) -> str:
-    days, rest = divmod(minutes, 1440)
-    hours, mins = divmod(rest, 60)
-    return f"{days}-{hours:02d}:{mins:02d}:00" if days else f"{hours:02d}:{mins:02d}:00"
-
-
-def slurm_mem(gb: float) -> str:
-    """GB -> sbatch --mem syntax: whole gigabytes as "64G", else megabytes ("1536M")."""
-    return f"{int(gb)}G" if float(gb).is_integer() else f"{math.ceil(gb * 1024)}M"
+from hpcvp.cluster.slurm_units import slurm_mem
 
 
 @dataclass
@@ -166,6 +112,38 @@ def python_command(profile: ClusterProfile, request: JobRequest, python: str | N
     return shlex.quote(python or sys.executable)
 
 
+# First lines of every submitit batch script. Slurm delivers `scancel --batch --signal=USR2` and
+# `--signal=B:USR2@S` to the batch shell only, whose default action for USR2 is to die (the job ends
+# FAILED 0:12, nothing saved). The trap passes USR2 and TERM on to the tasks, which save at the next
+# step boundary; rank 0 then requeues (executor.HpcvpJob). bash runs a trap only once the foreground
+# command has ended, so the `srun` function runs submitit's own srun line in the background and
+# waits for it with `wait`, which a trapped signal interrupts.
+BATCH_SIGNAL_SETUP = tuple(
+    r"""
+hpcvp_signals=0
+hpcvp_forward() {
+    hpcvp_signals=$((hpcvp_signals + 1))
+    echo "hpcvp: the batch shell got SIG$1: passing it on to the tasks" >&2
+    # scancel without --batch signals the job steps (every task on every node), not this shell.
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null ||
+        { [ -n "${hpcvp_srun_pid:-}" ] && kill -s "$1" "$hpcvp_srun_pid" 2>/dev/null; }
+}
+trap 'hpcvp_forward USR2' USR2
+trap 'hpcvp_forward TERM' TERM
+srun() {
+    command srun "$@" &
+    hpcvp_srun_pid=$!
+    hpcvp_seen=$hpcvp_signals
+    # A trap cuts `wait` short (status 128+N): wait again until srun itself has ended.
+    while wait "$hpcvp_srun_pid"; hpcvp_status=$?; [ $hpcvp_status -gt 128 ] && [ $hpcvp_seen != $hpcvp_signals ]; do
+        hpcvp_seen=$hpcvp_signals
+    done
+    return $hpcvp_status
+}
+""".strip().splitlines()
+)
+
+
 def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[str, Any]:
     """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (sbatch's names and syntax)."""
     params: dict[str, Any] = {
@@ -195,11 +173,13 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
     if request.dependency:
         # A failed parent cancels the rest of a chain instead of leaving it pending forever.
         params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
-    setup = list(profile.setup) + list(request.setup)
     env = {**profile.env, **request.env}
-    setup += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
-    if setup:
-        params["setup"] = setup
+    params["setup"] = [
+        *BATCH_SIGNAL_SETUP,
+        *profile.setup,
+        *request.setup,
+        *(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())),
+    ]
     return params
 
 

@@ -6,6 +6,15 @@ when a job (re)starts (``"event": "started"``), and by local runs when they end
 (``"event": "finished"``). ``--status`` reads those, asks ``sacct`` (falling back to ``squeue``)
 for the state of the newest Slurm job of each run, and adds the engine's newest checkpoint step
 and the last line of ``metrics.jsonl``.
+
+Restarts and time lost count the whole run, not only its newest job: every job id the run dir
+records (a relaunch of the same run is a new job id: one restart each) and every requeue of each
+(``sacct --duplicates`` lists each requeued attempt as a row). Time lost is the sum, over every gap
+between one attempt's end and the next attempt's start (requeues and relaunches, in time order), of
+that gap: the wall time the run spent stopped between its first start and its newest. It leaves out
+the work redone after a hard stop (the steps since the last checkpoint; none after a graceful
+stop, which saves at a step boundary). Local runs take the same gaps from their started/finished
+records.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +97,35 @@ class SlurmJobState:
     state: str
     restarts: int
     exit_code: str = ""
+    # (start, end) of every attempt, oldest first; None where sacct has no time (pending, running).
+    attempts: list[tuple[_dt.datetime | None, _dt.datetime | None]] = field(default_factory=list)
+
+
+def _parse_time(text: str | None) -> _dt.datetime | None:
+    """sacct's or jobs.jsonl's time -> an aware datetime (local time when it names no zone)."""
+    try:
+        parsed = _dt.datetime.fromisoformat(str(text).strip())
+    except ValueError:
+        return None  # "Unknown", "None", ""
+    return parsed if parsed.tzinfo else parsed.astimezone()
+
+
+def stopped_seconds(attempts: Iterable[tuple[_dt.datetime | None, _dt.datetime | None]]) -> float:
+    """Sum of the gaps between one attempt's end and the next one's start (see the module doc)."""
+    spans = sorted((start, end) for start, end in attempts if start is not None)
+    lost = 0.0
+    for (_, end), (next_start, _) in zip(spans, spans[1:]):
+        if end is not None:
+            lost += max(0.0, (next_start - end).total_seconds())
+    return lost
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes = round(seconds / 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m"
 
 
 def _run(args: list[str]) -> str | None:
@@ -111,17 +149,9 @@ def slurm_job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
     states: dict[str, SlurmJobState] = {}
     if not ids:
         return states
-    out = _run(["sacct", "-n", "-P", "-D", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State,ExitCode"])
+    out = _run(["sacct", "-n", "-P", "-D", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State,ExitCode,Start,End"])
     if out:
-        rows: dict[str, list[tuple[str, str]]] = {}
-        for line in out.splitlines():
-            fields = line.split("|")
-            if len(fields) >= 3 and fields[0] in ids:
-                rows.setdefault(fields[0], []).append((fields[1].split()[0] if fields[1] else "", fields[2]))
-        for job_id, attempts in rows.items():
-            state, exit_code = attempts[-1]
-            requeues = sum(1 for s, _ in attempts if s in ("REQUEUED", "PREEMPTED", "TIMEOUT", "NODE_FAIL"))
-            states[job_id] = SlurmJobState(job_id, state, max(requeues, len(attempts) - 1), exit_code)
+        states.update(parse_sacct_attempts(out, ids))
     missing = [j for j in ids if j not in states]
     for job_id in missing:
         fields = scontrol_job_fields(job_id)
@@ -129,6 +159,30 @@ def slurm_job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
             continue
         states[job_id] = SlurmJobState(
             job_id, fields.get("JobState", "UNKNOWN"), int(fields.get("Restarts", "0") or 0), fields.get("ExitCode", "")
+        )
+    return states
+
+
+def parse_sacct_attempts(out: str, ids: Iterable[str]) -> dict[str, SlurmJobState]:
+    """``sacct -n -P -D -X -o JobIDRaw,State,ExitCode,Start,End`` -> job id -> state, requeues, attempts."""
+    wanted = set(ids)
+    rows: dict[str, list[list[str]]] = {}
+    for line in out.splitlines():
+        fields = line.split("|")
+        if len(fields) >= 3 and fields[0] in wanted:
+            rows.setdefault(fields[0], []).append(fields + ["", ""])
+    states = {}
+    for job_id, attempts in rows.items():
+        names = [a[1].split()[0] if a[1] else "" for a in attempts]  # "CANCELLED by 0" -> "CANCELLED"
+        # Every row after the first is a requeued attempt; a last row still REQUEUED has its next
+        # attempt pending (no row yet). A final TIMEOUT or PREEMPTED without a next row is an end.
+        requeues = len(attempts) - 1 + (names[-1] in ("REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"))
+        states[job_id] = SlurmJobState(
+            job_id,
+            names[-1],
+            requeues,
+            attempts[-1][2],
+            [(_parse_time(a[3]), _parse_time(a[4])) for a in attempts],
         )
     return states
 
@@ -177,6 +231,8 @@ class RunStatus:
     restarts: int
     checkpoint_step: int | None
     metric: str
+    # Seconds the run spent stopped between attempts (module doc); None when not known.
+    lost_seconds: float | None = None
 
 
 def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = None) -> RunStatus:
@@ -188,18 +244,24 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
     latest = submissions[-1] if submissions else (events[-1] if events else {})
     job_id = str(latest.get("job_id") or "")
     via = str(latest.get("via") or "")
-    state, restarts = "", 0
+    state, restarts, lost = "", 0, None
     if job_id and slurm_states is not None and job_id in slurm_states:
-        found = slurm_states[job_id]
-        state, restarts = found.state, found.restarts
+        state = slurm_states[job_id].state
+        job_ids = run_job_ids(events)
+        known = [slurm_states[j] for j in job_ids if j in slurm_states]
+        # Each job after the first is a relaunch; each job's requeues are restarts of their own.
+        restarts = len(job_ids) - 1 + sum(j.restarts for j in known)
+        if len(known) == len(job_ids) and all(j.attempts for j in known):
+            lost = stopped_seconds(span for j in known for span in j.attempts)
     elif via == "local" or not job_id:
         finished = [e for e in events if e.get("event") == "finished"]
         started = [e for e in events if e.get("event") in ("started", "submitted")]
-        if finished and (not started or finished[-1]["time"] >= started[-1]["time"]):
+        if finished and (not started or str(finished[-1].get("time")) >= str(started[-1].get("time"))):
             state = str(finished[-1].get("state", "")).upper()
         elif started:
             state = "RUNNING" if _pid_alive(started[-1].get("pid")) else "FAILED"
         restarts = max(0, len([e for e in events if e.get("event") == "started"]) - 1)
+        lost = stopped_seconds(_local_attempts(events))
     else:
         state = "UNKNOWN"
     return RunStatus(
@@ -212,7 +274,24 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
         restarts=restarts,
         checkpoint_step=latest_step(run_dir),
         metric=last_metric(run_dir),
+        lost_seconds=lost,
     )
+
+
+def run_job_ids(events: list[dict[str, Any]]) -> list[str]:
+    """Every Slurm job id a run dir records, oldest first, each once."""
+    return list(dict.fromkeys(str(e["job_id"]) for e in events if e.get("job_id")))
+
+
+def _local_attempts(events: list[dict[str, Any]]) -> list[tuple[_dt.datetime | None, _dt.datetime | None]]:
+    """(start, end) of each local attempt, from its started and finished records."""
+    attempts: list[tuple[_dt.datetime | None, _dt.datetime | None]] = []
+    for event in events:
+        if event.get("event") == "started":
+            attempts.append((_parse_time(event.get("time")), None))
+        elif event.get("event") == "finished" and attempts and attempts[-1][1] is None:
+            attempts[-1] = (attempts[-1][0], _parse_time(event.get("time")))
+    return attempts
 
 
 def _pid_alive(pid: Any) -> bool:
@@ -229,11 +308,23 @@ def collect_status(run_root: Path) -> list[RunStatus]:
     runs = find_runs(run_root)
     job_ids = []
     for run_dir in runs:
-        ids = [str(e["job_id"]) for e in read_events(run_dir) if e.get("job_id")]
-        if ids:
-            job_ids.append(ids[-1])
+        try:
+            job_ids += run_job_ids(read_events(run_dir))
+        except OSError:
+            pass  # its row says why (below)
     states = slurm_job_states(job_ids) if job_ids else {}
-    return [run_status(run_dir, states) for run_dir in runs]
+    rows = []
+    for run_dir in runs:
+        try:
+            rows.append(run_status(run_dir, states))
+        except OSError as exc:  # e.g. another user's run dir: one row says so, the table goes on
+            rows.append(_unreadable(run_dir, exc))
+    return rows
+
+
+def _unreadable(run_dir: Path, exc: OSError) -> RunStatus:
+    what = f"cannot read {exc.filename or run_dir}: {exc.strerror or exc}"
+    return RunStatus(run_dir.parent.name, run_dir.name, run_dir, "-", "-", "UNREADABLE", 0, None, what)
 
 
 STAGE_ORDER = ("pack", "seg", "pseudo-label", "slot", "raft", "simvp", "predict")
@@ -248,6 +339,7 @@ def status_table(rows: list[RunStatus], run_root: Path):
     table.add_column("job id", justify="right", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("restarts", justify="right")
+    table.add_column("time lost", justify="right")
     table.add_column("ckpt step", justify="right")
     table.add_column("last metric", overflow="fold")
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
@@ -260,6 +352,7 @@ def status_table(rows: list[RunStatus], run_root: Path):
             job,
             f"[{style}]{row.state}[/]" if style else row.state,
             str(row.restarts),
+            format_duration(row.lost_seconds),
             "-" if row.checkpoint_step is None else str(row.checkpoint_step),
             row.metric or "-",
         )
@@ -270,7 +363,11 @@ def print_status(run_root: Path, console=None) -> list[RunStatus]:
     from rich.console import Console
 
     console = console or Console()
-    rows = collect_status(run_root)
+    try:
+        rows = collect_status(run_root)
+    except OSError as exc:
+        console.print(f"error: --run-root {run_root}: cannot read {exc.filename or run_root}: {exc.strerror or exc}")
+        return []
     if not rows:
         console.print(f"no runs under {run_root} (launch one, or pass --run-root)")
         return rows
