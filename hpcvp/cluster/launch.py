@@ -34,7 +34,7 @@ from hpcvp.cluster.sbatch import (
 from hpcvp.cluster.status import print_status, record_event, slurm_job_states
 
 WORKER_ENTRY = "hpcvp.stages.worker:run_worker"
-PACK_ENTRY = "hpcvp.data.shards:main"
+PACK_ENTRY = "hpcvp.data.pack_cli:main"
 PIPELINE = ("pack", "seg", "pseudo-label", "simvp", "predict")
 SINGLE_STAGES = ("pack", "seg", "pseudo-label", "slot", "raft", "simvp", "predict")
 TERMINAL_STATES = {

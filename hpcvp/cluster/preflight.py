@@ -315,7 +315,7 @@ def check_preemptible(profile: ClusterProfile, preemptible: bool) -> list[Proble
 def check_data(data_dir: Path, splits: Iterable[str] = ()) -> list[Problem]:
     """The packed manifest loads, every shard it lists is there with its recorded size, and the
     splits the stage reads are present (hashes are not recomputed here: that is `hpcvp-pack --verify`)."""
-    from hpcvp.data.shards import ManifestError, load_manifest
+    from hpcvp.data.manifest import ManifestError, load_manifest
 
     try:
         manifest = load_manifest(data_dir)

@@ -70,7 +70,7 @@ from hpcvp.data.layout import (
     WIDTH,
     frame_file_name,
 )
-from hpcvp.data.progress import Progress
+from hpcvp.progress import Progress
 
 FORMAT_VERSION = 1
 METADATA_NAME = SYNTHETIC_INFO_FILE_NAME

@@ -33,7 +33,7 @@ from torch import nn
 
 from hpcvp.data.datasets import ClipDataset, HiddenDataset
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
-from hpcvp.data.shards import load_manifest
+from hpcvp.data.manifest import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.stages import ConfigError, StageSpec, common
 from hpcvp.stages.raft import extrapolate_mask, flow_between

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from hpcvp.data import add_pseudo_masks, load_manifest
 from hpcvp.data.datasets import ClipDataset, FrameDataset, HiddenDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLIT_NUM_FRAMES, SPLITS
-from hpcvp.data.shards import add_pseudo_masks, load_manifest, open_h5
+from hpcvp.data.shard_files import open_h5
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.models.unet import PRESETS as UNET_PRESETS
 from hpcvp.models.unet import UNet
