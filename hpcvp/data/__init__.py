@@ -26,7 +26,14 @@ from .layout import (
     read_video,
     scan_split,
 )
-from .manifest import Manifest, ManifestError, load_manifest, missing_hidden_ids
+from .manifest import (
+    IncompleteSplitError,
+    Manifest,
+    ManifestError,
+    load_manifest,
+    missing_hidden_ids,
+    require_complete_split,
+)
 from .pack import PackError, PackLockedError, pack_dataset
 from .pseudo_masks import add_pseudo_masks
 from .staging import StagingError, stage_to_local

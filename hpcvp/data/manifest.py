@@ -30,6 +30,10 @@ class ManifestError(ValueError):
     """manifest.json is missing, malformed, or from an unsupported format version."""
 
 
+class IncompleteSplitError(ManifestError):
+    """A split lacks videos the raw set had (skipped when packing), where every one is needed."""
+
+
 @dataclass(frozen=True)
 class ShardEntry:
     split: str
@@ -210,3 +214,16 @@ def missing_hidden_ids(manifest: Manifest, split: str = "hidden") -> list[int]:
     """
     packed = set(manifest.video_ids(split))
     return sorted({video.video_id for video in manifest.skipped if video.split == split} - packed)
+
+
+def require_complete_split(manifest: Manifest, split: str = "hidden") -> None:
+    """Raise ``IncompleteSplitError`` naming the ids of ``split`` the pack skipped, if any."""
+    missing = missing_hidden_ids(manifest, split)
+    if not missing:
+        return
+    shown = ", ".join(str(video_id) for video_id in missing[:20]) + (", ..." if len(missing) > 20 else "")
+    raise IncompleteSplitError(
+        f"{manifest_path(manifest.root)}: the raw {split} set had {len(missing)} video(s) that were skipped when "
+        f"packing (ids {shown}; see 'skipped' there for why). A submission must cover every {split} video, so "
+        f"none is written: fix those videos and pack again with --splits {split}"
+    )

@@ -4,7 +4,6 @@ earlier stage's run dir, autocast, pictures, small tables."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -255,30 +254,6 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]
         except ImportError:
             pass
     print(f"{title}\n{markdown_table(headers, rows)}", flush=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json(path: Path, payload: Any) -> None:
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
 
 
 def log(env, message: str) -> None:

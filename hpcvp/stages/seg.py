@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from hpcvp.atomic import atomic_write_json
 from hpcvp.data import add_pseudo_masks, load_manifest
 from hpcvp.data.datasets import ClipDataset, FrameDataset, HiddenDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLIT_NUM_FRAMES, SPLITS
@@ -413,7 +414,7 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
     if env.rank == 0:
         with contextlib.suppress(OSError):
             (run_dir / "parts").rmdir()
-        common.write_json(run_dir / "pseudo_label.json", summary)
+        atomic_write_json(run_dir / "pseudo_label.json", summary)
     return FitResult(status="completed", step=step)
 
 
