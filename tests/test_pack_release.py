@@ -82,7 +82,7 @@ def test_two_packers_started_together_one_refuses_naming_the_holder_the_other_ve
         assert f"pid {holder.pid}" in lines[0] and f"Slurm job {holder_job}" in lines[0]
         assert "host " in lines[0]
         _feed_fifo(blocker, original, 60)
-        holder_out, holder_err = holder.communicate(timeout=120)
+        _, holder_err = holder.communicate(timeout=120)
     finally:
         for process in (first, second):
             if process.poll() is None:
