@@ -4,6 +4,8 @@ Stages implement a ``TrainTask`` and call ``Trainer(task, cfg, run, env).fit()``
 the step-boundary protocol, checkpoint.py for the one checkpoint format.
 """
 
+from hpcvp.progress import TrainProgress
+
 from .checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -24,7 +26,6 @@ from .dist import (
     teardown,
 )
 from .loop import FitResult, IdentityMismatchError, Trainer, TrainTask, move_to_device
-from .progress import TrainProgress
 from .rundir import RunDir
 from .sampler import ResumableDistributedSampler
 from .signals import EXIT_REQUEUE, PreemptionFlag

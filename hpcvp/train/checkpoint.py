@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from hpcvp.atomic import atomic_write_json, fsync_dir
+
 log = logging.getLogger("hpcvp.train")
 
 FORMAT_VERSION = 1
@@ -110,14 +112,6 @@ class _CrcFile:
         self._f.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_torch(path: Path, obj: Any) -> dict[str, int]:
     with open(path, "wb") as f:
         wrapped = _CrcFile(f)
@@ -183,16 +177,13 @@ def save_checkpoint(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }
-    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    atomic_write_json(tmp / META_FILE, meta)
+    fsync_dir(tmp)  # the torch files' directory entries
     if final.exists():
         # e.g. a corrupt step_N we fell back from and have now trained past again
         _remove_dir(final, "replaced")
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     complete = list_checkpoints(root)
     for _, old in complete[: max(0, len(complete) - keep_last)]:
         _remove_dir(old, "deleting")

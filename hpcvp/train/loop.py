@@ -28,6 +28,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from hpcvp.progress import TrainProgress
+
 from . import dist as hdist
 from .checkpoint import (
     Checkpoint,
@@ -38,7 +40,6 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .optim import build_optimizer, build_scheduler
-from .progress import TrainProgress
 from .rng import (
     TAG_LOADER,
     TAG_STEP,
