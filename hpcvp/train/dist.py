@@ -306,6 +306,15 @@ def control_group():
     return _control_group
 
 
+def broadcast_from_main(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a collective on the control group; no-op single-process)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
 def ensure_control_group(env: DistEnv) -> None:
     """For a process group joined without init_distributed(): open the gloo control group when
     the default backend cannot take CPU tensors.  Collective: call on every rank."""
