@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hpcvp.eval.pictures import colorize_mask, image_to_uint8, save_grid
+from hpcvp.train.loader import make_loader
 
 DEFAULT_RUNS_ROOT = Path("runs")
 
@@ -69,7 +70,7 @@ def eval_loader(
     model in eval mode, under no_grad and its autocast policy (Trainer._evaluate)."""
     indices = spread_indices(len(dataset), limit)  # type: ignore[arg-type]
     sampler = RankShardSampler(indices, env.rank, env.world_size)
-    return DataLoader(
+    return make_loader(  # workers that survive Slurm's SIGTERM while the trainer decides to stop
         dataset,
         batch_size=batch_size,
         sampler=sampler,
