@@ -401,4 +401,7 @@ def test_scontrol_requeue_with_dataloader_workers_saves_resumes_and_matches(pack
     assert "DataLoader worker" not in logs and "killed by signal" not in logs, logs[-4000:]
     resumed_from = int(logs.split("resumed from step ")[1].split()[0])
     assert 6 <= resumed_from < 60  # the state saved at the signal, not a fresh start
+    engine_logs = [(run_dir / "logs" / f"engine.rank{r}.log").read_text() for r in (0, 1)]
+    for text in engine_logs:  # both ranks stopped gracefully at that same step
+        assert f"SIGTERM received by at least one rank; saved at step {resumed_from}" in text, text[-2000:]
     assert_same_weights(run_dir, reference_run)
