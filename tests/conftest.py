@@ -85,3 +85,43 @@ def default_dataset_dir(tmp_path_factory) -> Path:
 
     cache = os.environ.get("HPCVP_CACHE") or tmp_path_factory.mktemp("hpcvp-cache")
     return ensure_default_dataset(cache)
+
+
+# --------------------------------------------------------------------------- the two-node Slurm cluster
+
+TWO_NODE_CONF = Path("/etc/slurm-2node/slurm.conf")
+TWO_NODE_CLUSTER_NAME = "hpcvp2"
+TWO_NODE_NAMES = ("hpcvp2n1", "hpcvp2n2")
+
+
+@pytest.fixture(scope="session")
+def _two_node_cluster_up() -> Path:
+    """Bring up (idempotently) the second, two-node cluster of tools/slurm_local_cluster.sh."""
+    import shutil
+    import subprocess
+
+    missing = [tool for tool in ("slurmctld", "slurmd", "sbatch", "ip", "unshare", "nsenter") if not shutil.which(tool)]
+    why = None
+    if os.geteuid() != 0:
+        why = "the two-node cluster needs root (network namespaces)"
+    elif missing:
+        why = f"the two-node cluster needs {', '.join(missing)} (Slurm and iproute2 packages)"
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {why}")
+        pytest.skip(why)
+    script = REPO_ROOT / "tools" / "slurm_local_cluster.sh"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    done = subprocess.run(
+        ["bash", str(script), "up", "--nodes", "2"], capture_output=True, text=True, env=env, timeout=600
+    )
+    if done.returncode != 0:
+        pytest.fail(f"{script} up --nodes 2 failed:\n{done.stdout}\n{done.stderr}")
+    return TWO_NODE_CONF
+
+
+@pytest.fixture
+def two_node_cluster(_two_node_cluster_up, monkeypatch) -> Path:
+    """The two-node cluster is up and SLURM_CONF points at it (for this process and its children)."""
+    monkeypatch.setenv("SLURM_CONF", str(_two_node_cluster_up))
+    return _two_node_cluster_up

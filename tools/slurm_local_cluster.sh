@@ -14,6 +14,15 @@
 #     accounts pr_000_general (Greene-style) and torch_pr_000 (Torch-style) for root and the invoking user.
 #   - AuthInfo=cred_expire=10 so that a requeued job may start again after ~15 s instead of ~2 min.
 #
+#   sudo bash tools/slurm_local_cluster.sh up --nodes 2     # a second, two-node cluster (see below)
+#   sudo bash tools/slurm_local_cluster.sh down --nodes 2   # stop it, remove its namespaces/links
+#
+# "up --nodes 2" leaves the cluster above alone and adds ClusterName=hpcvp2 (SLURM_CONF=/etc/slurm-2node/slurm.conf):
+#   its own slurmctld (port 6827, 10.213.0.1 on bridge hpcvp2br) registered in the same slurmdbd with
+#   the same accounts, and nodes hpcvp2n1 (10.213.0.11) and hpcvp2n2 (10.213.0.12): one slurmd each
+#   in its own network + UTS namespace (netns hpcvp2-<node>), names in /etc/hosts, munge shared,
+#   $SLURM_TMPDIR=/var/tmp/hpcvp2/<node>/<job id> from a TaskProlog. stop/status/down take --nodes 2.
+#
 # Environment knobs: HPCVP_SLURM_CLUSTER_NAME (default hpcvp), HPCVP_SLURM_EXTRA_USERS (space-separated
 # users to add to the accounts besides root and $SUDO_USER), HPCVP_SLURM_DB_PASSWORD.
 # Daemons are started directly (no systemd needed: containers and CI VMs have none); logs go to
@@ -69,10 +78,12 @@ running() {  # running NAME -> 0 when a process with exactly this command name r
 }
 
 stop_daemon() {  # stop_daemon NAME [PIDFILE]
-    local name="$1" pidfile="${2:-}" pid
+    # slurmctld and slurmd are found through their pidfile only: the two-node cluster runs a second
+    # slurmctld and more slurmds, which a lookup by name (pgrep -x) would find as well.
+    local name="$1" pidfile="${2:-}" pid=""
     if [ -n "$pidfile" ] && pid_alive "$pidfile"; then
         pid="$(cat "$pidfile")"
-    else
+    elif [ "$name" != slurmd ] && [ "$name" != slurmctld ]; then
         pid="$(pgrep -x "$name" | head -n1 || true)"
     fi
     [ -n "$pid" ] || return 0
@@ -224,6 +235,14 @@ CONF
 )"
     local cgroup_conf="# Written by hpcvp tools/slurm_local_cluster.sh: no cgroup plugins are used (proctrack/linuxproc).
 CgroupAutomount=no"
+    CONFIG_CHANGED=0
+    if write_if_changed "$ETC/slurm.conf" 0644 "$slurm_conf"; then CONFIG_CHANGED=1; fi
+    if write_if_changed "$ETC/cgroup.conf" 0644 "$cgroup_conf"; then CONFIG_CHANGED=1; fi
+    write_dbd_config
+}
+
+write_dbd_config() {  # sets DBD_CHANGED=1 when slurmdbd.conf changed (shared by both clusters)
+    mkdir -p "$ETC" "$LOG_DIR"
     local dbd_conf
     dbd_conf="$(cat <<CONF
 # Written by hpcvp tools/slurm_local_cluster.sh.
@@ -239,10 +258,7 @@ StoragePass=${DB_PASSWORD}
 StorageLoc=slurm_acct_db
 CONF
 )"
-    CONFIG_CHANGED=0
     DBD_CHANGED=0
-    if write_if_changed "$ETC/slurm.conf" 0644 "$slurm_conf"; then CONFIG_CHANGED=1; fi
-    if write_if_changed "$ETC/cgroup.conf" 0644 "$cgroup_conf"; then CONFIG_CHANGED=1; fi
     # slurmdbd insists that its config (with the DB password) is private to SlurmUser.
     if write_if_changed "$ETC/slurmdbd.conf" 0600 "$dbd_conf"; then DBD_CHANGED=1; fi
     chown root:root "$ETC/slurmdbd.conf"
@@ -267,7 +283,8 @@ ensure_accounts() {
         say "added cluster $CLUSTER_NAME to accounting"
     fi
     for account in "${ACCOUNTS[@]}"; do
-        if [ -z "$(sacctmgr -n -P list account "$account" format=account)" ]; then
+        # Per cluster: the two-node cluster adds the same accounts to its own ClusterName.
+        if [ -z "$(sacctmgr -n -P list assoc account="$account" cluster="$CLUSTER_NAME" format=account)" ]; then
             sacctmgr -i add account "$account" cluster="$CLUSTER_NAME" \
                 description="hpcvp local test account" organization=hpcvp >/dev/null
             say "added account $account"
@@ -319,7 +336,11 @@ start_slurm_daemons() {
 show_status() {
     local rc=0
     for daemon in munged mariadbd slurmdbd slurmctld slurmd; do
-        if running "$daemon" || { [ "$daemon" = mariadbd ] && running mysqld; }; then
+        if case "$daemon" in
+            slurmctld|slurmd) pid_alive "/run/$daemon.pid" ;;
+            mariadbd) running mariadbd || running mysqld ;;
+            *) running "$daemon" ;;
+        esac; then
             printf '  %-10s running\n' "$daemon"
         else
             printf '  %-10s stopped\n' "$daemon"; rc=1
@@ -355,11 +376,275 @@ cmd_stop() {
     stop_daemon munged /run/munge/munged.pid
 }
 
-case "${1:-up}" in
+# ---------------------------------------------------------------------------------------------
+# The two-node cluster (`--nodes 2`): a second cluster beside the first, sharing munged, MariaDB and
+# slurmdbd. Its slurmctld runs here on its own port; each node is a slurmd in its own network and
+# UTS namespace (so `hostname` is the node's name) on a veth link to a bridge that holds the
+# controller's address. The namespaces have no default route: they reach each other and the
+# controller on 10.213.0.0/24, nothing else.
+TWO_NAME="${HPCVP_SLURM_2NODE_CLUSTER_NAME:-hpcvp2}"
+TWO_ETC=/etc/slurm-2node
+TWO_CONF="$TWO_ETC/slurm.conf"
+TWO_STATE=/var/lib/slurm-2node
+TWO_TMP=/var/tmp/hpcvp2           # node-local scratch: $TWO_TMP/<node>/<job id> is $SLURM_TMPDIR
+TWO_CTLD_PORT=6827
+TWO_CTLD_PID=/run/slurmctld-2node.pid
+TWO_BRIDGE=hpcvp2br
+TWO_HOST_ADDR=10.213.0.1         # the controller (and slurmdbd) as the nodes see it
+TWO_NODES=(hpcvp2n1 hpcvp2n2)     # addresses 10.213.0.11, 10.213.0.12
+TWO_HOSTS_MARK="# hpcvp 2-node cluster"
+
+two_addr() { printf '10.213.0.%d' $((10 + $1)); }   # two_addr INDEX (1-based)
+two_netns() { printf 'hpcvp2-%s' "$1"; }            # two_netns NODE
+two_slurmd_pid() { printf '/run/slurmd-2node-%s.pid' "$1"; }
+
+two_network_up() {
+    if ! ip link show "$TWO_BRIDGE" >/dev/null 2>&1; then
+        ip link add "$TWO_BRIDGE" type bridge
+        say "created bridge $TWO_BRIDGE"
+    fi
+    ip -4 addr show dev "$TWO_BRIDGE" | grep -q "inet $TWO_HOST_ADDR/" || ip addr add "$TWO_HOST_ADDR/24" dev "$TWO_BRIDGE"
+    ip link set "$TWO_BRIDGE" up
+    local i=0 node ns veth addr
+    for node in "${TWO_NODES[@]}"; do
+        i=$((i + 1))
+        ns="$(two_netns "$node")"
+        veth="hpcvp2v$i"
+        addr="$(two_addr "$i")"
+        [ -e "/run/netns/$ns" ] || { ip netns add "$ns"; say "created network namespace $ns"; }
+        if ! ip link show "$veth" >/dev/null 2>&1; then
+            ip link add "$veth" type veth peer name eth0 netns "$ns"
+        fi
+        ip link set "$veth" master "$TWO_BRIDGE" up
+        ip -n "$ns" link set lo up  # gloo and srun bind on loopback too
+        ip -n "$ns" -4 addr show dev eth0 | grep -q "inet $addr/" || ip -n "$ns" addr add "$addr/24" dev eth0
+        ip -n "$ns" link set eth0 up
+    done
+    # Node names resolve everywhere (the namespaces share this /etc/hosts); the file is rewritten
+    # in place, not replaced, because containers often bind-mount it.
+    local kept wanted
+    kept="$(grep -v "$TWO_HOSTS_MARK" /etc/hosts || true)"
+    wanted="$kept"
+    i=0
+    for node in "${TWO_NODES[@]}"; do
+        i=$((i + 1))
+        wanted+=$'\n'"$(two_addr "$i") $node $TWO_HOSTS_MARK"
+    done
+    if [ "$(cat /etc/hosts)" != "$wanted" ]; then
+        printf '%s\n' "$wanted" >/etc/hosts
+        say "added ${TWO_NODES[*]} to /etc/hosts"
+    fi
+    for node in "${TWO_NODES[@]}"; do
+        getent hosts "$node" >/dev/null || die "$node does not resolve after editing /etc/hosts"
+    done
+}
+
+two_network_down() {
+    local i=0 node ns
+    for node in "${TWO_NODES[@]}"; do
+        i=$((i + 1))
+        ns="$(two_netns "$node")"
+        if ip link show "hpcvp2v$i" >/dev/null 2>&1; then ip link del "hpcvp2v$i"; fi
+        if [ -e "/run/netns/$ns" ]; then ip netns del "$ns" && say "removed network namespace $ns"; fi
+    done
+    if ip link show "$TWO_BRIDGE" >/dev/null 2>&1; then ip link del "$TWO_BRIDGE" && say "removed bridge $TWO_BRIDGE"; fi
+    if grep -q "$TWO_HOSTS_MARK" /etc/hosts; then
+        local kept
+        kept="$(grep -v "$TWO_HOSTS_MARK" /etc/hosts || true)"
+        printf '%s\n' "$kept" >/etc/hosts
+        say "removed ${TWO_NODES[*]} from /etc/hosts"
+    fi
+}
+
+two_write_configs() {  # sets CONFIG_CHANGED=1 when the two-node cluster's files changed
+    local i=0 node node_lines="" names
+    names="$(IFS=,; echo "${TWO_NODES[*]}")"
+    for node in "${TWO_NODES[@]}"; do
+        i=$((i + 1))
+        # CPUs=2 per node on a 2-core machine: the nodes share the cores, Slurm does not know.
+        node_lines+="NodeName=$node NodeHostname=$node NodeAddr=$(two_addr "$i") CPUs=2 RealMemory=8000 Feature=cpu State=UNKNOWN"$'\n'
+    done
+    mkdir -p "$TWO_ETC" "$LOG_DIR" "$TWO_STATE/slurmctld" "$TWO_TMP"
+    local slurm_conf
+    slurm_conf="$(cat <<CONF
+# Written by hpcvp tools/slurm_local_cluster.sh up --nodes 2: two slurmd nodes in network namespaces.
+# Use it with SLURM_CONF=${TWO_CONF}.
+ClusterName=${TWO_NAME}
+SlurmctldHost=$(hostname -s)(${TWO_HOST_ADDR})
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=cred_expire=10
+StateSaveLocation=${TWO_STATE}/slurmctld
+SlurmdSpoolDir=${TWO_STATE}/slurmd-%n
+SlurmctldPidFile=${TWO_CTLD_PID}
+SlurmdPidFile=/run/slurmd-2node-%n.pid
+SlurmctldLogFile=${LOG_DIR}/2node-slurmctld.log
+SlurmdLogFile=${LOG_DIR}/2node-slurmd-%n.log
+SlurmctldPort=${TWO_CTLD_PORT}
+SlurmdPort=6818
+# \$SLURM_TMPDIR: a directory of this node's own (${TWO_TMP}/<node>/<job id>), as site prologs make.
+TaskProlog=${TWO_ETC}/task_prolog.sh
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=1024
+ReturnToService=2
+JobRequeue=1
+KillWait=10
+MinJobAge=300
+SlurmdTimeout=30
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=5,sched_interval=5
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=${TWO_HOST_ADDR}
+AccountingStorageEnforce=associations
+JobCompType=jobcomp/none
+${node_lines}PartitionName=cpu Nodes=${names} Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=${names} Default=NO MaxTime=01:00:00 State=UP
+CONF
+)"
+    local task_prolog
+    task_prolog="$(cat <<'PROLOG'
+#!/bin/sh
+# Written by hpcvp tools/slurm_local_cluster.sh up --nodes 2: node-local scratch for each job.
+dir="/var/tmp/hpcvp2/${SLURMD_NODENAME:-$(hostname -s)}/${SLURM_JOB_ID:-none}"
+mkdir -p "$dir" && echo "export SLURM_TMPDIR=$dir"
+PROLOG
+)"
+    CONFIG_CHANGED=0
+    if write_if_changed "$TWO_CONF" 0644 "$slurm_conf"; then CONFIG_CHANGED=1; fi
+    if write_if_changed "$TWO_ETC/cgroup.conf" 0644 "CgroupAutomount=no"; then CONFIG_CHANGED=1; fi
+    write_if_changed "$TWO_ETC/task_prolog.sh" 0755 "$task_prolog" || true
+}
+
+two_start_daemons() {
+    local restart="$CONFIG_CHANGED" node i=0
+    if [ "$restart" -eq 1 ] || ! pid_alive "$TWO_CTLD_PID"; then
+        for node in "${TWO_NODES[@]}"; do stop_daemon slurmd "$(two_slurmd_pid "$node")"; done
+        stop_daemon slurmctld "$TWO_CTLD_PID"
+        /usr/sbin/slurmctld -f "$TWO_CONF"
+        wait_for 30 "slurmctld ($TWO_NAME)" env SLURM_CONF="$TWO_CONF" scontrol ping
+        say "slurmctld ($TWO_NAME, port $TWO_CTLD_PORT) running"
+    fi
+    for node in "${TWO_NODES[@]}"; do
+        i=$((i + 1))
+        if [ "$restart" -eq 1 ] || ! pid_alive "$(two_slurmd_pid "$node")"; then
+            stop_daemon slurmd "$(two_slurmd_pid "$node")"
+            mkdir -p "$TWO_STATE/slurmd-$node"
+            # New UTS namespace inside the node's network namespace: the daemon and its jobs see
+            # `hostname` = the node name (slurmd finds its NodeName through it). nsenter, not
+            # `ip netns exec`: that remounts /sys, and slurmd wants the cgroup mount under it.
+            nsenter --net="/run/netns/$(two_netns "$node")" -- unshare --uts -- \
+                sh -c "hostname '$node' && exec /usr/sbin/slurmd -f '$TWO_CONF'"
+            wait_for 15 "slurmd on $node" pid_alive "$(two_slurmd_pid "$node")"
+            say "slurmd $node ($(two_addr "$i")) started"
+        fi
+    done
+    for node in "${TWO_NODES[@]}"; do
+        local state="" _
+        for _ in $(seq 1 120); do
+            state="$(SLURM_CONF="$TWO_CONF" sinfo -h -n "$node" -o '%t' 2>/dev/null | head -n1)"
+            case "$state" in
+                idle*|mix*|alloc*|comp*) break ;;
+                down*|drain*|drng*|fail*) SLURM_CONF="$TWO_CONF" scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true ;;
+            esac
+            sleep 0.5
+        done
+        case "$state" in
+            idle*|mix*|alloc*|comp*) ;;
+            *) die "node $node did not become idle (state: $state); see $LOG_DIR/2node-slurmd-$node.log" ;;
+        esac
+    done
+}
+
+two_status() {
+    local rc=0 node
+    for daemon in munged slurmdbd; do
+        if running "$daemon"; then printf '  %-18s running\n' "$daemon"; else printf '  %-18s stopped\n' "$daemon"; rc=1; fi
+    done
+    if pid_alive "$TWO_CTLD_PID"; then printf '  %-18s running\n' "slurmctld ($TWO_NAME)"
+    else printf '  %-18s stopped\n' "slurmctld ($TWO_NAME)"; rc=1; fi
+    for node in "${TWO_NODES[@]}"; do
+        if pid_alive "$(two_slurmd_pid "$node")"; then printf '  %-18s running (netns %s)\n' "slurmd $node" "$(two_netns "$node")"
+        else printf '  %-18s stopped\n' "slurmd $node"; rc=1; fi
+    done
+    if [ "$rc" -eq 0 ]; then
+        SLURM_CONF="$TWO_CONF" sinfo -o '%P %a %l %D %t %N %c %m %f' || rc=1
+        sacctmgr -n -P list assoc cluster="$TWO_NAME" format=account,user | sed 's/^/  assoc /' || rc=1
+        printf '  use it with: export SLURM_CONF=%s\n' "$TWO_CONF"
+    fi
+    return "$rc"
+}
+
+two_stop() {
+    local node
+    for node in "${TWO_NODES[@]}"; do stop_daemon slurmd "$(two_slurmd_pid "$node")"; done
+    stop_daemon slurmctld "$TWO_CTLD_PID"
+}
+
+cmd_up_two() {
+    install_packages
+    command -v ip >/dev/null && command -v unshare >/dev/null || die "needs ip (iproute2) and unshare (util-linux)"
+    start_munge
+    start_mariadb
+    write_dbd_config
+    start_slurmdbd
+    two_network_up
+    two_write_configs
+    CLUSTER_NAME="$TWO_NAME" ensure_accounts
+    two_start_daemons
+    say "cluster '$TWO_NAME' is up (SLURM_CONF=$TWO_CONF):"
+    two_status
+}
+
+cmd_down_two() {  # stop the two-node cluster's daemons and remove its network and scratch
+    two_stop
+    two_network_down
+    rm -rf "$TWO_TMP"
+}
+
+# ---------------------------------------------------------------------------------------------
+COMMAND=up
+NODES=1
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --nodes) NODES="${2:-}"; shift 2 || die "--nodes needs a value" ;;
+        --nodes=*) NODES="${1#--nodes=}"; shift ;;
+        -h|--help|help) COMMAND=help; shift ;;
+        -*) die "unknown option '$1'" ;;
+        *) COMMAND="$1"; shift ;;
+    esac
+done
+case "$NODES" in
+    1|2) ;;
+    *) die "--nodes $NODES: 1 (the default cluster) or 2 (the two-node cluster)" ;;
+esac
+
+if [ "$NODES" -eq 2 ]; then
+    case "$COMMAND" in
+        up|start) cmd_up_two ;;
+        stop) two_stop ;;
+        down) cmd_down_two ;;
+        restart) two_stop; cmd_up_two ;;
+        status) two_status ;;
+        help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' ;;
+        *) die "unknown subcommand '$COMMAND' (use: up | stop | down | restart | status)" ;;
+    esac
+    exit 0
+fi
+
+case "$COMMAND" in
     up|start) cmd_up ;;
-    stop) cmd_stop ;;
+    stop|down) cmd_stop ;;
     restart) cmd_stop; cmd_up ;;
     status) show_status ;;
-    -h|--help|help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown subcommand '$1' (use: up | stop | restart | status)" ;;
+    help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown subcommand '$COMMAND' (use: up | stop | down | restart | status)" ;;
 esac

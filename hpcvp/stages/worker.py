@@ -14,6 +14,7 @@ stage completed, ``EXIT_REQUEUE`` (75) when it was preempted and saved, 2 for a 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,6 +132,10 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
             else:
                 data_dir = stage_to_local(shared_data_dir)
         manifest = load_manifest(data_dir)
+        # One line per rank: on several nodes the logs say which host each rank ran on and read from.
+        _say(
+            f"rank {env.rank}/{env.world_size} on host {socket.gethostname()} | master {env.master_addr}:{env.master_port} | data {data_dir}"
+        )
         if env.rank == 0:
             _say(
                 f"stage {spec.name} ({preset}) | {env.world_size} rank(s) on {env.device} via {env.launcher} | "

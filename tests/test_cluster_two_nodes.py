@@ -1,0 +1,241 @@
+"""Multi-node jobs on a real two-node Slurm cluster: ``tools/slurm_local_cluster.sh up --nodes 2``.
+
+Each node is a slurmd in its own network and UTS namespace (hosts hpcvp2n1 = 10.213.0.11 and
+hpcvp2n2 = 10.213.0.12 on bridge hpcvp2br), so the ranks of a 2-node job run on two hosts with two
+addresses, and every byte of gloo traffic between them crosses the nodes' veth links. The
+``two_node_cluster`` fixture (tests/conftest.py) brings that cluster up when needed and points
+SLURM_CONF at it; it skips without root or Slurm, except under CI=true where it must run.
+
+- ``launch.py --nodes 2 --gpus 1 --stage-local``: ranks on two hosts, rendezvous at the first node's
+  address, shards staged once per node into that node's $SLURM_TMPDIR and read from there, final
+  weights equal to a 1-node x 2-task run of the same config;
+- the same through ``sbatch slurm/seg.sbatch``;
+- ``scontrol requeue`` mid-run: both ranks save at one step, the job runs again on both nodes and
+  ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpcvp.cluster import launch
+from hpcvp.cluster.status import read_events, slurm_job_states
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+NODES = {"hpcvp2n1": "10.213.0.11", "hpcvp2n2": "10.213.0.12"}
+LINKS = ("hpcvp2v1", "hpcvp2v2")  # the host ends of the nodes' veth links
+NODE_TMP = Path("/var/tmp/hpcvp2")  # $SLURM_TMPDIR = NODE_TMP/<node>/<job id> (the cluster's TaskProlog)
+STEPS = 40
+SEG_SETTINGS = [f"train.max_steps={STEPS}", "train.batch_size=4", "train.log_every=2", "eval_max_frames=8"]
+JOB_TIMEOUT_S = 240
+RANK_LINE = re.compile(r"rank (\d+)/(\d+) on host (\S+) \| master (\S+):(\d+) \| data (\S+)")
+
+
+def seg_args(data: Path, run_root: Path, run: str, *extra: str) -> list[str]:
+    args = ["--stage", "seg", "--data", str(data), "--run-root", str(run_root), "--run", run, "--preset", "tiny"]
+    for item in SEG_SETTINGS:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("two-node-runs")
+
+
+@pytest.fixture(scope="module")
+def one_node_reference(default_dataset_dir, run_root) -> Path:
+    """The same seg run as 1 node x 2 tasks (local processes, gloo): the weights to match."""
+    status = launch.main(
+        seg_args(default_dataset_dir, run_root, "one-node", "--cluster", "local", "--gpus", "2", "--wait")
+    )
+    assert status == 0
+    return run_root / "seg" / "one-node"
+
+
+def job_id_of(run_dir: Path) -> str:
+    ids = [e["job_id"] for e in read_events(run_dir) if e.get("job_id")]
+    assert ids, f"{run_dir}/jobs.jsonl names no job"
+    return ids[-1]
+
+
+def logs_of(run_dir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").rglob("*_log.*")))
+
+
+def rank_lines(log: str) -> list[dict]:
+    return [
+        {"rank": int(m[1]), "world": int(m[2]), "host": m[3], "master": m[4], "port": int(m[5]), "data": m[6]}
+        for m in RANK_LINE.finditer(log)
+    ]
+
+
+def link_bytes() -> dict[str, int]:
+    stats = Path("/sys/class/net")
+    return {
+        link: sum(int((stats / link / "statistics" / f"{way}_bytes").read_text()) for way in ("rx", "tx"))
+        for link in LINKS
+    }
+
+
+def wait_until_done(job_id: str, timeout: float = JOB_TIMEOUT_S) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = slurm_job_states([job_id]).get(job_id)
+        if state and state.state in launch.TERMINAL_STATES:
+            return state.state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], check=False)
+    pytest.fail(f"job {job_id} did not end within {timeout:.0f}s (cancelled)")
+
+
+def sacct_states(job_id: str) -> list[str]:
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobIDRaw,State"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return [state.split()[0] for jid, state in rows if jid == job_id]
+
+
+def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
+    from hpcvp.train.checkpoint import load_model_state
+
+    step, state = load_model_state(run_dir)
+    ref_step, ref_state = load_model_state(reference_dir)
+    assert step == ref_step == STEPS
+    assert state.keys() == ref_state.keys()
+    different = [k for k in state if not torch.equal(state[k], ref_state[k])]
+    assert not different, f"weights differ from the 1-node x 2-task run in {different[:5]}"
+
+
+def assert_one_rank_per_node(log: str, job_id: str, staged: bool) -> list[dict]:
+    ranks = {r["rank"]: r for r in rank_lines(log)}
+    assert sorted(ranks) == [0, 1], log[-3000:]
+    assert {r["rank"]: r["host"] for r in ranks.values()} == {0: "hpcvp2n1", 1: "hpcvp2n2"}
+    # Rendezvous at the first node of the job's node list, which resolves to its own address.
+    assert {r["master"] for r in ranks.values()} == {"hpcvp2n1"}
+    assert socket.gethostbyname("hpcvp2n1") == NODES["hpcvp2n1"]
+    if staged:
+        for r in ranks.values():
+            # Each rank reads the copy in its own node's $SLURM_TMPDIR, checked against the manifest.
+            local = NODE_TMP / r["host"] / job_id
+            assert Path(r["data"]).parent == local / "hpcvp-data", r
+            assert (Path(r["data"]) / "manifest.json").exists()
+    return list(ranks.values())
+
+
+def test_launch_two_nodes_one_task_each_matches_one_node(
+    two_node_cluster, default_dataset_dir, run_root, one_node_reference
+):
+    before = link_bytes()
+    status = launch.main(
+        seg_args(default_dataset_dir, run_root, "two-nodes", "--nodes", "2", "--gpus", "1", "--stage-local", "--wait")
+    )
+    run_dir = run_root / "seg" / "two-nodes"
+    log = logs_of(run_dir)
+    assert status == 0, log[-4000:]
+    job_id = job_id_of(run_dir)
+    assert sacct_states(job_id) == ["COMPLETED"]
+    assert_one_rank_per_node(log, job_id, staged=True)
+    # Staged once per node: one copy under each node's directory for this job, none elsewhere.
+    copies = sorted(p.relative_to(NODE_TMP).parts[0] for p in NODE_TMP.glob(f"*/{job_id}/hpcvp-data/*/manifest.json"))
+    assert copies == sorted(NODES)
+    # The gradients crossed both nodes' links: per step each rank sends and receives about the
+    # model's size (2-rank ring allreduce).
+    from hpcvp.train.checkpoint import load_model_state
+
+    model_bytes = sum(t.numel() * t.element_size() for t in load_model_state(run_dir)[1].values())
+    grown = {link: after - before[link] for link, after in link_bytes().items()}
+    assert all(g > STEPS * model_bytes for g in grown.values()), (grown, model_bytes)
+    assert_same_weights(run_dir, one_node_reference)
+
+
+def test_sbatch_template_on_two_nodes_matches_one_node(
+    two_node_cluster, default_dataset_dir, run_root, one_node_reference
+):
+    env = dict(os.environ)
+    env.update(
+        HPCVP_DATA=str(default_dataset_dir),
+        HPCVP_RUN_ROOT=str(run_root),
+        HPCVP_RUN="sbatch-two-nodes",
+        HPCVP_PRESET="tiny",
+        HPCVP_SET=" ".join(SEG_SETTINGS),
+        HPCVP_STAGE_LOCAL="1",
+        HPCVP_GPUS_ARE_CPUS="1",
+        HPCVP_PYTHON=sys.executable,
+        HPCVP_HOME=str(REPO),
+        SBATCH_GRES="none",
+        SBATCH_MEM_PER_NODE="3G",
+    )
+    output = run_root / "sbatch-two-nodes-%j.out"
+    submitted = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            "--cpus-per-task=1",
+            f"--output={output}",
+            str(REPO / "slurm" / "seg.sbatch"),
+        ],
+        env=env,
+        cwd=run_root,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job_id = submitted.stdout.strip().split(";")[0]
+    state = wait_until_done(job_id)
+    log = Path(str(output).replace("%j", job_id)).read_text(errors="replace")
+    assert state == "COMPLETED", log[-4000:]
+    assert_one_rank_per_node(log, job_id, staged=True)
+    assert_same_weights(run_root / "seg" / "sbatch-two-nodes", one_node_reference)
+
+
+def test_scontrol_requeue_saves_on_both_nodes_and_resumes_exactly(
+    two_node_cluster, default_dataset_dir, run_root, one_node_reference
+):
+    assert launch.main(seg_args(default_dataset_dir, run_root, "requeued", "--nodes", "2", "--gpus", "1")) == 0
+    run_dir = run_root / "seg" / "requeued"
+    job_id = job_id_of(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while True:
+        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        if steps and max(steps) >= 8:
+            break
+        assert time.monotonic() < deadline, "the job never reached step 8"
+        time.sleep(0.25)
+    requeued_at = time.monotonic()
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    # Both ranks of the second attempt have joined the process group (each prints its line once).
+    while len(rank_lines(logs_of(run_dir))) < 4:
+        assert time.monotonic() < requeued_at + 120, "the requeued job did not start again on both nodes"
+        time.sleep(0.2)
+    restart_s = time.monotonic() - requeued_at
+    print(f"requeue -> both ranks running again: {restart_s:.1f} s")
+    assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
+    log = logs_of(run_dir)
+    saved = re.findall(r"preempted at step (\d+) \(SIGTERM received by at least one rank; saved at step (\d+)\)", log)
+    assert saved and saved[0][0] == saved[0][1], log[-4000:]
+    resumed = re.findall(r"resumed from step (\d+)", log)
+    assert resumed and resumed[0] == saved[0][1], log[-4000:]
+    hosts = sorted((r["rank"], r["host"]) for r in rank_lines(log))
+    assert hosts == [(0, "hpcvp2n1"), (0, "hpcvp2n1"), (1, "hpcvp2n2"), (1, "hpcvp2n2")]
+    assert_same_weights(run_dir, one_node_reference)
