@@ -430,6 +430,15 @@ two_network_up() {
         i=$((i + 1))
         wanted+=$'\n'"$(two_addr "$i") $node $TWO_HOSTS_MARK"
     done
+    # The reverse names of the same addresses in their IPv4-mapped IPv6 form: torch's TCPStore
+    # listens on a dual-stack socket, sees its clients as ::ffff:10.213.0.x and asks for their names;
+    # without these lines glibc falls through to DNS, which the namespaces cannot reach, and every
+    # rank logs "[c10d] The hostname of the client socket cannot be retrieved. err=-3" (EAI_AGAIN).
+    i=0
+    for node in "${TWO_NODES[@]}"; do
+        i=$((i + 1))
+        wanted+=$'\n'"::ffff:$(two_addr "$i") $node $TWO_HOSTS_MARK"
+    done
     if [ "$(cat /etc/hosts)" != "$wanted" ]; then
         printf '%s\n' "$wanted" >/etc/hosts
         say "added ${TWO_NODES[*]} to /etc/hosts"
