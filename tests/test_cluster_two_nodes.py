@@ -239,3 +239,141 @@ def test_scontrol_requeue_saves_on_both_nodes_and_resumes_exactly(
     hosts = sorted((r["rank"], r["host"]) for r in rank_lines(log))
     assert hosts == [(0, "hpcvp2n1"), (0, "hpcvp2n1"), (1, "hpcvp2n2"), (1, "hpcvp2n2")]
     assert_same_weights(run_dir, one_node_reference)
+
+
+# --------------------------------------------------------------------------- one node's tasks only
+
+SLURMD_PID = "/run/slurmd-2node-{}.pid"
+SCRIPT = REPO / "tools" / "slurm_local_cluster.sh"
+
+
+def node_pids(node: str) -> list[int]:
+    """Processes of a node: everything in its network namespace (its slurmd, slurmstepd, tasks)."""
+    out = subprocess.run(["ip", "netns", "pids", f"hpcvp2-{node}"], capture_output=True, text=True, check=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def task_pids(node: str) -> list[int]:
+    """The job's task processes on one node (submitit's python), not the node's Slurm daemons."""
+    found = []
+    for pid in node_pids(node):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in cmdline:
+            found.append(pid)
+    return found
+
+
+def wait_for_step(run_dir: Path, at_least: int, timeout: float = 150) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while True:
+        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.exists() else []
+        if steps and max(steps) >= at_least:
+            return
+        assert time.monotonic() < deadline, f"the job never reached step {at_least}: {logs_of(run_dir)[-3000:]}"
+        time.sleep(0.25)
+
+
+def test_sigterm_to_one_node_saves_on_both_and_resumes_exactly(
+    two_node_cluster, default_dataset_dir, run_root, one_node_reference
+):
+    assert launch.main(seg_args(default_dataset_dir, run_root, "one-node-term", "--nodes", "2", "--gpus", "1")) == 0
+    run_dir = run_root / "seg" / "one-node-term"
+    job_id = job_id_of(run_dir)
+    wait_for_step(run_dir, 8)
+    pids = task_pids("hpcvp2n2")
+    assert pids, "no task process of the job in hpcvp2n2's namespace"
+    for pid in pids:  # preemption-style: SIGTERM to the tasks of node 2 only
+        os.kill(pid, 15)
+    assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
+    log = logs_of(run_dir)
+    # The flag was all-reduced: rank 0 (node 1, never signalled) stopped at the same step and saved
+    # one checkpoint holding both ranks' state; rank 1 said it saved too.
+    saved = re.findall(r"preempted at step (\d+) \(SIGTERM received by at least one rank; saved at step (\d+)\)", log)
+    assert saved and saved[0][0] == saved[0][1], log[-4000:]
+    assert "rank 1 saved; stopping" in log
+    resumed = re.findall(r"resumed from step (\d+)", log)
+    assert resumed and resumed[0] == saved[0][1], log[-4000:]
+    hosts = sorted((r["rank"], r["host"]) for r in rank_lines(log))
+    assert hosts == [(0, "hpcvp2n1"), (0, "hpcvp2n1"), (1, "hpcvp2n2"), (1, "hpcvp2n2")]
+    assert_same_weights(run_dir, one_node_reference)
+
+
+def test_node_lost_for_good_ends_with_one_line_and_relaunch_resumes(
+    two_node_cluster, default_dataset_dir, run_root, one_node_reference
+):
+    from hpcvp.train.checkpoint import list_checkpoints, verify_checkpoint
+
+    every = "train.save_every_steps=5"
+    run_dir = run_root / "seg" / "node-lost"
+    try:
+        assert (
+            launch.main(
+                seg_args(default_dataset_dir, run_root, "node-lost", "--nodes", "2", "--gpus", "1", "--set", every)
+            )
+            == 0
+        )
+        job_id = job_id_of(run_dir)
+        wait_for_step(run_dir, 12)
+        # Node 2 is gone: its slurmd first (it would otherwise report the tasks' deaths), then
+        # everything else in its namespace (slurmstepd, the task).
+        os.kill(int(Path(SLURMD_PID.format("hpcvp2n2")).read_text()), 9)
+        for pid in node_pids("hpcvp2n2"):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        state = wait_until_done(job_id, timeout=180)
+        log = logs_of(run_dir)
+        assert state in ("FAILED", "NODE_FAIL"), (state, log[-4000:])
+        assert "REQUEUED" not in sacct_states(job_id), "the job was requeued onto the lost node"
+        lines = re.findall(r"rank 0 on hpcvp2n1: lost rank 1 on hpcvp2n2 \(10\.213\.0\.12\) .*", log)
+        assert len(lines) == 1, log[-4000:]
+        assert "Traceback" not in log, log[-4000:]
+        step, path = list_checkpoints(run_dir)[-1]
+        assert f"last checkpoint step {step} ({path}) is intact" in lines[0]
+        verify_checkpoint(path)
+        # Relaunch on what is left: node 1 alone, 2 tasks (same world size): resumes from it exactly.
+        status = launch.main(
+            seg_args(
+                default_dataset_dir, run_root, "node-lost", "--nodes", "1", "--gpus", "2", "--set", every, "--wait"
+            )
+        )
+        log = logs_of(run_dir)
+        assert status == 0, log[-4000:]
+        assert re.findall(r"resumed from step (\d+)", log) == [str(step)], log[-4000:]
+        assert_same_weights(run_dir, one_node_reference)
+    finally:
+        env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+        subprocess.run(["bash", str(SCRIPT), "up", "--nodes", "2"], env=env, capture_output=True, timeout=300)
+
+
+SIMVP_SETTINGS = ["mode=masks", "train.max_steps=6", "train.batch_size=2", "train.log_every=2", "eval_max_videos=2"]
+
+
+def test_simvp_two_nodes_matches_one_node(two_node_cluster, default_dataset_dir, tmp_path):
+    from hpcvp.train.checkpoint import load_model_state
+
+    def args(run: str, *extra: str) -> list[str]:
+        out = ["--stage", "simvp", "--data", str(default_dataset_dir), "--run-root", str(tmp_path), "--run", run]
+        out += ["--preset", "tiny"]
+        for item in SIMVP_SETTINGS:
+            out += ["--set", item]
+        return out + list(extra)
+
+    assert launch.main(args("one-node", "--cluster", "local", "--gpus", "2", "--wait")) == 0
+    status = launch.main(args("two-nodes", "--nodes", "2", "--gpus", "1", "--wait"))
+    run_dir = tmp_path / "simvp" / "two-nodes"
+    log = logs_of(run_dir)
+    assert status == 0, log[-4000:]
+    ranks = {r["rank"]: r["host"] for r in rank_lines(log)}
+    assert ranks == {0: "hpcvp2n1", 1: "hpcvp2n2"}
+    step, state = load_model_state(run_dir)
+    ref_step, ref_state = load_model_state(tmp_path / "simvp" / "one-node")
+    assert step == ref_step == 6
+    different = [k for k in state if not torch.equal(state[k], ref_state[k])]
+    assert not different, f"simvp weights differ from the 1-node x 2-task run in {different[:5]}"

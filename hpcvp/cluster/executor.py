@@ -43,9 +43,9 @@ from hpcvp.cluster.status import scontrol_job_fields
 # The exit status a worker uses for "state saved, please requeue" (hpcvp.train.signals.EXIT_REQUEUE);
 # read from the engine when it is importable so the two never disagree.
 try:
-    from hpcvp.train.signals import EXIT_REQUEUE
+    from hpcvp.train.signals import EXIT_PEER_LOST, EXIT_REQUEUE
 except ImportError:  # pragma: no cover - the engine is part of the package
-    EXIT_REQUEUE = 75
+    EXIT_REQUEUE, EXIT_PEER_LOST = 75, 76
 
 
 class JobNotRequeued(RuntimeError):
@@ -64,7 +64,8 @@ def _resolve_entry(entry: str) -> Callable[[list[str]], int]:
 class HpcvpJob(submitit.helpers.Checkpointable):
     """A checkpointable submitit callable: runs ``entry(argv)`` ("module:function") on every task.
 
-    ``entry`` returns an exit status: 0 done, EXIT_REQUEUE saved-and-stopped, anything else failed.
+    ``entry`` returns an exit status: 0 done, EXIT_REQUEUE saved-and-stopped, EXIT_PEER_LOST a node was
+    lost for good (no requeue), anything else failed.
     """
 
     def __init__(self, entry: str, argv: Sequence[str], max_requeues: int, description: str = "") -> None:
@@ -80,6 +81,10 @@ class HpcvpJob(submitit.helpers.Checkpointable):
         status = int(_resolve_entry(self.entry)(list(self.argv)))
         if status == 0:
             return {"entry": self.entry, "argv": self.argv, "rank": rank, "restarts": restarts, "status": "completed"}
+        if status == EXIT_PEER_LOST:
+            # The worker said which peer was lost and where the last checkpoint is, and turned the
+            # job's requeue off: leave with that status, without a traceback or a result pickle.
+            raise SystemExit(EXIT_PEER_LOST)
         if status != EXIT_REQUEUE:
             raise RuntimeError(f"{self.description}: {self.entry} exited with status {status} on rank {rank}")
         self._requeue_after_save(rank, restarts)  # raises SystemExit or JobNotRequeued

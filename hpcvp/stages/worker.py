@@ -14,6 +14,7 @@ stage completed, ``EXIT_REQUEUE`` (75) when it was preempted and saved, 2 for a 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -109,55 +110,95 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
         print(f"# run_dir={run_dir}")
         return 0
 
-    from hpcvp.data import load_manifest, stage_to_local
-    from hpcvp.train.checkpoint import latest_step
     from hpcvp.train.dist import init_distributed, teardown
 
     env = init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes)
     finished = False
     try:
-        if args.data is not None:
-            data_dir = args.data
-        else:
-            from hpcvp.data.default import ensure_default_dataset
-
-            data_dir = ensure_default_dataset()
-        shared_data_dir = Path(data_dir)
-        if args.stage_local:
-            if spec.writes_data:
-                if env.rank == 0:
-                    _say(
-                        f"--stage-local ignored: stage {spec.name} writes into {shared_data_dir}, which must stay shared"
-                    )
-            else:
-                data_dir = stage_to_local(shared_data_dir)
-        manifest = load_manifest(data_dir)
-        # One line per rank: on several nodes the logs say which host each rank ran on and read from.
-        _say(
-            f"rank {env.rank}/{env.world_size} on host {socket.gethostname()} | master {env.master_addr}:{env.master_port} | data {data_dir}"
-        )
-        if env.rank == 0:
-            _say(
-                f"stage {spec.name} ({preset}) | {env.world_size} rank(s) on {env.device} via {env.launcher} | "
-                f"data {data_dir} ({manifest.frame_size[0]}x{manifest.frame_size[1]}) | run {run_dir}"
-            )
-        data_facts = {"frame_size": list(manifest.frame_size), "data_dir": str(shared_data_dir)}
-        # A run that already has checkpoints keeps its recorded config until the engine accepted
-        # the new one (a refused resume must not leave a config that does not fit the weights).
-        if env.rank == 0 and (not spec.trains or latest_step(run_dir) is None):
-            save_stage_config(run_dir, spec.name, cfg, data_facts)
-        result = spec.run(cfg, Path(data_dir), Path(run_dir), env)
-        if env.rank == 0 and spec.trains:
-            save_stage_config(run_dir, spec.name, cfg, data_facts)
-        if env.rank == 0:
-            _say(
-                f"stage {spec.name}: {result.status} at step {result.step}"
-                + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else "")
-            )
+        status = _run_stage(args, spec, cfg, preset, run_dir, env)
         finished = True
-        return result.exit_code
+        return status
+    except Exception as exc:
+        from hpcvp.train.dist import lost_peer
+
+        lost = lost_peer(exc) if env.distributed else None
+        if lost is None:
+            raise
+        return _stop_for_lost_peer(env, lost, Path(run_dir))
     finally:
         teardown(sync=finished)
+
+
+def _stop_for_lost_peer(env, lost, run_dir: Path) -> int:
+    """A collective failed because a peer (its node) is gone: one line saying which and what is
+    left on disk, no requeue (Slurm would requeue the job onto the lost node and leave it pending
+    there), and EXIT_PEER_LOST. The other ranks cannot go on without it; the checkpoints are only
+    ever renamed into place once complete, so the last one is whole."""
+    from hpcvp.train.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint
+    from hpcvp.train.dist import forbid_requeue
+    from hpcvp.train.signals import EXIT_PEER_LOST
+
+    found = list_checkpoints(run_dir)
+    if found:
+        step, path = found[-1]
+        try:
+            verify_checkpoint(path)
+            last = f"last checkpoint step {step} ({path}) is intact"
+        except CheckpointError as exc:
+            last = f"last checkpoint step {step} is damaged ({exc})"
+    else:
+        last = f"no checkpoint in {run_dir} yet"
+    requeue = (
+        "without requeue" if forbid_requeue() or "SLURM_JOB_ID" not in os.environ else "(could not turn requeue off)"
+    )
+    _say(
+        f"rank {env.rank} on {socket.gethostname()}: lost {lost.describe()} ({lost.error}); stopping {requeue}; "
+        f"{last}; relaunch the same --run on the remaining nodes (e.g. --nodes 1) to resume from it"
+    )
+    return EXIT_PEER_LOST
+
+
+def _run_stage(args, spec, cfg, preset: str, run_dir, env) -> int:
+    from hpcvp.data import load_manifest, stage_to_local
+    from hpcvp.train.checkpoint import latest_step
+
+    if args.data is not None:
+        data_dir = args.data
+    else:
+        from hpcvp.data.default import ensure_default_dataset
+
+        data_dir = ensure_default_dataset()
+    shared_data_dir = Path(data_dir)
+    if args.stage_local:
+        if spec.writes_data:
+            if env.rank == 0:
+                _say(f"--stage-local ignored: stage {spec.name} writes into {shared_data_dir}, which must stay shared")
+        else:
+            data_dir = stage_to_local(shared_data_dir)
+    manifest = load_manifest(data_dir)
+    # One line per rank: on several nodes the logs say which host each rank ran on and read from.
+    _say(
+        f"rank {env.rank}/{env.world_size} on host {socket.gethostname()} | master {env.master_addr}:{env.master_port} | data {data_dir}"
+    )
+    if env.rank == 0:
+        _say(
+            f"stage {spec.name} ({preset}) | {env.world_size} rank(s) on {env.device} via {env.launcher} | "
+            f"data {data_dir} ({manifest.frame_size[0]}x{manifest.frame_size[1]}) | run {run_dir}"
+        )
+    data_facts = {"frame_size": list(manifest.frame_size), "data_dir": str(shared_data_dir)}
+    # A run that already has checkpoints keeps its recorded config until the engine accepted
+    # the new one (a refused resume must not leave a config that does not fit the weights).
+    if env.rank == 0 and (not spec.trains or latest_step(run_dir) is None):
+        save_stage_config(run_dir, spec.name, cfg, data_facts)
+    result = spec.run(cfg, Path(data_dir), Path(run_dir), env)
+    if env.rank == 0 and spec.trains:
+        save_stage_config(run_dir, spec.name, cfg, data_facts)
+    if env.rank == 0:
+        _say(
+            f"stage {spec.name}: {result.status} at step {result.step}"
+            + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else "")
+        )
+    return result.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -215,6 +215,21 @@ def _verify_file(path: Path, expected: dict[str, int]) -> None:
         raise CheckpointError(f"{path}: CRC32 mismatch (file corrupted)")
 
 
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Check every file a checkpoint's meta.json lists (size and CRC32) without loading it; raises
+    CheckpointError naming the first bad file."""
+    path = Path(path)
+    meta_path = path / META_FILE
+    try:
+        files = json.loads(meta_path.read_text(encoding="utf-8")).get("files", {})
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{meta_path}: unreadable ({exc})") from exc
+    if STATE_FILE not in files:
+        raise CheckpointError(f"{meta_path}: no {STATE_FILE} listed")
+    for name, expected in files.items():
+        _verify_file(path / name, expected)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     map_location: Any = "cpu",

@@ -13,6 +13,7 @@ import gc
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ PORT_BASE = 12000
 PORT_SPAN = 20000
 
 _control_group: Any = None
+# Host name of every rank (index = rank), gathered when the process group is joined: a lost peer
+# is then named by rank and host, not only by the address a collective failed on.
+_rank_hosts: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -288,6 +292,7 @@ def init_distributed(
         **kwargs,
     )
     _control_group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    _gather_rank_hosts()
     return DistEnv(
         info.rank,
         info.world_size,
@@ -299,6 +304,101 @@ def init_distributed(
         info.master_addr,
         info.master_port,
     )
+
+
+def _gather_rank_hosts() -> None:
+    global _rank_hosts
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname(), group=_control_group)
+    _rank_hosts = [str(h) for h in hosts]
+
+
+def rank_hosts() -> list[str]:
+    """Host name of every rank (empty before init_distributed joined a process group)."""
+    return list(_rank_hosts)
+
+
+# What gloo, NCCL and the c10d store say when the other end of a collective went away: the process
+# was killed, its node died or its network link is gone. (A rank that raised an ordinary Python
+# error is not such a case: its peers see the same words, but only after it printed its own.)
+_PEER_GONE = re.compile(
+    r"Connection closed by peer|Connection reset by peer|Broken pipe|Connection refused|"
+    r"No route to host|Timed out waiting .* for (?:recv|send)|Socket Timeout|"
+    r"NCCL communicator was aborted|remote process exited|ncclRemoteError|"
+    r"Watchdog caught collective operation timeout",
+    re.IGNORECASE,
+)
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Fa-f.:]+)\]:(\d+)")
+
+
+@dataclass(frozen=True)
+class LostPeer:
+    """A collective failed because a peer is gone: where, as far as the error tells."""
+
+    address: str | None  # the peer's address as the backend reported it (None: not given)
+    host: str | None  # its host name, when the address resolves
+    ranks: tuple[int, ...]  # the ranks that ran on that host (from rank_hosts())
+    error: str  # the backend's message, first line
+
+    def describe(self) -> str:
+        if self.ranks:
+            who = f"rank {', '.join(map(str, self.ranks))} on {self.host}"
+            return who + (f" ({self.address})" if self.address and self.address != self.host else "")
+        if self.host:
+            return f"the rank(s) on {self.host}" + (f" ({self.address})" if self.address != self.host else "")
+        if self.address:
+            return f"the peer at {self.address}"
+        return "a peer rank"
+
+
+def _short(host: str) -> str:
+    return host.split(".")[0].lower()
+
+
+def lost_peer(exc: BaseException) -> LostPeer | None:
+    """The peer a failed collective lost, when ``exc`` (or an exception it came from) says a peer
+    went away (gloo's "Connection closed by peer [10.0.0.2]:4242", NCCL's aborted communicator,
+    a receive timeout); None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, RuntimeError) and _PEER_GONE.search(text):
+            match = _PEER_ADDRESS.search(text)
+            address = match.group(1) if match else None
+            if address and address.lower().startswith("::ffff:"):
+                address = address[7:]
+            host = None
+            if address:
+                try:
+                    host = socket.gethostbyaddr(address)[0]
+                except OSError:
+                    host = None
+            ranks: tuple[int, ...] = ()
+            if host:
+                ranks = tuple(r for r, h in enumerate(_rank_hosts) if _short(h) == _short(host))
+            first_line = text.strip().splitlines()[0] if text.strip() else type(current).__name__
+            return LostPeer(address, host, ranks, first_line[:300])
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def forbid_requeue(job_id: str | None = None) -> bool:
+    """Mark this Slurm job not requeueable (``scontrol update JobId=.. Requeue=0``): Slurm would
+    otherwise requeue a job whose node failed, and the job would wait for that node. True when
+    scontrol accepted it; False outside Slurm or when it failed."""
+    job_id = job_id or os.environ.get("SLURM_JOB_ID")
+    scontrol = shutil.which("scontrol")
+    if not job_id or scontrol is None:
+        return False
+    try:
+        done = subprocess.run(
+            [scontrol, "update", f"JobId={job_id}", "Requeue=0"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
 def control_group():
@@ -345,6 +445,7 @@ def teardown(sync: bool = True) -> None:
             dist.barrier(group=_control_group)
         dist.destroy_process_group()
     _control_group = None
+    _rank_hosts.clear()
 
 
 def single_process_env(device: str | torch.device = "cpu") -> DistEnv:

@@ -9,6 +9,9 @@ import time
 
 # Process exit status meaning "state saved, please requeue me" (EX_TEMPFAIL in sysexits.h).
 EXIT_REQUEUE = 75
+# Exit status meaning "a peer rank (a node) was lost for good: stopped without requeue; the last
+# checkpoint is intact, relaunch on the remaining capacity" (EX_PROTOCOL in sysexits.h).
+EXIT_PEER_LOST = 76
 
 
 def parse_signal(name: str | int) -> signal.Signals:
