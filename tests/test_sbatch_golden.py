@@ -55,6 +55,21 @@ CASES = {
         "--run-root",
         "/scratch/alice/hpcvp/runs",
     ],
+    # Two Torch nodes x 4 GPUs: the rendezvous and NCCL lines of sbatch.multinode_gpu_setup.
+    "torch_simvp_2node_4gpu.sbatch": [
+        "--cluster",
+        "torch",
+        "--nodes",
+        "2",
+        "--gpu-type",
+        "h200",
+        "--account",
+        "torch_pr_123_general",
+        "--data",
+        "/scratch/alice/hpcvp/packed",
+        "--run-root",
+        "/scratch/alice/hpcvp/runs",
+    ],
 }
 
 

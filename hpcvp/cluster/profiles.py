@@ -83,6 +83,11 @@ class ClusterProfile:
     container_runtime: str = "singularity"
     # Shell run inside the container before python (the NYU overlay convention: source /ext3/env.sh).
     container_setup: str | None = None
+    # Multi-node GPU jobs: the network interface(s) NCCL's bootstrap and socket transport use
+    # (NCCL_SOCKET_IFNAME: prefixes, "^lo,docker" to exclude, "=ib0" for exactly one). None leaves
+    # NCCL's default: it prefers ib* interfaces and never uses lo or docker*. A plain name list
+    # ("ib0", "eno1,eno2") is also given to gloo (GLOO_SOCKET_IFNAME takes exact names only).
+    socket_ifname: str | None = None
     # Shell lines run in the batch script before srun (e.g. "module purge").
     setup: tuple[str, ...] = ()
     # Extra environment for the job (name -> value).

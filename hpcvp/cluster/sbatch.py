@@ -144,6 +144,50 @@ srun() {
 )
 
 
+# The master port rule of hpcvp.train.dist.port_from_job_id (PORT_BASE + job id % PORT_SPAN), in
+# shell: kept here as numbers so the launcher does not import torch; a test checks they agree.
+MASTER_PORT_BASE = 12000
+MASTER_PORT_SPAN = 20000
+
+
+def multinode_gpu_setup(profile: ClusterProfile, request: JobRequest) -> list[str]:
+    """Batch-script lines a job on several GPU nodes needs (none for one node, or a GPU-less cluster).
+
+    - MASTER_ADDR: the first host of the job's node list (what the engine derives too; exported so
+      that every task, and anything run beside them, agrees), MASTER_PORT from the job id, so a
+      requeued job on other nodes computes the same port without talking to anyone;
+    - TORCH_NCCL_ASYNC_ERROR_HANDLING=1 (NCCL_ASYNC_ERROR_HANDLING before torch 2.2): a collective
+      that a lost node never joins raises after the process-group timeout instead of hanging the job
+      until its time limit, so the job ends and says which peer went away;
+    - NCCL_DEBUG=WARN: NCCL's own one-line reasons for a failed init (wrong interface, IB errors),
+      nothing per step;
+    - NCCL_SOCKET_IFNAME (and GLOO_SOCKET_IFNAME for plain names) from the profile's socket_ifname.
+    Values already in the environment win (``${VAR:-default}``), so a user can override any of them.
+    """
+    if request.nodes < 2 or profile.gpus_are_cpus or profile.gpu_request == "none" or request.gpus_per_node < 1:
+        return []
+    lines = [
+        f"# {request.nodes} GPU nodes: rendezvous at the first node, port from the job id (hpcvp.train.dist)",
+        'export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"',
+        f'export MASTER_PORT="${{MASTER_PORT:-$(( {MASTER_PORT_BASE} + SLURM_JOB_ID % {MASTER_PORT_SPAN} ))}}"',
+        "# a collective a lost node never joins raises (after the process-group timeout) instead of hanging",
+        'export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"',
+        'export NCCL_ASYNC_ERROR_HANDLING="${NCCL_ASYNC_ERROR_HANDLING:-1}"',
+        'export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"',
+    ]
+    ifname = profile.socket_ifname
+    if ifname:
+        lines.append(f'export NCCL_SOCKET_IFNAME="${{NCCL_SOCKET_IFNAME:-{ifname}}}"')
+        if not ifname.startswith(("^", "=")):
+            lines.append(f'export GLOO_SOCKET_IFNAME="${{GLOO_SOCKET_IFNAME:-{ifname}}}"')
+    else:
+        lines.append(
+            "# NCCL_SOCKET_IFNAME unset: NCCL prefers ib* interfaces and skips lo/docker; set the profile's"
+            " socket_ifname if init hangs"
+        )
+    return lines
+
+
 def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[str, Any]:
     """Keyword arguments for ``submitit.SlurmExecutor.update_parameters`` (sbatch's names and syntax)."""
     params: dict[str, Any] = {
@@ -179,6 +223,7 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
         *profile.setup,
         *request.setup,
         *(f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())),
+        *multinode_gpu_setup(profile, request),
     ]
     return params
 
