@@ -75,6 +75,24 @@ else
     hpcvp_srun=(srun --kill-on-bad-exit=0 --ntasks-per-node="$hpcvp_tasks_per_node")
 fi
 
+if [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] && [ "${HPCVP_GPUS_ARE_CPUS:-0}" != 1 ] && [ "$hpcvp_stage" != pack ]; then
+    # Several GPU nodes (as hpcvp.cluster.sbatch.multinode_gpu_setup renders for launch.py): rendezvous
+    # at the first node on a port from the job id (the engine's rule: the same after a requeue); a
+    # collective a lost node never joins raises instead of hanging; NCCL says why an init failed.
+    export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
+    export MASTER_PORT="${MASTER_PORT:-$(( 12000 + SLURM_JOB_ID % 20000 ))}"
+    export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
+    export NCCL_ASYNC_ERROR_HANDLING="${NCCL_ASYNC_ERROR_HANDLING:-1}"
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+    # HPCVP_SOCKET_IFNAME: the interface(s) for NCCL's sockets (default: NCCL's own choice, ib* first);
+    # a plain name list goes to gloo as well (GLOO_SOCKET_IFNAME takes exact names only).
+    if [ -n "${HPCVP_SOCKET_IFNAME:-}" ]; then
+        export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$HPCVP_SOCKET_IFNAME}"
+        case "$HPCVP_SOCKET_IFNAME" in ^*|=*) ;; *) export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$HPCVP_SOCKET_IFNAME}" ;; esac
+    fi
+    hpcvp_log "$SLURM_JOB_NUM_NODES nodes: MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<NCCL default>}"
+fi
+
 # One intra-op thread pool per task, sized to its cores (torch would otherwise use every core per task).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 export PYTHONUNBUFFERED=1
@@ -153,6 +171,10 @@ hpcvp_log "srun exited with status $hpcvp_status"
 
 if [ "$hpcvp_status" -eq 0 ]; then
     exit 0
+fi
+if [ "$hpcvp_status" -eq 76 ]; then  # hpcvp.train.signals.EXIT_PEER_LOST
+    hpcvp_log "a node was lost for good (the rank's line above names it and the last checkpoint); not requeueing: resubmit the same HPCVP_RUN on the remaining nodes to resume"
+    exit "$hpcvp_status"
 fi
 if [ "$hpcvp_status" -eq "$hpcvp_requeue_status" ]; then
     hpcvp_requeue "every rank saved at a step boundary"

@@ -77,3 +77,10 @@ def test_shell_and_engine_agree_on_address_and_port(profiles, tmp_path):
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout.split()
     info = dist.detect_launch({**env, "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_TASKS_PER_NODE": "4(x2)"})
     assert out == [info.master_addr, str(info.master_port)] == ["gv013", str(dist.port_from_job_id("4242421"))]
+
+
+def test_plain_sbatch_body_exports_the_same(profiles):
+    body = (Path(__file__).resolve().parents[1] / "slurm" / "stage_body.sh").read_text()
+    for line in multinode_gpu_setup(profiles["torch"], request(2)):
+        if line.startswith("export "):
+            assert line in body, line
