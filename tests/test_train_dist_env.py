@@ -154,3 +154,23 @@ def test_train_config_validation_and_overrides():
         TrainConfig().with_overrides(["max_steps=ten"])
     with pytest.raises(ValueError, match="unknown key"):
         TrainConfig.from_dict({"max_step": 3})
+
+
+def test_lost_peer_names_the_rank_host_and_first_sentence(monkeypatch):
+    from hpcvp.train import dist as hdist
+
+    monkeypatch.setattr(hdist, "_rank_hosts", ["hpcvp2n1", "hpcvp2n2"])
+    monkeypatch.setattr(hdist.socket, "gethostbyaddr", lambda a: ("hpcvp2n2", [], [a]))
+    error = RuntimeError(
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+        "[10.213.0.12]:17094. This is typically caused by a remote worker crashing."
+    )
+    try:
+        raise ValueError("wrapped") from error
+    except ValueError as wrapped:
+        lost = hdist.lost_peer(wrapped)
+    assert lost is not None
+    assert lost.describe() == "rank 1 on hpcvp2n2 (10.213.0.12)"
+    assert lost.error == "Connection closed by peer [10.213.0.12]:17094"
+    assert hdist.lost_peer(RuntimeError("CUDA out of memory")) is None
+    assert hdist.lost_peer(ValueError("Connection closed by peer")) is None

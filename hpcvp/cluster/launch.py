@@ -26,7 +26,7 @@ from hpcvp.cluster.plan import LaunchError, PlannedJob, plan_jobs, run_root_from
 from hpcvp.cluster.profiles import ClusterProfile, ProfileError, load_profiles, resolve_profile
 from hpcvp.cluster.sbatch import render_submitit_script, submitit_parameters
 from hpcvp.cluster.slurm_units import format_minutes
-from hpcvp.cluster.status import print_status, record_event, slurm_job_states
+from hpcvp.cluster.status import pending_reason, print_status, record_event, slurm_job_states
 from hpcvp.config_overrides import ConfigError
 from hpcvp.stages import registry
 from hpcvp.stages.spec import DEFAULT_RUN_NAME
@@ -358,7 +358,8 @@ def wait_for_jobs(jobs: list[PlannedJob], poll_seconds: float = 5.0) -> bool:
         for job_id in ids:
             state = states[job_id].state if job_id in states else "UNKNOWN"
             if last.get(job_id) != state:
-                say(f"job {job_id}: {state}")
+                reason = pending_reason(job_id) if state == "PENDING" else ""
+                say(f"job {job_id}: {state}" + (f" ({reason})" if reason else ""))
                 last[job_id] = state
         if all(last.get(j) in TERMINAL_STATES for j in ids):
             return all(last[j] == "COMPLETED" for j in ids)

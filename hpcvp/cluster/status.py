@@ -233,6 +233,8 @@ class RunStatus:
     metric: str
     # Seconds the run spent stopped between attempts (module doc); None when not known.
     lost_seconds: float | None = None
+    # Why a pending job waits, as Slurm says (scontrol's Reason: ReqNodeNotAvail, NodeDown, ...).
+    reason: str = ""
 
 
 def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = None) -> RunStatus:
@@ -264,6 +266,7 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
         lost = stopped_seconds(_local_attempts(events))
     else:
         state = "UNKNOWN"
+    reason = pending_reason(job_id) if state in ("PENDING", "REQUEUED") else ""
     return RunStatus(
         stage=run_dir.parent.name,
         run=run_dir.name,
@@ -275,7 +278,22 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
         checkpoint_step=latest_step(run_dir),
         metric=last_metric(run_dir),
         lost_seconds=lost,
+        reason=reason,
     )
+
+
+def pending_reason(job_id: str) -> str:
+    """Slurm's reason a job is pending, with the nodes it waits for when it names some (a job
+    requeued onto a node that went down waits there: "ReqNodeNotAvail, UnavailableNodes:n2");
+    "" when it waits for nothing in particular."""
+    fields = scontrol_job_fields(job_id)
+    reason = fields.get("Reason", "")
+    if reason in ("", "None"):
+        return ""
+    nodes = fields.get("ReqNodeList") or fields.get("SchedNodeList") or ""
+    if nodes and nodes != "(null)":
+        reason += f" (nodes {nodes})"
+    return reason
 
 
 def run_job_ids(events: list[dict[str, Any]]) -> list[str]:
@@ -337,7 +355,7 @@ def status_table(rows: list[RunStatus], run_root: Path):
     table.add_column("stage", no_wrap=True)
     table.add_column("run", overflow="fold")
     table.add_column("job id", justify="right", no_wrap=True)
-    table.add_column("state", no_wrap=True)
+    table.add_column("state", overflow="fold")
     table.add_column("restarts", justify="right")
     table.add_column("time lost", justify="right")
     table.add_column("ckpt step", justify="right")
@@ -350,7 +368,7 @@ def status_table(rows: list[RunStatus], run_root: Path):
             row.stage,
             row.run,
             job,
-            f"[{style}]{row.state}[/]" if style else row.state,
+            (f"[{style}]{row.state}[/]" if style else row.state) + (f": {row.reason}" if row.reason else ""),
             str(row.restarts),
             format_duration(row.lost_seconds),
             "-" if row.checkpoint_step is None else str(row.checkpoint_step),

@@ -378,8 +378,12 @@ def lost_peer(exc: BaseException) -> LostPeer | None:
             ranks: tuple[int, ...] = ()
             if host:
                 ranks = tuple(r for r, h in enumerate(_rank_hosts) if _short(h) == _short(host))
-            first_line = text.strip().splitlines()[0] if text.strip() else type(current).__name__
-            return LostPeer(address, host, ranks, first_line[:300])
+            # gloo's "[.../pair.cc:561] Connection closed by peer [10.0.0.2]:4242. This is typically
+            # caused by ..." -> its first sentence, without the source location.
+            first = text.strip().splitlines()[0] if text.strip() else type(current).__name__
+            first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", first)
+            first = first.split(". ")[0].rstrip(".")
+            return LostPeer(address, host, ranks, first[:200])
         current = current.__cause__ or current.__context__
     return None
 
