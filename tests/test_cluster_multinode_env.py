@@ -84,3 +84,15 @@ def test_plain_sbatch_body_exports_the_same(profiles):
     for line in multinode_gpu_setup(profiles["torch"], request(2)):
         if line.startswith("export "):
             assert line in body, line
+
+
+def test_pending_reason_names_the_nodes(monkeypatch):
+    from hpcvp.cluster import status
+
+    fields = {"JobState": "PENDING", "Reason": "ReqNodeNotAvail,_UnavailableNodes:hpcvp2n2", "ReqNodeList": "(null)"}
+    monkeypatch.setattr(status, "scontrol_job_fields", lambda job_id: fields)
+    assert status.pending_reason("7") == "ReqNodeNotAvail,_UnavailableNodes:hpcvp2n2"
+    fields.update(Reason="NodeDown", ReqNodeList="hpcvp2n[1-2]")
+    assert status.pending_reason("7") == "NodeDown (nodes hpcvp2n[1-2])"
+    fields.update(Reason="None")
+    assert status.pending_reason("7") == ""

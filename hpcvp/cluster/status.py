@@ -355,7 +355,7 @@ def status_table(rows: list[RunStatus], run_root: Path):
     table.add_column("stage", no_wrap=True)
     table.add_column("run", overflow="fold")
     table.add_column("job id", justify="right", no_wrap=True)
-    table.add_column("state", overflow="fold")
+    table.add_column("state", no_wrap=True)
     table.add_column("restarts", justify="right")
     table.add_column("time lost", justify="right")
     table.add_column("ckpt step", justify="right")
@@ -368,11 +368,12 @@ def status_table(rows: list[RunStatus], run_root: Path):
             row.stage,
             row.run,
             job,
-            (f"[{style}]{row.state}[/]" if style else row.state) + (f": {row.reason}" if row.reason else ""),
+            f"[{style}]{row.state}[/]" if style else row.state,
             str(row.restarts),
             format_duration(row.lost_seconds),
             "-" if row.checkpoint_step is None else str(row.checkpoint_step),
-            row.metric or "-",
+            # A pending job's reason (Slurm's, e.g. ReqNodeNotAvail) goes where its metrics would.
+            " | ".join(x for x in (f"waits: {row.reason}" if row.reason else "", row.metric) if x) or "-",
         )
     return table
 
