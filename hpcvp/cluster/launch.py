@@ -134,8 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         "stages (pseudo-label, predict) keep their own default of 1; STAGE:N sets one stage's (repeatable)",
     )
     where.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes per job (default: 1)")
-    where.add_argument("--account", metavar="A", help="Slurm account (Greene: pr_<N>_general; Torch: torch_pr_*)")
-    where.add_argument("--partition", metavar="P", help="Slurm partition (checked against sinfo)")
+    where.add_argument(
+        "--account",
+        metavar="A",
+        help="Slurm account (Greene: pr_<N>_general; Torch: torch_pr_*); default: $SBATCH_ACCOUNT, else the profile's",
+    )
+    where.add_argument(
+        "--partition",
+        metavar="P",
+        help="Slurm partition (checked against sinfo); default: $SBATCH_PARTITION, else the profile's",
+    )
     where.add_argument(
         "--constraint",
         metavar="C",
@@ -187,6 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="S",
         help="send the pre-timeout USR2 this many seconds before the time limit (default: the profile's)",
+    )
+    where.add_argument(
+        "--qos", metavar="Q", help="Slurm QoS (checked against sacctmgr); default: $SBATCH_QOS, else the profile's"
+    )
+    where.add_argument(
+        "--mail-type",
+        metavar="TYPES",
+        help="mail on these job events, e.g. END,FAIL (sbatch --mail-type; default: the profile's)",
+    )
+    where.add_argument("--mail-user", metavar="ADDR", help="where the mail goes (sbatch --mail-user)")
+    where.add_argument(
+        "--exclude", metavar="NODES", help="keep the jobs off these nodes, e.g. gr[001-002] (checked against sinfo)"
+    )
+    where.add_argument("--reservation", metavar="R", help="run in this advance reservation (sbatch --reservation)")
+    where.add_argument(
+        "--sbatch-opt",
+        dest="sbatch_opts",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch-opt nice=100 -> #SBATCH --nice=100 "
+        "(a bare KEY for a flag; options the launcher sets itself are refused with the flag to use)",
     )
     where.add_argument("--dependency", metavar="DEP", help="Slurm dependency for the (first) job, e.g. afterok:12345")
 
@@ -264,11 +294,15 @@ def run_preflight(
         if profile.is_slurm:
             assert facts is not None
             problems += preflight.check_account(profile, request, facts)
+            problems += preflight.check_qos(request, facts)
+            problems += preflight.check_exclude(request, facts)
             problems += preflight.check_partition_and_constraint(profile, request, facts)
             problems += preflight.check_time(profile, request, facts)
             problems += preflight.check_memory(request, facts)
-    if "pack" not in stages and data and (Path(data).exists() or not args.dry_run):
-        # (A dry run does not build the built-in set, so there may be nothing to check yet.)
+    builtin_not_built = args.dry_run and args.data in (None, "default") and not Path(str(data)).exists()
+    if "pack" not in stages and data and not builtin_not_built:
+        # (A dry run does not build the built-in set, so there may be nothing to check yet; a path
+        # the user gave is checked as a real launch would.)
         problems += preflight.check_data(Path(data), readers)
     # The same problem found for every job of a chain is reported once.
     unique: list[preflight.Problem] = []

@@ -10,6 +10,8 @@ their own (inference: pseudo-label, predict) take those, never more than the bar
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -138,6 +140,107 @@ def split_overrides(overrides: Sequence[str], stages: Sequence[str]) -> dict[str
     return per_stage
 
 
+# sbatch options the launcher sets from flags of its own: --sbatch-opt must not override them
+# (submitit's additional parameters win over everything else in the script).
+OWNED_SBATCH_OPTIONS = {
+    "job-name": "--run",
+    "time": "--time",
+    "nodes": "--nodes",
+    "ntasks-per-node": "--gpus",
+    "cpus-per-task": "--cpus-per-gpu",
+    "gres": "--gpus / --gpu-type",
+    "mem": "--mem",
+    "output": "(the run dir's slurm/ folder)",
+    "error": "(the run dir's slurm/ folder)",
+    "signal": "--signal-seconds",
+    "array": "--sweep / --max-parallel",
+    "dependency": "--dependency",
+    "account": "--account",
+    "partition": "--partition",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "comment": "--preemptible",
+    "exclude": "--exclude",
+    "reservation": "--reservation",
+    "mail-type": "--mail-type",
+    "mail-user": "--mail-user",
+    "requeue": "(always on: jobs requeue after saving)",
+    "open-mode": "(always append)",
+}
+_SBATCH_KEY_RE = re.compile(r"^[a-z][a-z0-9-]*$")
+MAIL_TYPES = {
+    "NONE",
+    "BEGIN",
+    "END",
+    "FAIL",
+    "REQUEUE",
+    "ALL",
+    "INVALID_DEPEND",
+    "STAGE_OUT",
+    "TIME_LIMIT",
+    "TIME_LIMIT_90",
+    "TIME_LIMIT_80",
+    "TIME_LIMIT_50",
+    "ARRAY_TASKS",
+}
+
+
+def parse_sbatch_options(items: Sequence[str] | None, flag: str = "--sbatch-opt") -> dict[str, str | bool]:
+    """``KEY=VALUE`` (or a bare ``KEY`` for a flag such as ``exclusive``) -> {key: value}."""
+    options: dict[str, str | bool] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("--")
+        if not _SBATCH_KEY_RE.match(key):
+            raise LaunchError(f"{flag} {item}: expected KEY=VALUE with an sbatch long option name, e.g. nice=100")
+        if key in OWNED_SBATCH_OPTIONS:
+            raise LaunchError(f"{flag} {item}: the launcher sets --{key} itself; use {OWNED_SBATCH_OPTIONS[key]}")
+        options[key] = value if sep and value else True
+    return options
+
+
+def check_mail_type(text: str) -> str:
+    bad = [t for t in text.upper().split(",") if t.strip() not in MAIL_TYPES]
+    if bad:
+        raise LaunchError(
+            f"--mail-type {text}: unknown type(s) {', '.join(bad)}; Slurm's: {', '.join(sorted(MAIL_TYPES))}"
+        )
+    return text.upper()
+
+
+def sbatch_settings(
+    profile: ClusterProfile, args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> dict[str, object]:
+    """Account, partition, qos, mail, exclude, reservation and other sbatch options of a launch.
+
+    The order is sbatch's own: a flag, then the SBATCH_ACCOUNT / SBATCH_PARTITION / SBATCH_QOS
+    input variable, then the profile's default."""
+    environ = dict(os.environ) if environ is None else environ
+
+    def pick(flag_value, env_name, default):
+        return flag_value or environ.get(env_name) or default
+
+    mail_type = pick(getattr(args, "mail_type", None), "", profile.mail_type)
+    mail_user = pick(getattr(args, "mail_user", None), "", profile.mail_user)
+    if mail_user and not mail_type:
+        raise LaunchError(
+            f"--mail-user {mail_user}: also give --mail-type (e.g. END,FAIL); Slurm sends no mail without"
+        )
+    profile_options = parse_sbatch_options(
+        [f"{k}={v}" if v else k for k, v in profile.sbatch_options.items()], f"profile {profile.name!r} sbatch_options"
+    )
+    return {
+        "account": pick(args.account, "SBATCH_ACCOUNT", profile.default_account),
+        "partition": pick(args.partition, "SBATCH_PARTITION", profile.default_partition),
+        "qos": pick(getattr(args, "qos", None), "SBATCH_QOS", profile.qos),
+        "mail_type": check_mail_type(mail_type) if mail_type else None,
+        "mail_user": mail_user,
+        "exclude": pick(getattr(args, "exclude", None), "", profile.exclude),
+        "reservation": pick(getattr(args, "reservation", None), "", profile.reservation),
+        "sbatch_options": {**profile_options, **parse_sbatch_options(getattr(args, "sbatch_opts", None))},
+    }
+
+
 def _pack_argv(args: argparse.Namespace, data: str | None, cpus: int) -> list[str]:
     # one core stays with the process that writes the shards; the others decode PNGs
     return ["--src", str(args.src), "--out", str(data), "--workers", str(max(1, cpus - 1)), "--quiet"]
@@ -174,6 +277,7 @@ def make_request(
     # The job imports hpcvp when it unpickles its callable: this checkout, even if not pip-installed.
     package_root = Path(__file__).resolve().parents[2]
     setup = [f"export PYTHONPATH={shlex.quote(str(package_root))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    slurm = sbatch_settings(profile, args)
     return JobRequest(
         stage=stage,
         job_name=f"hpcvp-{stage}-{args.run}",
@@ -185,8 +289,14 @@ def make_request(
         time_minutes=time_minutes,
         mem_gb=mem_gb if profile.is_slurm else None,
         cpus_per_task=cpus,
-        account=args.account,
-        partition=args.partition or profile.default_partition,
+        account=slurm["account"],
+        partition=slurm["partition"],
+        qos=slurm["qos"],
+        mail_type=slurm["mail_type"],
+        mail_user=slurm["mail_user"],
+        exclude=slurm["exclude"],
+        reservation=slurm["reservation"],
+        sbatch_options=slurm["sbatch_options"],
         constraint=args.constraint,
         gpu_type=args.gpu_type or profile.default_gpu_type,
         comment=profile.preemptible_comment if args.preemptible else None,

@@ -42,6 +42,14 @@ class JobRequest:
     container: Path | None = None
     overlay: Path | None = None
     dependency: str | None = None
+    qos: str | None = None
+    mail_type: str | None = None
+    mail_user: str | None = None
+    exclude: str | None = None
+    reservation: str | None = None
+    # Other sbatch options (--sbatch-opt KEY=VALUE and the profile's sbatch_options): key -> value,
+    # True for a bare flag.
+    sbatch_options: dict[str, str | bool] = field(default_factory=dict)
     max_requeues: int = 5
     signal_seconds: int = 120
     setup: list[str] = field(default_factory=list)
@@ -168,8 +176,15 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
         "constraint": constraint,
         "comment": request.comment,
         "dependency": request.dependency,
+        "qos": request.qos,
+        "mail_type": request.mail_type,
+        "mail_user": request.mail_user,
+        "exclude": request.exclude,
     }
     params.update({k: v for k, v in optional.items() if v})
+    if request.reservation:  # submitit has no parameter of its own for it
+        params["additional_parameters"]["reservation"] = request.reservation
+    params["additional_parameters"].update(request.sbatch_options)
     if request.dependency:
         # A failed parent cancels the rest of a chain instead of leaving it pending forever.
         params["additional_parameters"]["kill-on-invalid-dep"] = "yes"

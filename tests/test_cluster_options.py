@@ -1,0 +1,165 @@
+"""The sbatch options of a launch (qos, mail, exclude, reservation, --sbatch-opt, SBATCH_* input
+variables, GPU types from sinfo) and --dry-run's data check — no cluster needed (canned facts).
+tests/test_cluster_slurm_options.py runs them against the real local cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpcvp.cluster import launch, preflight
+from hpcvp.cluster.profiles import load_profiles
+from hpcvp.cluster.sbatch import JobRequest
+
+GREENE = ["--cluster", "greene", "--stage", "seg", "--gpus", "2", "--account", "pr_1_general"]
+
+
+class Facts(preflight.SlurmFacts):
+    def __init__(self, features=("a100",), gres="gpu:a100:4", qos=("normal", "short"), nodes=("gr001", "gr002")):
+        super().__init__(user="alice")
+        self._accounts = {"pr_1_general", "pr_2_general", "torch_pr_7"}
+        part = preflight.PartitionInfo("gpu", True, 48 * 60, 48, 4, set(features))
+        part.gres_types = set(preflight._GRES_TYPE_RE.findall(gres))
+        self._partitions = {"gpu": part}
+        self._qos = set(qos)
+        self._nodes = set(nodes)
+
+    def queued_gpus(self) -> int:
+        return 0
+
+    def expand_hostlist(self, hostlist: str):
+        return [n for part in hostlist.split(",") for n in ([part] if "[" not in part else ["gr001", "gr002"])]
+
+
+@pytest.fixture(autouse=True)
+def canned_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HPCVP_CLUSTERS", raising=False)
+    for name in ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "SBATCH_QOS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(preflight, "SlurmFacts", lambda: Facts())
+
+
+def dry(args, capsys, tmp_path, data):
+    status = launch.main([*args, "--data", str(data), "--run-root", str(tmp_path / "runs"), "--dry-run"])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_every_option_reaches_the_script(tmp_path, capsys, synthetic_packed):
+    status, out, err = dry(
+        [
+            *GREENE,
+            "--qos",
+            "short",
+            "--mail-type",
+            "end,fail",
+            "--mail-user",
+            "alice@nyu.edu",
+            "--exclude",
+            "gr001",
+            "--reservation",
+            "class",
+            "--sbatch-opt",
+            "nice=100",
+            "--sbatch-opt",
+            "exclusive",
+        ],
+        capsys,
+        tmp_path,
+        synthetic_packed,
+    )
+    assert status == 0, err
+    for line in (
+        "#SBATCH --qos=short",
+        "#SBATCH --mail-type=END,FAIL",
+        "#SBATCH --mail-user=alice@nyu.edu",
+        "#SBATCH --exclude=gr001",
+        "#SBATCH --reservation=class",
+        "#SBATCH --nice=100",
+        "#SBATCH --exclusive\n",
+    ):
+        assert line in out, line
+
+
+def test_sbatch_input_variables_come_between_flags_and_profile(tmp_path, capsys, monkeypatch, synthetic_packed):
+    args = ["--cluster", "greene", "--stage", "seg", "--gpus", "2"]
+    # Greene refuses a launch without an account: $SBATCH_ACCOUNT is one, as for sbatch.
+    monkeypatch.setenv("SBATCH_ACCOUNT", "pr_2_general")
+    monkeypatch.setenv("SBATCH_PARTITION", "gpu")
+    monkeypatch.setenv("SBATCH_QOS", "normal")
+    status, out, err = dry(args, capsys, tmp_path, synthetic_packed)
+    assert status == 0, err
+    assert "#SBATCH --account=pr_2_general" in out and "#SBATCH --partition=gpu" in out
+    assert "#SBATCH --qos=normal" in out
+    status, out, err = dry([*args, "--account", "pr_1_general", "--qos", "short"], capsys, tmp_path, synthetic_packed)
+    assert status == 0, err
+    assert "#SBATCH --account=pr_1_general" in out and "#SBATCH --qos=short" in out  # the flag wins
+    # The profile's default comes last.
+    profile = load_profiles()["greene"]
+    monkeypatch.delenv("SBATCH_QOS")
+    from dataclasses import replace
+
+    from hpcvp.cluster.plan import sbatch_settings
+
+    settings = sbatch_settings(replace(profile, qos="prof", mail_type="FAIL"), launch.build_parser().parse_args([]))
+    assert settings["qos"] == "prof" and settings["mail_type"] == "FAIL" and settings["account"] == "pr_2_general"
+
+
+def test_submission_does_not_pass_the_resolved_variables_to_sbatch(monkeypatch):
+    from hpcvp.cluster import executor
+
+    monkeypatch.setenv("SBATCH_QOS", "env-qos")
+    monkeypatch.setenv("SBATCH_GRES", "gpu:1")
+    with executor.without_resolved_sbatch_env():
+        import os
+
+        assert "SBATCH_QOS" not in os.environ and os.environ["SBATCH_GRES"] == "gpu:1"
+    assert os.environ["SBATCH_QOS"] == "env-qos"
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--qos", "gold"], "[qos] --qos gold: no such QoS (sacctmgr show qos: normal, short)"),
+        (["--exclude", "gr009"], "[exclude] --exclude gr009: no such node(s) gr009"),
+        (["--exclude", "gr[001-002]"], "--exclude gr[001-002]: leaves no node"),
+        (["--sbatch-opt", "time=10"], "--sbatch-opt time=10: the launcher sets --time itself; use --time"),
+        (["--sbatch-opt", "Bad Key=1"], "--sbatch-opt Bad Key=1: expected KEY=VALUE"),
+        (["--mail-type", "SOMETIMES"], "--mail-type SOMETIMES: unknown type(s) SOMETIMES"),
+        (["--mail-user", "a@b.c"], "--mail-user a@b.c: also give --mail-type"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_flag(tmp_path, capsys, synthetic_packed, extra, expected):
+    status = launch.main([*GREENE, *extra, "--data", str(synthetic_packed), "--run-root", str(tmp_path / "runs")])
+    assert status == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_gpu_types_come_from_sinfo_when_it_answers(tmp_path):
+    profiles = load_profiles()
+    torch_profile = profiles["torch"]
+    req = JobRequest("seg", "j", tmp_path, "m", [], gpus_per_node=1, gpu_type="rtx6000")
+    # The cluster has rtx6000 nodes: sinfo's features decide, whatever the profile lists.
+    assert preflight.check_gpus(torch_profile, req, Facts(features=("h200", "rtx6000"))) == []
+    refused = preflight.check_gpus(torch_profile, req, Facts(features=("h200", "l40s")))
+    assert "--gpu-type rtx6000: cluster 'torch' (sinfo node features) has h200, l40s" in str(refused[0])
+    # No sinfo: the profile's list.
+    no_sinfo = Facts()
+    no_sinfo._partitions, no_sinfo._partitions_error = None, "sinfo: not found"
+    assert "rtx6000" in torch_profile.gpu_types
+    assert preflight.check_gpus(torch_profile, req, no_sinfo) == []
+    # Greene: the GRES types.
+    greene_req = JobRequest("seg", "j", tmp_path, "m", [], gpus_per_node=1, gpu_type="h100")
+    assert "sinfo GRES types) has a100" in str(preflight.check_gpus(profiles["greene"], greene_req, Facts())[0])
+
+
+# --------------------------------------------------------------------------------------------- --dry-run --data
+
+
+def test_dry_run_refuses_missing_data_like_a_launch_and_makes_no_run_root(tmp_path, capsys):
+    missing = tmp_path / "no-such-packed"
+    for extra in ([], ["--dry-run"]):
+        status = launch.main([*GREENE, "--data", str(missing), "--run-root", str(tmp_path / "runs"), *extra])
+        err = capsys.readouterr().err
+        assert status == 2 and f"--data {missing}" in err, err
+        assert not (tmp_path / "runs").exists()
