@@ -163,3 +163,53 @@ def test_dry_run_refuses_missing_data_like_a_launch_and_makes_no_run_root(tmp_pa
         err = capsys.readouterr().err
         assert status == 2 and f"--data {missing}" in err, err
         assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------------------------- --resources
+
+
+def test_resources_set_one_stage_of_the_chain(tmp_path, capsys, synthetic_packed):
+    status, out, err = dry(
+        [
+            "--cluster",
+            "greene",
+            "--stage",
+            "all",
+            "--gpus",
+            "4",
+            "--account",
+            "pr_1_general",
+            "--resources",
+            "predict:gpus=2,time=1:00:00,mem=40",
+            "--resources",
+            "seg:time=2h",
+        ],
+        capsys,
+        tmp_path,
+        synthetic_packed,
+    )
+    assert status == 0, err
+    jobs = {j.split(":", 1)[1].split()[0]: j for j in out.split("# ---- job ")[1:]}
+    assert "#SBATCH --gres=gpu:2" in jobs["predict"] and "#SBATCH --time=60" in jobs["predict"]
+    assert "#SBATCH --mem=40G" in jobs["predict"]
+    assert "#SBATCH --time=120" in jobs["seg"] and "#SBATCH --gres=gpu:4" in jobs["seg"]
+    assert "#SBATCH --gres=gpu:1" in jobs["pseudo-label"]  # its own default, untouched
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--resources", "raft:gpus=1"], "--resources raft:gpus=1: stage 'raft' is not part of this launch"),
+        (["--resources", "nope:gpus=1"], "--resources nope:gpus=1: unknown stage 'nope'"),
+        (["--resources", "seg:cpus=3"], "--resources seg:cpus=3: 'cpus=3' is not one of gpus=N"),
+        (["--resources", "seg"], "--resources seg: expected STAGE:gpus=N"),
+        (["--gpus", "slot:2"], "--gpus slot:2: stage 'slot' is not part of this launch"),
+        (["--time", "nope:1h"], "--time nope:1h: unknown stage 'nope'"),
+        (["--resources", "seg:gpus=two"], "--gpus/--resources seg: 'two' is not a whole number"),
+    ],
+)
+def test_bad_resources_are_refused_naming_the_flag(tmp_path, capsys, synthetic_packed, extra, expected):
+    args = [*GREENE, "--stage", "all", *extra, "--data", str(synthetic_packed), "--run-root", str(tmp_path / "r")]
+    assert launch.main(args) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

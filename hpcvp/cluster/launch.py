@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(local, slurm-local) N CPU processes with gloo (default: 1). With --stage all, inference "
         "stages (pseudo-label, predict) keep their own default of 1; STAGE:N sets one stage's (repeatable)",
     )
+    where.add_argument(
+        "--resources",
+        action="append",
+        default=[],
+        metavar="STAGE:gpus=N,time=T,mem=GB",
+        help="one stage's resources (any of the three keys), repeatable, e.g. "
+        "--resources predict:gpus=1,time=1:00:00; the stage must be part of the launch",
+    )
     where.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes per job (default: 1)")
     where.add_argument(
         "--account",

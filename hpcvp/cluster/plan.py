@@ -82,11 +82,51 @@ def resource_values(flag: str, values: Sequence[str] | None) -> tuple[str | None
     return bare, per_stage
 
 
+RESOURCE_KEYS = ("gpus", "time", "mem")
+
+
+def parse_resources(items: Sequence[str] | None) -> dict[str, dict[str, str]]:
+    """Repeated ``--resources STAGE:gpus=1,time=1:00:00,mem=32`` -> {stage: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or ():
+        stage, sep, rest = item.partition(":")
+        if not sep or not rest:
+            raise LaunchError(f"--resources {item}: expected STAGE:gpus=N,time=T,mem=GB (any of the three)")
+        if stage not in STAGES:
+            raise LaunchError(f"--resources {item}: unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        for pair in rest.split(","):
+            key, eq, value = pair.partition("=")
+            key = key.strip()
+            if not eq or key not in RESOURCE_KEYS or not value.strip():
+                raise LaunchError(f"--resources {item}: {pair!r} is not one of gpus=N, time=T, mem=GB")
+            out.setdefault(stage, {})[key] = value.strip()
+    return out
+
+
+def check_stage_scoped(args: argparse.Namespace, stages: Sequence[str]) -> None:
+    """Every STAGE named by --gpus/--time STAGE:V and --resources must be a stage of this launch."""
+    parse_resources(getattr(args, "resources", None))  # malformed items and unknown stages first
+    named = [("--resources", item.partition(":")[0], item) for item in getattr(args, "resources", None) or ()]
+    for flag, values in (("--gpus", args.gpus), ("--time", args.time)):
+        for item in values or ():
+            head, sep, _ = item.partition(":")
+            if sep and head and head[0].isalpha():  # (a time "1:00:00" starts with a digit)
+                if head not in STAGES:
+                    raise LaunchError(f"{flag} {item}: unknown stage {head!r}; stages: {', '.join(STAGES)}")
+                named.append((flag, head, item))
+    for flag, stage, item in named:
+        if stage not in stages:
+            raise LaunchError(f"{flag} {item}: stage {stage!r} is not part of this launch ({', '.join(stages)})")
+
+
 def stage_gpus(spec: StageSpec, args: argparse.Namespace) -> int:
     """GPUs per node for ``spec``'s job in this launch (0: a CPU job)."""
     if spec.resources.gpus == 0:
         return 0
     bare, per_stage = resource_values("--gpus", args.gpus)
+    per_stage.update(
+        {s: r["gpus"] for s, r in parse_resources(getattr(args, "resources", None)).items() if "gpus" in r}
+    )
     text = per_stage.get(spec.name, bare if args.stage != "all" or spec.resources.gpus is None else None)
     if text is None:
         base = int(bare) if bare is not None and bare.isdigit() else 1
@@ -94,11 +134,14 @@ def stage_gpus(spec: StageSpec, args: argparse.Namespace) -> int:
     try:
         return int(text)
     except ValueError:
-        raise LaunchError(f"--gpus {text}: expected a whole number of GPUs per node") from None
+        raise LaunchError(f"--gpus/--resources {spec.name}: {text!r} is not a whole number of GPUs per node") from None
 
 
 def stage_time_minutes(spec: StageSpec, args: argparse.Namespace, profile: ClusterProfile) -> int:
     bare, per_stage = resource_values("--time", args.time)
+    per_stage.update(
+        {s: r["time"] for s, r in parse_resources(getattr(args, "resources", None)).items() if "time" in r}
+    )
     try:
         if spec.name in per_stage:
             return parse_time_minutes(per_stage[spec.name])
@@ -270,7 +313,9 @@ def make_request(
         launch_gpus, _ = resource_values("--gpus", args.gpus)
         cpus = cpus_per_gpu * max(1, int(launch_gpus or 1))
         argv = _pack_argv(args, data, cpus)
-    mem_gb = parse_mem_gb(args.mem) if args.mem else spec.resources.mem_gb
+    stage_mem = parse_resources(getattr(args, "resources", None)).get(stage, {}).get("mem")
+    mem_text = stage_mem or args.mem
+    mem_gb = parse_mem_gb(mem_text) if mem_text else spec.resources.mem_gb
     if mem_gb is None:
         mem_gb = profile.mem_per_gpu_gb * max(1, gpus)
     env = {"OMP_NUM_THREADS": str(cpus), "PYTHONUNBUFFERED": "1"}
@@ -313,6 +358,7 @@ def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | Non
     root = run_root_from(args)
     # the data is already packed (or is the built-in set) unless --src names raw data
     stages = chain.chain(with_pack=args.src is not None) if args.stage == "all" else [args.stage]
+    check_stage_scoped(args, stages)
     run_dirs = {stage: root / stage / args.run for stage in stages}
     per_stage = split_overrides(args.overrides, stages)
     jobs: list[PlannedJob] = []
