@@ -71,7 +71,7 @@ def synthetic_raw(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_packed(synthetic_raw, tmp_path_factory) -> Path:
     """``synthetic_raw`` packed with 4 videos per shard, so splits span several shards."""
-    from hpcvp.data.shards import pack_dataset
+    from hpcvp.data.pack import pack_dataset
 
     out = tmp_path_factory.mktemp("packed") / "packed"
     pack_dataset(synthetic_raw, out, shard_size=4, workers=0, quiet=True)

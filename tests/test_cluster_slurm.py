@@ -410,3 +410,26 @@ def test_status_reports_every_run(run_root, reference_run, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "COMPLETED" in out and "reference" in out and job_id_of(reference_run) in out
     assert "time lost" in out
+
+
+def test_scontrol_requeue_with_dataloader_workers_saves_resumes_and_matches(packed, run_root, reference_run):
+    """Issue 10 item 1: ``scontrol requeue`` SIGTERMs every process of the step, DataLoader workers
+    (2 per rank, persistent) included. The ranks must still save at a step boundary (no periodic
+    checkpoint to fall back to here), Slurm requeues, and the run ends equal to the reference."""
+    args = seg_args(packed, run_root, "workers") + ["--set", "train.num_workers=2"]
+    args += ["--set", "train.save_every_steps=0", "--set", "train.save_every_minutes=0"]
+    assert launch.main(args) == 0
+    run_dir = run_root / "seg" / "workers"
+    job_id = job_id_of(run_dir)
+    wait_for_step(run_dir, job_id, 6)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
+    assert [a["state"] for a in sacct_attempts(job_id)] == ["REQUEUED", "COMPLETED"]
+    logs = logs_of(run_dir)
+    assert "DataLoader worker" not in logs and "killed by signal" not in logs, logs[-4000:]
+    resumed_from = int(logs.split("resumed from step ")[1].split()[0])
+    assert 6 <= resumed_from < 60  # the state saved at the signal, not a fresh start
+    engine_logs = [(run_dir / "logs" / f"engine.rank{r}.log").read_text() for r in (0, 1)]
+    for text in engine_logs:  # both ranks stopped gracefully at that same step
+        assert f"SIGTERM received by at least one rank; saved at step {resumed_from}" in text, text[-2000:]
+    assert_same_weights(run_dir, reference_run)

@@ -14,6 +14,7 @@ import torch
 from conftest import REPO_ROOT, SYNTHETIC_COUNTS, TINY_SIZE
 from torch.utils.data import DataLoader, DistributedSampler
 
+from hpcvp.data import add_pseudo_masks, load_manifest, pack_dataset, verify_dataset
 from hpcvp.data.datasets import (
     ClipDataset,
     FrameDataset,
@@ -24,7 +25,6 @@ from hpcvp.data.datasets import (
     shard_handle,
 )
 from hpcvp.data.layout import NUM_FRAMES, list_videos, read_video
-from hpcvp.data.shards import add_pseudo_masks, load_manifest, pack_dataset, verify_dataset
 
 H, W = TINY_SIZE
 

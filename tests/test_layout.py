@@ -14,6 +14,7 @@ from hpcvp.data.layout import (
     list_videos,
     missing_files,
     read_video,
+    scan_split,
 )
 
 
@@ -33,17 +34,38 @@ def test_list_videos_accepts_unpadded_and_zero_padded_names(tmp_path):
     assert list_videos(tmp_path, "hidden") == []  # absent split folder
 
 
-def test_list_videos_rejects_duplicate_ids_and_ids_outside_the_split(tmp_path):
-    write_tiny_video(tmp_path, "train", 5)
-    write_tiny_video(tmp_path, "train", 5, padding=4)
-    with pytest.raises(RawDataError, match="video id 5 also appears"):
+def test_list_videos_refuses_duplicates_naming_both_and_accepts_any_id_per_split(tmp_path):
+    first = write_tiny_video(tmp_path, "train", 5)
+    second = write_tiny_video(tmp_path, "train", 5, padding=4)
+    with pytest.raises(RawDataError, match="video id 5 also appears") as caught:
         list_videos(tmp_path, "train")
+    assert str(first) in str(caught.value) and str(second) in str(caught.value)
 
+    # the split is the folder: ids outside the course release's ranges are accepted
     write_tiny_video(tmp_path, "val", 12)
-    with pytest.raises(RawDataError, match=r"video_12: video id 12 is outside the val range 1000\.\.1999"):
-        list_videos(tmp_path, "val")
+    write_tiny_video(tmp_path, "hidden", 1370, padding=5)
+    write_tiny_video(tmp_path, "hidden", 3)
+    assert [video_id for video_id, _ in list_videos(tmp_path, "val")] == [12]
+    assert [video_id for video_id, _ in list_videos(tmp_path, "hidden")] == [3, 1370]
     with pytest.raises(ValueError, match="unknown split"):
         list_videos(tmp_path, "test")
+
+
+def test_scan_split_lists_misnamed_entries_and_empty_split_folders(tmp_path):
+    write_tiny_video(tmp_path, "train", 1)
+    (tmp_path / "train" / "video_abc").mkdir()
+    (tmp_path / "train" / "video_2").write_text("a file, not a folder")
+    (tmp_path / "train" / ".DS_Store").write_text("")
+    (tmp_path / "val").mkdir()
+    train = scan_split(tmp_path, "train")
+    assert [video_id for video_id, _ in train.videos] == [1]
+    assert train.ignored == [
+        (tmp_path / "train" / "video_2", "not a folder"),
+        (tmp_path / "train" / "video_abc", "not named video_<digits>"),
+    ]
+    val = scan_split(tmp_path, "val")
+    assert val.videos == [] and [why for _, why in val.ignored] == ["empty split folder (no video_<digits> folders)"]
+    assert scan_split(tmp_path, "hidden").ignored == []  # an absent split folder is not an error
 
 
 @pytest.mark.parametrize("split, video_id", [("train", 3), ("val", 1003), ("unlabeled", 2003), ("hidden", 15003)])

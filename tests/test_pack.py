@@ -19,21 +19,12 @@ import pytest
 from conftest import REPO_ROOT, TINY_SIZE, tiny_video_arrays, write_tiny_video
 from test_layout import BAD_INPUTS
 
+from hpcvp.data import StagingError, add_pseudo_masks, load_manifest, pack_dataset, stage_to_local, verify_dataset
 from hpcvp.data.layout import NUM_FRAMES, RawDataError, list_videos, read_video
-from hpcvp.data.shards import (
-    FORMAT_VERSION,
-    JOURNAL_NAME,
-    StagingError,
-    add_pseudo_masks,
-    load_manifest,
-    pack_dataset,
-    sha256_file,
-    stage_to_local,
-    verify_dataset,
-)
-from hpcvp.data.shards import (
-    main as pack_main,
-)
+from hpcvp.data.manifest import FORMAT_VERSION
+from hpcvp.data.pack import JOURNAL_NAME, OUTPUT_LOCK_NAME
+from hpcvp.data.pack_cli import main as pack_main
+from hpcvp.data.shard_files import sha256_file
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -156,7 +147,9 @@ def test_bad_input_stops_naming_the_file_and_writes_nothing(tmp_path, case, caps
     error = capsys.readouterr().err
     assert str(bad_folder / bad_name) in error and reason in error
     leftovers = sorted(p.name for p in out.iterdir()) if out.exists() else []
-    assert not any(name.endswith((".h5", ".tmp")) or name == "manifest.json" for name in leftovers), leftovers
+    assert not any(
+        name.endswith((".h5", ".tmp")) or ".tmp-" in name or name == "manifest.json" for name in leftovers
+    ), leftovers
 
 
 def test_bad_video_in_a_later_shard_leaves_only_complete_shards(tiny_raw, tmp_path):
@@ -253,12 +246,14 @@ def test_rerun_keeps_verified_shards_and_rewrites_a_corrupted_one(tiny_raw, tmp_
     data = bytearray((out / "train-001.h5").read_bytes())
     data[-100] ^= 0x01
     (out / "train-001.h5").write_bytes(bytes(data))
-    (out / "train-000.h5.tmp").write_bytes(b"leftover of a crash")
+    (out / "train-000.h5.tmp").write_bytes(b"leftover of a crash")  # an older packer's name
+    (out / ".train-001.h5.tmp-999999").write_bytes(b"leftover of a killed packer")
     pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
     assert shard_hashes(out) == clean
     assert (out / "train-000.h5").stat().st_ino == inodes["train-000.h5"]  # kept, not rewritten
     assert (out / "hidden-000.h5").stat().st_ino == inodes["hidden-000.h5"]
     assert not (out / "train-000.h5.tmp").exists() and not (out / JOURNAL_NAME).exists()
+    assert not (out / ".train-001.h5.tmp-999999").exists()
     # a different compression is a different pack: everything is rewritten
     pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, compression="lzf", workers=0, quiet=True)
     assert (out / "train-000.h5").stat().st_ino != inodes["train-000.h5"]
@@ -318,7 +313,7 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     pack_dataset(raw, reference, shard_size=2, workers=0, quiet=True)
 
     # The pack blocks on a FIFO standing in for frame 3 of video 5 (second video of train-002), so
-    # it is killed at a known point: train-000 and train-001 done, train-002.h5.tmp half written.
+    # it is killed at a known point: train-000 and train-001 done, train-002 half written.
     blocker = raw / "train" / "video_5" / "image_3.png"
     original = blocker.read_bytes()
     blocker.unlink()
@@ -344,9 +339,9 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     )
     try:
         _wait_for(
-            lambda: "train-001.h5" in journaled(out) and (out / "train-002.h5.tmp").exists(),
+            lambda: "train-001.h5" in journaled(out) and list(out.glob(".train-002.h5.tmp-*")),
             60,
-            "train-001.h5 journaled and train-002.h5.tmp started",
+            "train-001.h5 journaled and train-002.h5's temporary file started",
         )
         time.sleep(0.2)  # the packer is now blocked on the FIFO
         assert process.poll() is None, process.stdout.read().decode()
@@ -355,6 +350,8 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
         process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists() and (out / JOURNAL_NAME).exists()
+    # the killed packer's lock file stays, naming it, but its flock died with it: no blocking below
+    assert json.loads((out / OUTPUT_LOCK_NAME).read_text())["pid"] == process.pid
     kept = {name: (out / name).stat().st_ino for name in ("train-000.h5", "train-001.h5")}
     assert sha256_file(out / "train-000.h5") == sha256_file(reference / "train-000.h5")
 
@@ -384,8 +381,9 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     assert {name: (out / name).stat().st_ino for name in kept} == kept  # not rewritten
     assert shard_hashes(out) == shard_hashes(reference)
     assert len(shard_hashes(out)) == 5
-    assert not list(out.glob("*.tmp")) and not (out / JOURNAL_NAME).exists()
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp-*")) and not (out / JOURNAL_NAME).exists()
     assert load_manifest(out).shards == load_manifest(reference).shards
+    assert verify_dataset(out).ok
 
 
 # ----------------------------------------------------------------------------- pseudo masks
@@ -488,7 +486,7 @@ def test_stage_to_local_copies_checks_and_reuses(tiny_raw, tmp_path, monkeypatch
     (out / "train-001.h5").write_bytes(b"x" * (out / "train-001.h5").stat().st_size)
     with pytest.raises(StagingError, match=r"shared/packed/train-001.h5: does not match the manifest"):
         stage_to_local(out, tmp_path / "other-node")
-    assert not list((tmp_path / "other-node").rglob("*.tmp"))
+    assert not list((tmp_path / "other-node").rglob("*.tmp*"))
 
 
 def test_stage_cli_and_split_subset(tiny_raw, tmp_path, capsys):
@@ -515,7 +513,7 @@ def test_stage_cli_and_split_subset(tiny_raw, tmp_path, capsys):
 def test_progress_is_plain_lines_in_logs_and_a_bar_on_a_terminal():
     import io
 
-    from hpcvp.data.progress import Progress
+    from hpcvp.progress import Progress
 
     log = io.StringIO()
     with Progress(3, "pack", unit="videos", stream=log, log_every_s=0) as progress:

@@ -27,8 +27,8 @@ def jobs_of(out: str) -> dict[str, str]:
 @pytest.fixture
 def packed_without(synthetic_raw, tmp_path):
     """Factory: the synthetic set packed without split ``missing``."""
+    from hpcvp.data import pack_dataset
     from hpcvp.data.layout import SPLITS
-    from hpcvp.data.shards import pack_dataset
 
     def build(missing: str) -> Path:
         out = tmp_path / f"packed-no-{missing}"

@@ -21,7 +21,7 @@ import torch
 
 from hpcvp.data.datasets import ClipDataset, FrameDataset
 from hpcvp.data.layout import NUM_CLASSES
-from hpcvp.data.shards import load_manifest
+from hpcvp.data.manifest import load_manifest
 from hpcvp.stages.worker import run_worker
 from hpcvp.train.signals import EXIT_REQUEUE
 

@@ -213,3 +213,46 @@ def test_sigkill_during_checkpoint_write_keeps_previous_loadable(tmp_path, one_t
     assert not tree_differences(a["optimizer"], b["optimizer"])
     steps = [r["step"] for r in RunDir(run_dir).read_metrics()]
     assert steps == list(range(1, 13))
+
+
+# ------------------------------------------------------------------ the Checkpointer and its parts
+
+
+class _Part:
+    def __init__(self, value):
+        self.value = value
+
+    def state_dict(self):
+        return dict(self.value)
+
+    def load_state_dict(self, state):
+        self.value = dict(state)
+
+
+def test_checkpointer_files_flat_parts_rank_parts_and_world_size(tmp_path):
+    from types import SimpleNamespace
+
+    from hpcvp.train.checkpoint import Checkpointer
+
+    def make(world, counters, model, rng):
+        env = SimpleNamespace(world_size=world, rank=0, is_main=True, distributed=False)
+        return Checkpointer(
+            tmp_path, env, {"counters": counters, "model": model}, {"rng": rng}, flat=("counters",), keep_last=2
+        )
+
+    saver = make(1, _Part({"epoch": 3}), _Part({"w": torch.ones(2)}), _Part({"s": 7}))
+    saver.save(5)
+    assert saver.save(5) == saver.last_path  # once per step
+    ckpt = load_latest(tmp_path)
+    assert (ckpt.state["step"], ckpt.state["epoch"], ckpt.state["world_size"]) == (5, 3, 1)  # format 1 layout
+    assert torch.equal(ckpt.state["model"]["w"], torch.ones(2)) and ckpt.ranks == [{"rng": {"s": 7}}]
+
+    counters, model, rng = _Part({}), _Part({}), _Part({"s": 0})
+    assert make(1, counters, model, rng).load().step == 5
+    assert counters.value["epoch"] == 3 and torch.equal(model.value["w"], torch.ones(2)) and rng.value == {"s": 7}
+    rng = _Part({"s": 0})
+    make(2, _Part({}), _Part({}), rng).load()  # other world size: per-rank state left as built
+    assert rng.value == {"s": 0}
+
+    with pytest.raises(CheckpointError, match="repeats top-level key"):
+        make(1, _Part({"step": 1}), _Part({}), _Part({})).save(6)  # a flat part may not shadow a key

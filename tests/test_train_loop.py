@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from hpcvp.progress import TrainProgress
 from hpcvp.train import (
     EXIT_REQUEUE,
     IdentityMismatchError,
@@ -20,7 +21,6 @@ from hpcvp.train import (
 )
 from hpcvp.train.checkpoint import CheckpointWarning
 from hpcvp.train.optim import WarmupCosine, build_optimizer, build_scheduler
-from hpcvp.train.progress import TrainProgress
 from hpcvp.train.toy import ToyTask, tree_differences
 
 BASE = dict(

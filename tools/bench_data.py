@@ -39,7 +39,7 @@ from hpcvp.data.layout import (
     list_videos,
     read_video,
 )
-from hpcvp.data.shards import DEFAULT_SHARD_SIZE, pack_dataset
+from hpcvp.data.pack import DEFAULT_SHARD_SIZE, pack_dataset
 
 COMPRESSIONS = ("none", "lzf", "gzip:1", "gzip:4", "gzip:9")
 COMPETITION_COUNTS = {"train": 1000, "val": 1000, "unlabeled": 13000}  # the 15,000 labelled+unlabelled videos
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from hpcvp.data.datasets import ClipDataset, close_shard_handles
-    from hpcvp.data.shards import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION
+    from hpcvp.data.pack import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION
     from hpcvp.data.synthetic import generate_dataset
 
     raw = args.work_dir / f"raw-{args.videos}"

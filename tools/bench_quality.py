@@ -157,7 +157,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from hpcvp.data.shards import load_manifest, pack_dataset
+    from hpcvp.data import load_manifest, pack_dataset
     from hpcvp.data.synthetic import generate_dataset
 
     start = time.monotonic()

@@ -110,7 +110,10 @@ class HpcvpJob(submitit.helpers.Checkpointable):
                 job_env._requeue(self.max_requeues - restarts - 1)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
                 raise JobNotRequeued(f"{self.description}: scontrol requeue failed ({exc})") from exc
-        print(f"hpcvp: {self.description}: rank {rank} saved; job requeued, leaving", flush=True)
+            print(f"hpcvp: {self.description}: rank 0 saved; job requeued, leaving", flush=True)
+        else:
+            # only rank 0 knows whether the job was requeued (or cancelled / preempted by Slurm)
+            print(f"hpcvp: {self.description}: rank {rank} saved; stopping (rank 0 decides the requeue)", flush=True)
         # Like submitit's own handler: leave without a result pickle (SystemExit passes through
         # submitit's `except Exception`), so the job is not "done". Ranks other than 0 leave with 0
         # so that a cluster with KillOnBadExit=1 cannot end the step before rank 0 has requeued.

@@ -397,7 +397,7 @@ def check_data(data_dir: Path, splits: Iterable[str] | Mapping[str, Sequence[str
     """The packed manifest loads, every shard it lists is there with its recorded size, and the
     splits the stages read are present (hashes are not recomputed here: that is `hpcvp-pack --verify`).
     ``splits``: the split names, or split -> the stages that read it (named in the message)."""
-    from hpcvp.data.shards import ManifestError, load_manifest
+    from hpcvp.data.manifest import ManifestError, load_manifest
 
     try:
         manifest = load_manifest(data_dir)

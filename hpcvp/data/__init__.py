@@ -1,5 +1,10 @@
 """Data layer: the competition's raw layout, the synthetic generator, sharded HDF5 and datasets.
 
+Modules: ``layout`` (raw folders), ``manifest`` (packed-set format), ``pack`` + ``pack_decode``
+(raw -> shards), ``verify``, ``pseudo_masks``, ``staging`` (node-local copy), ``pack_cli`` (the
+``hpcvp-pack`` command), ``shard_files`` (hashing, locking, HDF5 opening), ``datasets``,
+``synthetic``, ``default``.
+
 Heavy imports (torch for the datasets, pybullet for the generator) stay in their submodules:
 ``from hpcvp.data.datasets import ClipDataset``.
 """
@@ -19,14 +24,17 @@ from .layout import (
     RawDataError,
     list_videos,
     read_video,
+    scan_split,
 )
-from .shards import (
+from .manifest import (
+    IncompleteSplitError,
     Manifest,
     ManifestError,
-    StagingError,
-    add_pseudo_masks,
     load_manifest,
-    pack_dataset,
-    stage_to_local,
-    verify_dataset,
+    missing_hidden_ids,
+    require_complete_split,
 )
+from .pack import PackError, PackLockedError, pack_dataset
+from .pseudo_masks import add_pseudo_masks
+from .staging import StagingError, stage_to_local
+from .verify import verify_dataset

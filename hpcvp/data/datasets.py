@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .layout import NUM_FRAMES, NUM_INPUT_FRAMES, SPLIT_NUM_FRAMES, SPLITS
-from .shards import Manifest, load_manifest, open_h5
+from .manifest import Manifest, load_manifest
+from .shard_files import open_h5
 
 MASK_SOURCES = ("true", "pseudo", "any")
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .shards import ManifestError, file_lock, load_manifest, pack_dataset
+from .manifest import ManifestError, load_manifest
+from .pack import pack_dataset
+from .shard_files import file_lock
 
 DEFAULT_COUNTS = {"train": 24, "val": 12, "unlabeled": 24, "hidden": 8}
 DEFAULT_FRAME_SIZE = (80, 120)

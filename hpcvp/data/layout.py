@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ NUM_INPUT_FRAMES = 11  # frames 1..11 are given; frame 22 (index 21) is scored
 TARGET_FRAME_INDEX = NUM_FRAMES - 1
 
 SPLITS = ("train", "val", "unlabeled", "hidden")
-# Inclusive-exclusive id ranges per split; hidden has no upper bound.
+# Inclusive-exclusive id ranges per split in the course release the synthetic generator imitates
+# (hidden has no upper bound). Not enforced when reading: other releases number videos differently,
+# and the split a video belongs to is the folder it is in.
 SPLIT_ID_RANGES = {
     "train": (0, 1000),
     "val": (1000, 2000),
@@ -51,33 +54,55 @@ def frame_file_name(t: int) -> str:
     return f"image_{t}.png"
 
 
-def list_videos(root: os.PathLike | str, split: str) -> list[tuple[int, Path]]:
-    """Videos of one split as ``(video_id, folder)`` sorted by id; a missing split folder is empty.
+@dataclass
+class SplitScan:
+    """One split folder: its videos ``(video_id, folder)`` sorted by id, and the entries not read."""
 
-    Accepts unpadded (``video_2000``) and zero-padded (``video_01370``) folder names; two folders
-    naming the same id, or an id outside the split's range, are errors.
+    videos: list[tuple[int, Path]] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # (path, why)
+
+
+def scan_split(root: os.PathLike | str, split: str) -> SplitScan:
+    """List one split's videos; a missing split folder is empty, and nothing is dropped silently.
+
+    The split a video belongs to is the folder it is in, and any non-negative id is accepted
+    (releases differ between semesters), unpadded (``video_2000``) or zero-padded
+    (``video_01370``). Two folders naming the same id are an error naming both. Entries that are
+    not ``video_<digits>`` folders, and a split folder without videos, are returned in ``ignored``
+    so the packer can warn and record them. Hidden entries (``.name``) are not listed.
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     split_dir = Path(root) / split
+    scan = SplitScan()
     if not split_dir.is_dir():
-        return []
-    low, high = SPLIT_ID_RANGES[split]
+        return scan
     videos: dict[int, Path] = {}
     with os.scandir(split_dir) as entries:
-        for entry in entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
             match = VIDEO_DIR_PATTERN.match(entry.name)
             if match is None or not entry.is_dir():
+                why = "not a folder" if match is not None else "not named video_<digits>"
+                scan.ignored.append((Path(entry.path), why))
                 continue
             video_id = int(match.group(1))
             folder = Path(entry.path)
-            if video_id < low or (high is not None and video_id >= high):
-                upper = "" if high is None else f"{high - 1}"
-                raise RawDataError(folder, f"video id {video_id} is outside the {split} range {low}..{upper}")
             if video_id in videos:
-                raise RawDataError(folder, f"video id {video_id} also appears as {videos[video_id].name}")
+                raise RawDataError(
+                    folder, f"video id {video_id} also appears as {videos[video_id]}; remove one of the two folders"
+                )
             videos[video_id] = folder
-    return sorted(videos.items())
+    if not videos:
+        scan.ignored.append((split_dir, "empty split folder (no video_<digits> folders)"))
+    scan.videos = sorted(videos.items())
+    return scan
+
+
+def list_videos(root: os.PathLike | str, split: str) -> list[tuple[int, Path]]:
+    """Videos of one split as ``(video_id, folder)`` sorted by id (see ``scan_split``)."""
+    return scan_split(root, split).videos
 
 
 def missing_files(folder: os.PathLike | str, split: str) -> list[Path]:

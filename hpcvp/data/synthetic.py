@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hpcvp.atomic import atomic_write_text
 from hpcvp.data.layout import (
     HEIGHT,
     MASK_FILE_NAME,
@@ -70,7 +71,7 @@ from hpcvp.data.layout import (
     WIDTH,
     frame_file_name,
 )
-from hpcvp.data.progress import Progress
+from hpcvp.progress import Progress
 
 FORMAT_VERSION = 1
 METADATA_NAME = SYNTHETIC_INFO_FILE_NAME
@@ -493,10 +494,8 @@ def _expected_files(split: str) -> list[str]:
     return names + ([MASK_FILE_NAME] if SPLIT_HAS_MASKS[split] else [])
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def _write_metadata(path: Path, payload: dict) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _check_metadata(path: Path, seed: int, size: tuple[int, int]) -> None:
@@ -601,7 +600,7 @@ def generate_dataset(
     todo = _prepare_root(root, counts, seed, size)
     metadata = {"size": list(size), "seed": seed, "counts": counts, "format": FORMAT_VERSION}
     if not (root / METADATA_NAME).exists():
-        _write_json_atomic(root / PARTIAL_METADATA_NAME, metadata)
+        _write_metadata(root / PARTIAL_METADATA_NAME, metadata)
     for split in SPLITS:
         (root / split).mkdir(exist_ok=True)
 
@@ -617,7 +616,7 @@ def generate_dataset(
             with context.Pool(min(workers, len(tasks))) as pool:
                 for _ in pool.imap_unordered(_write_video_task, tasks):
                     bar.advance()
-    _write_json_atomic(root / METADATA_NAME, metadata)
+    _write_metadata(root / METADATA_NAME, metadata)
     (root / PARTIAL_METADATA_NAME).unlink(missing_ok=True)
     return root
 

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hpcvp.train.loader import make_loader
+
 
 class RankShardSampler(Sampler):
     """Every index exactly once over all ranks (rank r takes r, r+W, ...), no padding.
@@ -50,7 +52,7 @@ def eval_loader(
     model in eval mode, under no_grad and its autocast policy (Trainer._evaluate)."""
     indices = spread_indices(len(dataset), limit)  # type: ignore[arg-type]
     sampler = RankShardSampler(indices, env.rank, env.world_size)
-    return DataLoader(
+    return make_loader(  # workers that survive Slurm's SIGTERM while the trainer decides to stop
         dataset,
         batch_size=batch_size,
         sampler=sampler,

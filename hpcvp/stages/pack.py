@@ -1,4 +1,4 @@
-"""Stage ``pack``: the raw competition layout -> HDF5 shards + manifest.json (hpcvp.data.shards).
+"""Stage ``pack``: the raw competition layout -> HDF5 shards + manifest.json (hpcvp.data.pack, hpcvp.data.pack_cli).
 
 A CPU program of its own, not run by the stage worker: it has no config dataclass, and the
 launcher builds its command line (--src, --out, --workers).
@@ -15,7 +15,7 @@ SPEC = StageSpec(
     chain_order=0,  # first in --stage all, when --src is given
     resources=Resources(gpus=0),
     sbatch_template="pack.sbatch",
-    entry="hpcvp.data.shards:main",
+    entry="hpcvp.data.pack_cli:main",
     writes_data=True,
     trains=False,
     description="raw PNG layout -> HDF5 shards + manifest (CPU)",

@@ -31,12 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpcvp.atomic import atomic_write_json, atomic_write_text, atomic_write_with
 from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import ClipDataset, HiddenDataset
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
-from hpcvp.data.shards import load_manifest
+from hpcvp.data.manifest import load_manifest, require_complete_split
 from hpcvp.eval.jaccard import ConfusionMatrix
-from hpcvp.stages import common, evaluation, report, runs
+from hpcvp.stages import evaluation, report, runs
 from hpcvp.stages.raft import extrapolate_mask, flow_between
 from hpcvp.stages.seg import segment_frames
 from hpcvp.stages.simvp import predict_frames, predict_masks
@@ -253,10 +254,11 @@ def _predict_hidden(
         ids.extend(int(v) for v in batch["video_id"])
     height, width = dataset.frame_size
     part = Path(run_dir) / "parts" / f"{cfg.hidden_split}-rank{env.rank:04d}.pt"
-    common.atomic_torch_save(
-        {"video_ids": ids, "masks": torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.uint8)},
-        part,
-    )
+    part_payload = {
+        "video_ids": ids,
+        "masks": torch.cat(masks) if masks else torch.zeros(0, height, width, dtype=torch.uint8),
+    }
+    atomic_write_with(part, lambda handle: torch.save(part_payload, handle))
     hdist.barrier(env)
     path = None
     if env.rank == 0:
@@ -273,8 +275,8 @@ def _predict_hidden(
         if len(set(sorted_ids)) != len(sorted_ids) or len(sorted_ids) != len(dataset):
             raise RuntimeError(f"hidden predictions cover {len(set(sorted_ids))} of {len(dataset)} videos")
         path = Path(run_dir) / "submission.pt"
-        common.atomic_torch_save(stacked, path)
-        common.write_json(
+        atomic_write_with(path, lambda handle: torch.save(stacked, handle))
+        atomic_write_json(
             Path(run_dir) / "submission_ids.json",
             {
                 "split": cfg.hidden_split,
@@ -347,6 +349,7 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
     elif submission_pipeline is None:
         report.log(env, f"predict: no deployable pipeline available ({cfg.submission_pipeline}); no submission written")
     else:
+        require_complete_split(manifest, cfg.hidden_split)  # refuse a submission short of skipped videos
         submission = _predict_hidden(cfg, models, submission_pipeline, data_dir, run_dir, env)
 
     # ------------------------------------------------------------------ report
@@ -364,8 +367,8 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
                 f"\nSubmission: `{submission}` from pipeline ({submission_pipeline}) {PIPELINES[submission_pipeline][0]}.\n"
             )
             report.log(env, f"predict: submission {submission} from pipeline ({submission_pipeline})")
-        common.atomic_write_text(run_dir / "jaccard.md", "".join(lines))
-        common.write_json(
+        atomic_write_text(run_dir / "jaccard.md", "".join(lines))
+        atomic_write_json(
             run_dir / "jaccard.json",
             {
                 "split": cfg.eval_split,

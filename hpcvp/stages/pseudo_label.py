@@ -18,11 +18,13 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from hpcvp.atomic import atomic_write_json
 from hpcvp.config_overrides import ConfigError
+from hpcvp.data import add_pseudo_masks, load_manifest
 from hpcvp.data.datasets import ClipDataset, HiddenDataset
 from hpcvp.data.layout import SPLIT_NUM_FRAMES
-from hpcvp.data.shards import add_pseudo_masks, load_manifest, open_h5
-from hpcvp.stages import common, evaluation, report, runs
+from hpcvp.data.shard_files import open_h5
+from hpcvp.stages import evaluation, report, runs
 from hpcvp.stages.seg import segment_frames
 from hpcvp.stages.slot import label_slots, slot_partition
 from hpcvp.stages.spec import Resources, StageSpec, check_splits, default_run
@@ -230,7 +232,7 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
     if env.rank == 0:
         with contextlib.suppress(OSError):
             (run_dir / "parts").rmdir()
-        common.write_json(run_dir / "pseudo_label.json", summary)
+        atomic_write_json(run_dir / "pseudo_label.json", summary)
     return FitResult(status="completed", step=step)
 
 

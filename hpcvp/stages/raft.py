@@ -24,7 +24,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import PairDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
-from hpcvp.data.shards import load_manifest
+from hpcvp.data.manifest import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import flow_image
 from hpcvp.models.raft import PRESETS as RAFT_PRESETS

@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import FrameDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, SPLITS
-from hpcvp.data.shards import load_manifest
+from hpcvp.data.manifest import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.models.unet import PRESETS as UNET_PRESETS
 from hpcvp.models.unet import UNet

@@ -22,7 +22,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import ClipDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, NUM_INPUT_FRAMES, SPLITS
-from hpcvp.data.shards import load_manifest
+from hpcvp.data.manifest import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS
 from hpcvp.models.simvp import TRANSLATORS, SimVP

@@ -108,7 +108,7 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
         print(f"# run_dir={run_dir}")
         return 0
 
-    from hpcvp.data.shards import load_manifest, stage_to_local
+    from hpcvp.data import load_manifest, stage_to_local
     from hpcvp.train.checkpoint import latest_step
     from hpcvp.train.dist import init_distributed, teardown
 

@@ -12,6 +12,9 @@ It is written as ``step_00001000.tmp-<pid>``, every file fsynced, then renamed; 
 with the final name is a checkpoint.  torch.load does not notice a flipped byte inside a tensor,
 hence the CRC32 of every file, checked on load.  A latest checkpoint that fails to load is skipped
 (with a warning) for the previous one.
+
+What goes into those files is decided by a :class:`Checkpointer` from named :class:`Stateful`
+parts (each part owns its ``state_dict()`` / ``load_state_dict()``); the trainer only lists them.
 """
 
 from __future__ import annotations
@@ -24,15 +27,22 @@ import shutil
 import time
 import warnings
 import zlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
+
+from hpcvp.atomic import atomic_write_json, fsync_dir
+
+from .dist import broadcast_from_main, control_group
 
 log = logging.getLogger("hpcvp.train")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the directory layout and meta.json
+STATE_VERSION = 1  # the layout of state.pt (the Checkpointer's parts)
 STATE_FILE = "state.pt"
 RANKS_FILE = "ranks.pt"
 EXTRA_FILE = "extra.pt"
@@ -110,14 +120,6 @@ class _CrcFile:
         self._f.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_torch(path: Path, obj: Any) -> dict[str, int]:
     with open(path, "wb") as f:
         wrapped = _CrcFile(f)
@@ -183,16 +185,13 @@ def save_checkpoint(
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": files,
     }
-    with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    atomic_write_json(tmp / META_FILE, meta)
+    fsync_dir(tmp)  # the torch files' directory entries
     if final.exists():
         # e.g. a corrupt step_N we fell back from and have now trained past again
         _remove_dir(final, "replaced")
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     complete = list_checkpoints(root)
     for _, old in complete[: max(0, len(complete) - keep_last)]:
         _remove_dir(old, "deleting")
@@ -304,3 +303,155 @@ def load_model_state(run_or_checkpoints_dir: str | os.PathLike, map_location: An
     if ckpt is None:
         raise CheckpointError(f"no checkpoint in {_checkpoints_dir(run_or_checkpoints_dir)}")
     return ckpt.step, ckpt.state["model"]
+
+
+# --------------------------------------------------------------------------- stateful parts
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """Anything that can put its state into a checkpoint and take it back (model, optimizer,
+    scheduler, scaler, sampler, RNG, ...)."""
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class Checkpointer:
+    """Saves and restores a set of named :class:`Stateful` parts in the checkpoint format above.
+
+    - ``parts``: one copy for the whole job (rank 0's), in ``state.pt`` under their name; the
+      parts named in ``flat`` put their keys at the top level of ``state.pt`` instead (format 1
+      layout: ``step``, ``epoch``, ``position``, ... beside ``model``), and get the whole top
+      level back on load (so a part can read ``world_size``).
+    - ``rank_parts``: one copy per rank (RNG states, ...), gathered into ``ranks.pt``; restored
+      only when the world size is unchanged (a rank's RNG state means nothing for another split).
+    - ``extra``: a part whose state may be any picklable object, in ``extra.pt``; skipped when
+      its ``state_dict()`` is None.
+
+    ``save(step)`` and ``load()`` are collectives (call them on every rank): rank 0 writes and
+    picks, then tells the others, so no rank runs on alone after a failed write or read.
+    ``validate(checkpoint)``, when given, runs before any part is restored (and may raise).
+    """
+
+    def __init__(
+        self,
+        checkpoints_dir: str | os.PathLike,
+        env: Any,
+        parts: Mapping[str, Stateful],
+        rank_parts: Mapping[str, Stateful] | None = None,
+        extra: Stateful | None = None,
+        flat: tuple[str, ...] = (),
+        keep_last: int = 3,
+        validate: Callable[[Checkpoint], None] | None = None,
+    ):
+        self.root = Path(checkpoints_dir)
+        self.env = env
+        self.parts = dict(parts)
+        self.rank_parts = dict(rank_parts or {})
+        self.extra = extra
+        self.flat = tuple(flat)
+        self.keep_last = keep_last
+        self.validate = validate
+        self.last_step: int | None = None  # step of the checkpoint last written or loaded
+        self.last_path: str | None = None
+
+    # ------------------------------------------------------------------ collectives
+    def _gather(self, obj: Any) -> list | None:
+        if not self.env.distributed:
+            return [obj]
+        gathered = [None] * self.env.world_size if self.env.is_main else None
+        dist.gather_object(obj, gathered, dst=0, group=control_group())
+        return gathered
+
+    # ------------------------------------------------------------------ save
+    def state(self, step: int) -> dict[str, Any]:
+        """This process's ``state.pt`` dict for ``step``."""
+        state: dict[str, Any] = {"version": STATE_VERSION, "step": int(step), "world_size": self.env.world_size}
+        for name, part in self.parts.items():
+            value = part.state_dict()
+            if name not in self.flat:
+                state[name] = value
+                continue
+            clash = set(value) & set(state)
+            if clash:
+                raise ValueError(f"checkpoint part {name!r} repeats top-level key(s) {sorted(clash)}")
+            state.update(value)
+        return state
+
+    def save(self, step: int) -> str:
+        """Write checkpoint ``step`` (once: a second call for the same step does nothing)."""
+        if self.last_step == step and self.last_path is not None:
+            return self.last_path
+        ranks = self._gather({name: part.state_dict() for name, part in self.rank_parts.items()})
+        result: tuple[str | None, str | None] = (None, None)
+        if self.env.is_main:
+            try:
+                extra = self.extra.state_dict() if self.extra is not None else None
+                ranks_arg = ranks if self.rank_parts else None
+                path = save_checkpoint(self.root, step, self.state(step), ranks_arg, extra, self.keep_last)
+                result = (None, str(path))
+            except Exception as exc:
+                log.exception("checkpoint save at step %d failed", step)
+                result = (f"checkpoint save at step {step} failed on rank 0: {exc!r}", None)
+        error, path = broadcast_from_main(self.env, result)
+        if error:
+            raise CheckpointError(error)
+        self.last_step, self.last_path = int(step), path
+        return path
+
+    # ------------------------------------------------------------------ load
+    def load(self) -> Checkpoint | None:
+        """Restore every part from the newest usable checkpoint (falling back past corrupt ones,
+        which rank 0 sets aside); None when the run has none yet."""
+        chosen: Checkpoint | None = None
+        message: tuple[str | None, str | None] | None = None
+        if self.env.is_main:
+            try:
+                chosen = load_latest(self.root, map_location="cpu", quarantine=True)
+                message = (None, None if chosen is None else str(chosen.path))
+            except CheckpointError as exc:
+                message = (str(exc), None)
+        error, path = broadcast_from_main(self.env, message)
+        if error:
+            raise CheckpointError(error)
+        if path is None:
+            return None
+        ckpt = chosen if chosen is not None else load_checkpoint(Path(path), map_location="cpu")
+        self.restore(ckpt)
+        self.last_step, self.last_path = ckpt.step, str(ckpt.path)
+        return ckpt
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        """Hand each part its state from a loaded checkpoint."""
+        state = ckpt.state
+        if state.get("version", 1) > STATE_VERSION:
+            raise CheckpointError(f"{ckpt.path}: state version {state['version']}, this hpcvp reads {STATE_VERSION}")
+        if self.validate is not None:
+            self.validate(ckpt)
+        for name, part in self.parts.items():
+            if name in self.flat:
+                part.load_state_dict(state)
+            elif name not in state:
+                raise CheckpointError(f"{ckpt.path / STATE_FILE}: no {name!r} state")
+            elif state[name]:  # an empty state (e.g. a disabled GradScaler's) leaves the part as built
+                part.load_state_dict(state[name])
+        saved_world = int(state.get("world_size", self.env.world_size))
+        ranks = ckpt.ranks or []
+        if self.rank_parts and saved_world == self.env.world_size and len(ranks) == saved_world:
+            mine = ranks[self.env.rank]
+            for name, part in self.rank_parts.items():
+                if name in mine:
+                    part.load_state_dict(mine[name])
+        elif self.rank_parts and self.env.is_main:
+            log.warning(
+                "resuming %s with %d rank(s), checkpoint has %d: per-rank state (%s) is not restored "
+                "(not bitwise reproducible)",
+                ckpt.path,
+                self.env.world_size,
+                saved_world,
+                ", ".join(self.rank_parts),
+            )
+        if self.extra is not None and ckpt.extra is not None:
+            self.extra.load_state_dict(ckpt.extra)

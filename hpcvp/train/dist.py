@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,6 +306,15 @@ def control_group():
     return _control_group
 
 
+def broadcast_from_main(env: DistEnv, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a collective on the control group; no-op single-process)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
 def ensure_control_group(env: DistEnv) -> None:
     """For a process group joined without init_distributed(): open the gloo control group when
     the default backend cannot take CPU tensors.  Collective: call on every rank."""
@@ -352,16 +361,21 @@ def _joined(group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def any_rank_flag(flag: int | bool, group=None, device: torch.device | None = None) -> int:
-    """MAX of an int flag over the ranks of ``group``: every rank learns that some rank raised it
-    (e.g. a preemption signal), so all of them stop together. ``device``: where the tensor lives
-    for the collective (CUDA for an NCCL group; None = CPU, for gloo groups)."""
-    value = int(flag)
+def max_over_ranks(flags: Sequence[int], group=None, device: torch.device | None = None) -> list[int]:
+    """Element-wise MAX of small int flags over the ranks of ``group``: every rank learns that some
+    rank raised one (e.g. a preemption signal), so all of them act together. ``device``: where the
+    tensor lives for the collective (CUDA for an NCCL group; None = CPU, for gloo groups)."""
+    values = [int(f) for f in flags]
     if not _joined(group):
-        return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        return values
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
+    return [int(v) for v in tensor.tolist()]
+
+
+def any_rank_flag(flag: int | bool, group=None, device: torch.device | None = None) -> int:
+    """One flag's MAX over the ranks of ``group`` (see max_over_ranks)."""
+    return max_over_ranks([flag], group, device)[0]
 
 
 def all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:

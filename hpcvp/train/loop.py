@@ -19,43 +19,27 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset
+
+from hpcvp.progress import TrainProgress
 
 from . import dist as hdist
-from .checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    load_checkpoint,
-    load_latest,
-    save_checkpoint,
-)
+from .checkpoint import Checkpoint, Checkpointer
 from .config import TrainConfig
+from .loader import make_loader
 from .optim import build_optimizer, build_scheduler
-from .progress import TrainProgress
-from .rng import (
-    TAG_LOADER,
-    TAG_STEP,
-    capture_rng_state,
-    mix_seed,
-    restore_rng_state,
-    seed_everything,
-    seed_globals,
-    worker_init_fn,
-)
+from .rng import TAG_LOADER, TAG_STEP, RngState, mix_seed, seed_everything, seed_globals
 from .rundir import MetricsWriter, RunDir
 from .sampler import ResumableDistributedSampler, SeededSamples
 from .signals import EXIT_REQUEUE, PreemptionFlag, signal_name
+from .window import MetricsWindow
 
 log = logging.getLogger("hpcvp.train")
-
-CHECKPOINT_STATE_VERSION = 1
 
 # TrainConfig keys whose change on resume does not alter the trained weights.
 _HARMLESS_KEYS = {
@@ -161,6 +145,40 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+class _TrainerPart:
+    """The trainer's own checkpoint part: the evaluation a preemption postponed, and what the
+    resume check compares (settings, identity, thread count).  The step is the Checkpointer's."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        t = self.trainer
+        return {
+            "num_threads": torch.get_num_threads(),
+            "train_config": t.cfg.to_dict(),
+            "identity": t._identity(),
+            "pending_eval": t._pending,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer._pending = state.get("pending_eval")
+
+
+class _TaskExtra:
+    """The task's optional ``extra_state()`` / ``load_extra_state()`` as a checkpoint part."""
+
+    def __init__(self, task: TrainTask):
+        self.task = task
+
+    def state_dict(self) -> Any:
+        return self.task.extra_state() if hasattr(self.task, "extra_state") else None
+
+    def load_state_dict(self, state: Any) -> None:
+        if hasattr(self.task, "load_extra_state"):
+            self.task.load_extra_state(state)
+
+
 class Trainer:
     def __init__(self, task: TrainTask, cfg: TrainConfig, run: RunDir, env: hdist.DistEnv):
         cfg.validate()
@@ -170,14 +188,8 @@ class Trainer:
         self.env = env
         self.device = env.device
         self.step = 0
-        self.epoch = 0
-        self.position = 0  # this rank's samples of the current epoch consumed by the loop
-        self._last_saved_step: int | None = None
-        self._last_checkpoint: str | None = None
         self._resumed_from: int | None = None
-        self._window: dict[str, Any] = {}
-        self._window_micro = 0
-        self._window_steps = 0
+        self._window = MetricsWindow()
         self._window_t0 = 0.0
         self._grad_norm: Tensor | None = None
         self._lr = cfg.lr
@@ -185,23 +197,10 @@ class Trainer:
         self._pending: dict[str, Any] | None = None  # metrics line waiting for an evaluation
 
     # ------------------------------------------------------------------ collectives
-    def _ctrl_group(self):
-        return hdist.control_group()
-
     def _agree(self, local_signal: int, save_due: int = 0) -> tuple[int, int]:
         """MAX over ranks of [signal number, save due]; one small CPU collective per step."""
-        if not self.env.distributed:
-            return local_signal, save_due
-        flags = torch.tensor([local_signal, save_due], dtype=torch.int64)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._ctrl_group())
-        return int(flags[0]), int(flags[1])
-
-    def _broadcast_from_main(self, obj: Any) -> Any:
-        if not self.env.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self._ctrl_group())
-        return box[0]
+        signum, due = hdist.max_over_ranks([local_signal, save_due], group=hdist.control_group())
+        return signum, due
 
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
@@ -271,21 +270,38 @@ class Trainer:
                 f"{env.world_size} rank(s), fewer than TrainConfig.batch_size={cfg.batch_size}"
             )
         self._loader_gen = torch.Generator()
-        collate = getattr(self.task, "collate_fn", None)
         loader_kwargs: dict[str, Any] = {}
         if cfg.num_workers > 0:
             loader_kwargs.update(persistent_workers=True, prefetch_factor=cfg.prefetch_factor)
-        self.loader = DataLoader(
+        self.loader = make_loader(
             SeededSamples(dataset) if cfg.seed_samples else dataset,
             batch_size=cfg.batch_size,
             sampler=self.sampler,
             num_workers=cfg.num_workers,
-            collate_fn=collate,
+            collate_fn=getattr(self.task, "collate_fn", None),
             pin_memory=env.device.type == "cuda",
             drop_last=True,
-            worker_init_fn=worker_init_fn,
+            preempt_signal=cfg.preempt_signal,
             generator=self._loader_gen,
             **loader_kwargs,
+        )
+        self.checkpointer = Checkpointer(
+            self.run.checkpoints,
+            env,
+            # "trainer" and "sampler" keep format 1's top-level keys (step, epoch, position, ...)
+            parts={
+                "trainer": _TrainerPart(self),
+                "sampler": self.sampler,
+                "model": self.module,
+                "optimizer": self.optimizer,
+                "scheduler": self.scheduler,
+                "scaler": self.scaler,
+            },
+            rank_parts={"rng": RngState(), "window": self._window},
+            extra=_TaskExtra(self.task),
+            flat=("trainer", "sampler"),
+            keep_last=cfg.keep_last,
+            validate=self._check_resume,
         )
 
     def _autocast(self):
@@ -295,68 +311,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def _next_batch(self):
+        """The next batch; the sampler's position counts batches *consumed here*, not those
+        DataLoader workers prefetched, so a checkpoint resumes right after the last one used."""
+        sampler = self.sampler
         while True:
             if self._iter is None:
-                self.sampler.set_epoch(self.epoch, self.position)
-                self._loader_gen.manual_seed(mix_seed(TAG_LOADER, self.cfg.seed, self.epoch, self.env.rank) >> 1)
+                self._loader_gen.manual_seed(mix_seed(TAG_LOADER, self.cfg.seed, sampler.epoch, self.env.rank) >> 1)
                 self._iter = iter(self.loader)
             try:
                 batch = next(self._iter)
             except StopIteration:
-                self.epoch += 1
-                self.position = 0
+                sampler.set_epoch(sampler.epoch + 1)
                 self._iter = None
                 continue
-            self.position += self.cfg.batch_size
+            sampler.advance(self.cfg.batch_size)
             return batch
-
-    # ------------------------------------------------------------------ metrics window
-    def _window_add(self, loss: Tensor, logs: dict[str, Any]) -> None:
-        items = dict(logs or {})
-        items["loss"] = loss.detach()  # the engine's loss wins over a task log of that name
-        for key, value in items.items():
-            if isinstance(value, Tensor):
-                value = value.detach().to(torch.float64)
-            else:
-                value = float(value)
-            current = self._window.get(key)
-            self._window[key] = value if current is None else current + value
-        self._window_micro += 1
-
-    def _window_state(self) -> dict[str, Any]:
-        """This rank's partial sums, exactly (float64 -> python float is lossless)."""
-        return {
-            "sums": {k: float(v) for k, v in self._window.items()},
-            "micro": self._window_micro,
-            "steps": self._window_steps,
-        }
-
-    def _reduce_window(self) -> dict[str, float]:
-        """Mean over ranks and micro-batches of the window's logs (a collective)."""
-        keys = sorted(self._window)
-        micro = self._window_micro
-        values = [self._window[k] for k in keys]
-        vec = torch.tensor(
-            [float(v) if not isinstance(v, Tensor) else 0.0 for v in values] + [float(micro)],
-            dtype=torch.float64,
-        )
-        tensor_positions = [i for i, v in enumerate(values) if isinstance(v, Tensor)]
-        if tensor_positions:
-            # one device->host copy for all tensor-valued logs instead of one sync per key
-            on_host = torch.stack([values[i] for i in tensor_positions]).cpu()
-            vec[tensor_positions] = on_host
-        if self.env.distributed:
-            if self.env.backend == "nccl":
-                vec = vec.to(self.device)
-                dist.all_reduce(vec)
-                vec = vec.cpu()
-            else:
-                dist.all_reduce(vec)
-        total_micro = max(1.0, float(vec[-1]))
-        means = {k: float(vec[i]) / total_micro for i, k in enumerate(keys)}
-        self._window = {}
-        self._window_micro = 0
-        return means
 
     # ------------------------------------------------------------------ one step
     def _train_step(self, step: int) -> None:
@@ -373,7 +342,7 @@ class Trainer:
                 with self._autocast():
                     loss, logs = self.task.loss(self.train_model, batch, self.device)
                 self.scaler.scale(loss / accum).backward()
-            self._window_add(loss, logs)
+            self._window.add(loss, logs)
         if cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
@@ -382,33 +351,14 @@ class Trainer:
         self._lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._window_steps += 1
+        self._window.steps += 1
 
     # ------------------------------------------------------------------ resume / save
-    def _resume(self) -> None:
-        cfg, env, run = self.cfg, self.env, self.run
-        chosen: Checkpoint | None = None
-        if env.is_main:
-            try:
-                chosen = load_latest(run.checkpoints, map_location="cpu", quarantine=True)
-                message = (None, None if chosen is None else str(chosen.path))
-            except CheckpointError as exc:
-                message = (str(exc), None)
-        else:
-            message = None
-        error, path = self._broadcast_from_main(message)
-        if error:
-            raise CheckpointError(error)
-        if path is None:
-            if env.is_main:
-                run.truncate_metrics(0)
-            return
-        ckpt = chosen if env.is_main else load_checkpoint(Path(path), map_location="cpu")
-        state = ckpt.state
-
-        saved_identity = state.get("identity", {})
-        current_identity = self._identity()
-        diffs = identity_differences(saved_identity, current_identity)
+    def _check_resume(self, ckpt: Checkpoint) -> None:
+        """Refuse a checkpoint of other model/data settings; warn about changed settings that
+        make the run not bitwise equal to an uninterrupted one."""
+        state, run = ckpt.state, self.run
+        diffs = identity_differences(state.get("identity", {}), self._identity())
         if diffs:
             lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
             raise IdentityMismatchError(
@@ -418,13 +368,13 @@ class Trainer:
             )
         saved_cfg = state.get("train_config", {})
         changed = sorted(
-            k for k, v in cfg.to_dict().items() if k not in _HARMLESS_KEYS and k in saved_cfg and saved_cfg[k] != v
+            k for k, v in self.cfg.to_dict().items() if k not in _HARMLESS_KEYS and k in saved_cfg and saved_cfg[k] != v
         )
         saved_threads = state.get("num_threads")
         if saved_threads is not None and saved_threads != torch.get_num_threads():
             # CPU reductions split work by thread count; floats then differ in the last bits
             changed.append(f"torch threads {saved_threads}->{torch.get_num_threads()}")
-        if changed and env.is_main:
+        if changed and self.env.is_main:
             log.warning(
                 "resuming %s with changed training settings %s; the run will not be bitwise "
                 "equal to an uninterrupted one",
@@ -432,91 +382,21 @@ class Trainer:
                 changed,
             )
 
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+    def _resume(self) -> None:
+        ckpt = self.checkpointer.load()  # restores every part, or None for a new run
+        if ckpt is None:
+            if self.env.is_main:
+                self.run.truncate_metrics(0)
+            return
         if hasattr(self.scheduler, "total_steps"):
-            self.scheduler.total_steps = max(self.scheduler.total_steps, cfg.max_steps)
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        saved_world = int(state.get("world_size", env.world_size))
-        ranks = ckpt.ranks or []
-        if saved_world == env.world_size and len(ranks) == env.world_size:
-            restore_rng_state(ranks[env.rank]["rng"])
-            window = ranks[env.rank]["window"]
-            self._window = dict(window["sums"])
-            self._window_micro = int(window["micro"])
-        else:
-            # same global progress in the epoch order, re-split over the new world size
-            self.position = min(self.sampler.per_rank, self.position * saved_world // env.world_size)
-            if env.is_main:
-                log.warning(
-                    "resuming %s with %d rank(s), checkpoint has %d: data order continues, RNG "
-                    "states are not restored (not bitwise reproducible)",
-                    run.path,
-                    env.world_size,
-                    saved_world,
-                )
-        if ckpt.extra is not None and hasattr(self.task, "load_extra_state"):
-            self.task.load_extra_state(ckpt.extra)
-        self._last_saved_step = self.step
-        self._last_checkpoint = str(ckpt.path)
-        self._resumed_from = self.step
-        self._pending = state.get("pending_eval")
-        if env.is_main:
+            self.scheduler.total_steps = max(self.scheduler.total_steps, self.cfg.max_steps)
+        self.step = self._resumed_from = ckpt.step
+        if self.env.is_main:
             # a postponed evaluation rewrites its step's line, which must not exist yet
-            run.truncate_metrics(self.step - 1 if self._pending is not None else self.step)
+            self.run.truncate_metrics(self.step - 1 if self._pending is not None else self.step)
 
     def _save(self, step: int) -> None:
-        if self._last_saved_step == step:
-            return
-        env = self.env
-        mine = {"rng": capture_rng_state(), "window": self._window_state()}
-        if env.distributed:
-            gathered = [None] * env.world_size if env.is_main else None
-            dist.gather_object(mine, gathered, dst=0, group=self._ctrl_group())
-        else:
-            gathered = [mine]
-        result: tuple[str | None, str | None] = (None, None)
-        if env.is_main:
-            try:
-                state = {
-                    "version": CHECKPOINT_STATE_VERSION,
-                    "step": step,
-                    "epoch": self.epoch,
-                    "position": self.position,
-                    "world_size": env.world_size,
-                    "num_threads": torch.get_num_threads(),
-                    "model": self.module.state_dict(),
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "train_config": self.cfg.to_dict(),
-                    "identity": self._identity(),
-                    "pending_eval": self._pending,
-                }
-                extra = self.task.extra_state() if hasattr(self.task, "extra_state") else None
-                path = save_checkpoint(
-                    self.run.checkpoints,
-                    step,
-                    state,
-                    ranks=gathered,
-                    extra=extra,
-                    keep_last=self.cfg.keep_last,
-                )
-                result = (None, str(path))
-            except Exception as exc:
-                log.exception("checkpoint save at step %d failed", step)
-                result = (f"checkpoint save at step {step} failed on rank 0: {exc!r}", None)
-        # every rank waits for the write and learns whether it worked (no rank runs on alone)
-        error, path = self._broadcast_from_main(result)
-        if error:
-            raise CheckpointError(error)
-        self._last_saved_step = step
-        self._last_checkpoint = path
+        self.checkpointer.save(step)  # every rank waits for rank 0's write (none runs on alone)
         self._last_save_time = time.monotonic()
 
     def _identity(self) -> dict:
@@ -538,16 +418,16 @@ class Trainer:
     def _log(self, step: int, eval_metrics: dict[str, float] | None, write: bool = True):
         """Reduce the window over ranks (a collective) and, on rank 0, build the metrics line;
         written now, or returned when it must wait for an evaluation (preemption)."""
-        means = self._reduce_window()
+        means = self._window.reduce(self.env, self.device)
         now = time.monotonic()
         elapsed = max(1e-9, now - self._window_t0)
-        samples = self._window_steps * self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size
-        rate = samples / elapsed if self._window_steps else None
-        self._window_steps = 0
+        steps = self._window.steps
+        rate = steps * self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size / elapsed if steps else None
+        self._window.steps = 0
         self._window_t0 = now
         if not self.env.is_main:
             return None
-        record: dict[str, Any] = {"step": step, "epoch": self.epoch, "lr": self._lr}
+        record: dict[str, Any] = {"step": step, "epoch": self.sampler.epoch, "lr": self._lr}
         record.update(means)
         if self._grad_norm is not None:
             record["grad_norm"] = float(self._grad_norm)
@@ -645,7 +525,7 @@ class Trainer:
             stop_reason=reason,
             signal=signal_name(signum) if signum else None,
             resumed_from=self._resumed_from,
-            checkpoint=self._last_checkpoint,
+            checkpoint=self.checkpointer.last_path,
         )
 
     def _stop_for_signal(self, signum: int, log_due: bool, eval_due: bool = False) -> FitResult:
@@ -653,7 +533,7 @@ class Trainer:
             # No time to evaluate now: the step's line is kept in the checkpoint and written
             # after the postponed evaluation, on resume (the metrics stay as if never stopped).
             record = self._log(self.step, None, write=False)
-            self._pending = self._broadcast_from_main(record)
+            self._pending = hdist.broadcast_from_main(self.env, record)
         elif log_due:
             self._log(self.step, None)
         self._save(self.step)

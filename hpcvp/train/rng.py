@@ -100,6 +100,16 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_states[0])
 
 
+class RngState:
+    """This process's generators as a checkpoint part (per rank: each rank has its own)."""
+
+    def state_dict(self) -> dict:
+        return capture_rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        restore_rng_state(state)
+
+
 def worker_init_fn(worker_id: int) -> None:
     """Seed numpy and python in a DataLoader worker from torch's per-worker seed (torch seeds only
     itself and `random`); per-sample seeding overrides this for every sample anyway."""

@@ -16,16 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary name in the same directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from hpcvp.atomic import atomic_write_text
 
 
 class RunDir:

@@ -61,7 +61,13 @@ class ResumableDistributedSampler(Sampler):
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(state["epoch"], state["position"])
+        """``state`` may also say the ``world_size`` it was saved with: over another number of
+        ranks the same global progress in the epoch's order is re-split (not bitwise exact)."""
+        position = int(state["position"])
+        saved_world = int(state.get("world_size", self.num_replicas))
+        if saved_world != self.num_replicas:
+            position = min(self.per_rank, position * saved_world // self.num_replicas)
+        self.set_epoch(state["epoch"], position)
 
     # --------------------------------------------------------------- order
     def epoch_order(self, epoch: int) -> list[int]:

@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from hpcvp.atomic import atomic_write_text
+
 from .config import TrainConfig
 from .dist import DistEnv, init_distributed, teardown
 from .loop import Trainer
-from .rundir import RunDir, atomic_write_text
+from .rundir import RunDir
 from .signals import parse_signal
 
 
