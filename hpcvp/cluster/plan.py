@@ -286,7 +286,7 @@ def sbatch_settings(
 
 def _pack_argv(args: argparse.Namespace, data: str | None, cpus: int) -> list[str]:
     # one core stays with the process that writes the shards; the others decode PNGs
-    return ["--src", str(args.src), "--out", str(data), "--workers", str(max(1, cpus - 1)), "--quiet"]
+    return ["--src", str(args.src), "--out", str(data), "--workers", str(max(1, cpus - 1))]
 
 
 def make_request(
