@@ -158,6 +158,21 @@ def submit(profile: ClusterProfile, request: JobRequest, python: str | None = No
         return executor.submit(job)
 
 
+def submit_array(profile: ClusterProfile, requests: Sequence[JobRequest], python: str | None = None) -> list[str]:
+    """Submit a sweep's requests as one Slurm job array (they differ only in argv and run dir);
+    returns the task ids ``<array id>_<index>``, in order. submitit requeues a task as
+    ``scontrol requeue <array id>_<index>``: one element, never the others."""
+    for request in requests:
+        request.run_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(profile, requests[0], python)
+    with without_resolved_sbatch_env(), executor.batch():
+        jobs = [
+            executor.submit(HpcvpJob(r.module, r.argv, r.max_requeues, description=f"{r.stage} {r.run_dir}"))
+            for r in requests
+        ]
+    return [str(job.job_id) for job in jobs]
+
+
 # ---------------------------------------------------------------------------------------------
 # Local runs (no Slurm): one process per "GPU", torchrun-style environment, gloo on CPU.
 

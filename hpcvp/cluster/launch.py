@@ -228,6 +228,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument("--dependency", metavar="DEP", help="Slurm dependency for the (first) job, e.g. afterok:12345")
 
+    sweeps = parser.add_argument_group("sweeps")
+    sweeps.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="run the stage once per value (repeatable: every combination), as one Slurm job array; "
+        "each element is its own run, RUN_ROOT/<stage>/<run>__KEY=V,..., that requeues and resumes by itself",
+    )
+    sweeps.add_argument(
+        "--max-parallel",
+        type=int,
+        metavar="N",
+        help="run at most N sweep elements at once (sbatch --array=...%%N; default: all)",
+    )
+    sweeps.add_argument(
+        "--sweep-report",
+        action="store_true",
+        help="write each sweep's table (sweep.md, best first) and bar chart (sweep.png) under the run root and exit",
+    )
+
     actions = parser.add_argument_group("actions")
     actions.add_argument(
         "--dry-run",
@@ -366,6 +387,15 @@ def dry_run(profile: ClusterProfile, jobs: list[PlannedJob], why: str, out=None)
         request = job.request
         if job.depends_on:
             request.dependency = f"afterok:{job.depends_on.upper().replace('-', '_')}_JOB_ID"
+        if job.sweep is not None and profile.is_slurm:
+            if index == 1:
+                out.write(f"\n# ---- one job array of {len(jobs)} sweep elements: {request.stage}\n")
+                out.write(f"# submitit.SlurmExecutor(folder={str(request.job_folder)!r}) with executor.batch():\n")
+                for number, element in enumerate(jobs):
+                    out.write(f"#   task {number}: {element.request.run_dir.name}: {element.request.argv!r}\n")
+                out.write("# the sbatch script submitit writes:\n")
+                out.write(render_submitit_script(profile, request, array_size=len(jobs)))
+            continue
         out.write(f"\n# ---- job {index}/{len(jobs)}: {request.stage}\n")
         if profile.is_slurm:
             params = submitit_parameters(profile, request)
@@ -419,6 +449,9 @@ def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluste
 
     from hpcvp.cluster import executor
 
+    if jobs and jobs[0].sweep is not None:
+        submit_sweep(console, profile, jobs, cluster_line)
+        return
     by_stage: dict[str, PlannedJob] = {}
     for job in jobs:
         request = job.request
@@ -447,9 +480,66 @@ def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluste
     print_jobs_table(console, jobs, f"submitted to {cluster_line}")
 
 
+def submit_sweep(console, profile: ClusterProfile, jobs: list[PlannedJob], cluster_line: str) -> None:
+    from submitit.core.utils import FailedJobError
+
+    from hpcvp.cluster import executor
+
+    folder = jobs[0].sweep
+    try:
+        ids = executor.submit_array(profile, [job.request for job in jobs])
+    except (FailedJobError, OSError) as exc:
+        raise LaunchError(f"sbatch refused the sweep's job array: {str(exc).strip()}") from exc
+    for job, job_id in zip(jobs, ids):
+        job.job_id = job_id
+        record_event(
+            job.request.run_dir,
+            event="submitted",
+            job_id=job_id,
+            via="submitit",
+            stage=job.request.stage,
+            cluster=profile.name,
+            sweep=folder.name,
+            argv=job.request.argv,
+        )
+    write_sweep_record(jobs, ids[0].split("_")[0])
+    print_jobs_table(console, jobs, f"sweep {folder.name} submitted to {cluster_line} as one job array")
+    say(f"hpcvp: sweep table: python jobs/launch.py --sweep-report (writes {folder / 'sweep.md'})")
+
+
+def write_sweep_record(jobs: list[PlannedJob], job_id: str = "") -> None:
+    from hpcvp.cluster import sweep
+
+    folder = jobs[0].sweep
+    run = folder.name.removesuffix(sweep.SWEEP_SUFFIX)
+    axes: dict[str, list[str]] = {}
+    for job in jobs:
+        for pair in job.element:
+            key, _, value = pair.partition("=")
+            values = axes.setdefault(key, [])
+            if value not in values:
+                values.append(value)
+    elements = [sweep.Element(j.request.run_dir.name, j.element) for j in jobs]
+    sweep.write_sweep_file(folder, jobs[0].request.stage, run, list(axes.items()), elements, job_id)
+
+
+def sweep_reports(run_root: Path) -> list[Path]:
+    from hpcvp.cluster import sweep
+
+    written = []
+    for folder in sweep.find_sweeps(run_root):
+        result = sweep.write_report(folder)
+        if result:
+            written += [p for p in result if p is not None]
+    return written
+
+
 def run_jobs_locally(jobs: list[PlannedJob]) -> int:
     from hpcvp.cluster import executor
 
+    worst = 0
+    if jobs and jobs[0].sweep is not None:
+        write_sweep_record(jobs)
     for job in jobs:
         request = job.request
         processes = max(1, request.gpus_per_node) * request.nodes
@@ -471,8 +561,16 @@ def run_jobs_locally(jobs: list[PlannedJob]) -> int:
             return status
         if status != 0:
             say(f"hpcvp: {request.stage} failed with exit status {status}")
-            return status
-    return 0
+            if job.sweep is None:
+                return status
+            worst = worst or status  # a sweep goes on with its other elements
+    if jobs and jobs[0].sweep is not None:
+        from hpcvp.cluster.sweep import write_report
+
+        report = write_report(jobs[0].sweep)
+        if report:
+            say(f"hpcvp: sweep table {report[0]}" + (f", chart {report[1]}" if report[1] else ""))
+    return worst
 
 
 def resolve_data(args: argparse.Namespace, profile: ClusterProfile, dry: bool) -> str | None:
@@ -509,11 +607,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = _console()
-    if args.status:
-        print_status(run_root_from(args), console)
+    if args.status or args.sweep_report:
+        root = run_root_from(args)
+        if args.status:
+            print_status(root, console)
+        for path in sweep_reports(root):
+            say(f"hpcvp: sweep report {path}")
         return 0
     if not args.stage:
-        parser.error("--stage is required (or --status)")
+        parser.error("--stage is required (or --status, --sweep-report)")
     try:
         profile, why = resolve_profile(args.cluster, load_profiles())
         preset = args.preset or profile.default_preset

@@ -36,6 +36,8 @@ class PlannedJob:
     depends_on: str | None = None  # stage name of the job this one waits for
     job_id: str = ""
     overrides: list[str] = field(default_factory=list)
+    sweep: Path | None = None  # the sweep's folder when this job is one element of a sweep
+    element: tuple[str, ...] = ()  # its swept KEY=VALUE pairs
 
 
 def run_root_from(args: argparse.Namespace) -> Path:
@@ -354,7 +356,48 @@ def make_request(
     )
 
 
+def plan_sweep(profile: ClusterProfile, args: argparse.Namespace, data: str | None, preset: str) -> list[PlannedJob]:
+    """One job per element of the --sweep grid; submitted as one array (launch.submit_jobs)."""
+    from hpcvp.cluster import sweep
+
+    if args.stage == "all":
+        raise LaunchError("--sweep: a sweep runs one stage; give --stage STAGE (e.g. --stage seg)")
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise LaunchError(f"--max-parallel {args.max_parallel}: must be at least 1")
+    try:
+        axes = sweep.parse_sweep(args.sweep)
+        elements = sweep.grid(args.run, axes)
+    except sweep.SweepError as exc:
+        raise LaunchError(str(exc)) from None
+    spec = get_stage(args.stage)
+    if not spec.has_config:
+        raise LaunchError(f"--sweep: stage {args.stage!r} has no config keys to sweep")
+    for (key, values), item in zip(axes, args.sweep):
+        try:
+            build_config(spec, preset, [f"{key}={value}" for value in values[:1]])
+        except ConfigError as exc:
+            raise LaunchError(f"--sweep {item}: {exc}") from None
+    root = run_root_from(args)
+    folder = sweep.sweep_dir(root, args.stage, args.run)
+    check_stage_scoped(args, [args.stage])
+    base = chain.links(args.stage, root, args.run) + split_overrides(args.overrides, [args.stage])[args.stage]
+    jobs = []
+    for element in elements:
+        overrides = base + list(element.overrides)
+        request = make_request(profile, args, args.stage, root / args.stage / element.name, data, preset, overrides)
+        request.job_name = f"hpcvp-{args.stage}-{args.run}-sweep"
+        request.folder_root = folder
+        request.array_parallelism = args.max_parallel or len(elements)
+        request.dependency = args.dependency
+        jobs.append(PlannedJob(request, overrides=overrides, sweep=folder, element=element.overrides))
+    return jobs
+
+
 def plan_jobs(profile: ClusterProfile, args: argparse.Namespace, data: str | None, preset: str) -> list[PlannedJob]:
+    if getattr(args, "sweep", None):
+        return plan_sweep(profile, args, data, preset)
+    if getattr(args, "max_parallel", None) is not None:
+        raise LaunchError("--max-parallel: only with --sweep (it caps how many sweep elements run at once)")
     root = run_root_from(args)
     # the data is already packed (or is the built-in set) unless --src names raw data
     stages = chain.chain(with_pack=args.src is not None) if args.stage == "all" else [args.stage]

@@ -51,6 +51,10 @@ class JobRequest:
     # True for a bare flag.
     sbatch_options: dict[str, str | bool] = field(default_factory=dict)
     max_requeues: int = 5
+    # A sweep's elements share one submitit folder (the sweep's) and run as one array, at most
+    # array_parallelism tasks at a time (sbatch --array=0-N%P).
+    folder_root: Path | None = None
+    array_parallelism: int | None = None
     signal_seconds: int = 120
     setup: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -67,7 +71,7 @@ class JobRequest:
     @property
     def job_folder(self) -> Path:
         """submitit's folder for this run: pickles, per-task logs; %j is the Slurm job id."""
-        return self.run_dir / "slurm" / "%j"
+        return (self.folder_root or self.run_dir) / "slurm" / "%j"
 
 
 def gres_for(profile: ClusterProfile, gpus_per_node: int, gpu_type: str | None) -> str | None:
@@ -166,6 +170,8 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
     }
     if request.mem_gb is not None:
         params["mem"] = slurm_mem(request.mem_gb)
+    if request.array_parallelism:
+        params["array_parallelism"] = request.array_parallelism
     gres = gres_for(profile, request.gpus_per_node, request.gpu_type)
     if gres:
         params["gres"] = gres
@@ -198,8 +204,11 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
     return params
 
 
-def render_submitit_script(profile: ClusterProfile, request: JobRequest, python: str | None = None) -> str:
-    """The batch script submitit writes for this request (what ``--dry-run`` prints)."""
+def render_submitit_script(
+    profile: ClusterProfile, request: JobRequest, python: str | None = None, array_size: int | None = None
+) -> str:
+    """The batch script submitit writes for this request (what ``--dry-run`` prints); ``array_size``:
+    the script of a job array of that many tasks (a sweep)."""
     from submitit.slurm import slurm as submitit_slurm
 
     params = submitit_parameters(profile, request)
@@ -207,4 +216,6 @@ def render_submitit_script(profile: ClusterProfile, request: JobRequest, python:
     command = " ".join(
         [python_command(profile, request, python), "-u -m submitit.core._submit", shlex.quote(str(folder))]
     )
+    if array_size:
+        params["map_count"] = array_size
     return submitit_slurm._make_sbatch_string(command=command, folder=folder, **params)
