@@ -213,3 +213,109 @@ def test_bad_resources_are_refused_naming_the_flag(tmp_path, capsys, synthetic_p
     assert launch.main(args) == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# --------------------------------------------------------------------------------------------- sweeps
+
+
+def test_sweep_grid_names_are_safe_and_malformed_sweeps_are_refused():
+    from hpcvp.cluster import sweep
+
+    axes = sweep.parse_sweep(["train.lr=1e-3,3e-4", "model.base=8,16"])
+    names = [e.name for e in sweep.grid("r", axes)]
+    assert names[0] == "r__train.lr=1e-3,model.base=8" and len(names) == 4
+    assert sweep.safe("a/b c$") == "a_b_c_"
+    for bad in ("train.lr", "train.lr=", "train.lr=1,,2", "=1,2", "train.lr=1,1"):
+        with pytest.raises(sweep.SweepError, match="--sweep"):
+            sweep.parse_sweep([bad])
+    with pytest.raises(sweep.SweepError, match="swept twice"):
+        sweep.parse_sweep(["a=1", "a=2"])
+
+
+def test_sweep_dry_run_is_one_array_with_max_parallel(tmp_path, capsys, synthetic_packed):
+    status, out, err = dry(
+        [*GREENE, "--sweep", "train.lr=1e-3,3e-4", "--sweep", "train.batch_size=2,4", "--max-parallel", "2"],
+        capsys,
+        tmp_path,
+        synthetic_packed,
+    )
+    assert status == 0, err
+    assert "one job array of 4 sweep elements" in out
+    assert out.count("#!/bin/bash") == 1 and "#SBATCH --array=0-3%2" in out
+    assert "seg/default__sweep/slurm/%A_%a/%A_%a_0_log.out" in out
+    assert "'train.lr=3e-4', '--set', 'train.batch_size=4'" in out
+    assert "default__train.lr=3e-4,train.batch_size=4" in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--sweep", "train.lr"], "--sweep train.lr: expected KEY=V1,V2"),
+        (["--sweep", "train.nope=1,2"], "--sweep train.nope=1,2: "),
+        (["--stage", "all", "--sweep", "train.lr=1,2"], "--sweep: a sweep runs one stage"),
+        (["--max-parallel", "2"], "--max-parallel: only with --sweep"),
+        (["--sweep", "train.lr=1,2", "--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
+    ],
+)
+def test_bad_sweeps_are_refused_naming_the_flag(tmp_path, capsys, synthetic_packed, extra, expected):
+    args = [*GREENE, *extra, "--data", str(synthetic_packed), "--run-root", str(tmp_path / "r")]
+    assert launch.main(args) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_sweep_report_ranks_elements_best_first(tmp_path):
+    import json
+
+    from hpcvp.cluster import sweep
+    from hpcvp.cluster.status import collect_status, record_event, status_table
+
+    axes = sweep.parse_sweep(["train.lr=1,2,3"])
+    elements = sweep.grid("r", axes)
+    folder = sweep.sweep_dir(tmp_path, "seg", "r")
+    sweep.write_sweep_file(folder, "seg", "r", axes, elements)
+    for score, element in zip((0.2, 0.9, 0.5), elements):
+        run_dir = tmp_path / "seg" / element.name
+        run_dir.mkdir(parents=True)
+        lines = [{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5, "val_jaccard": score}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        record_event(run_dir, event="finished", via="local", stage="seg", state="COMPLETED", sweep=folder.name)
+    md, png = sweep.write_report(folder)
+    table = md.read_text()
+    ranked = [line.split("|")[2].strip() for line in table.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert ranked == ["2", "3", "1"], table
+    assert "val_jaccard" in table and "higher is better" in table
+    pytest.importorskip("matplotlib")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = collect_status(tmp_path)
+    assert {r.sweep for r in rows} == {folder.name}
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    console.print(status_table(rows, tmp_path))
+    text = console.export_text()
+    assert "r__sweep (sweep)" in text and "train.lr=2" in text
+
+
+def test_sweep_runs_elements_one_after_another_locally(tmp_path, default_dataset_dir, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("COLUMNS", "250")
+    runs = tmp_path / "runs"
+    status = launch.main(
+        ["--cluster", "local", "--stage", "seg", "--gpus", "1", "--run-root", str(runs), "--run", "sw"]
+        + ["--data", str(default_dataset_dir), "--set", "train.max_steps=2", "--set", "eval_max_frames=4"]
+        + ["--set", "train.batch_size=2", "--sweep", "train.lr=1e-3,1e-2"]
+    )
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for lr in ("1e-3", "1e-2"):
+        run_dir = runs / "seg" / f"sw__train.lr={lr}"
+        assert (run_dir / "metrics.jsonl").exists()
+        config = json.loads((run_dir / "stage_config.json").read_text())["config"]
+        assert config["train"]["lr"] == float(lr)
+    table = (runs / "seg" / "sw__sweep" / "sweep.md").read_text()
+    assert "sw__train.lr=1e-3" in table and "sw__train.lr=1e-2" in table
+    assert launch.main(["--status", "--run-root", str(runs)]) == 0
+    assert "sw__sweep (sweep)" in capsys.readouterr().out

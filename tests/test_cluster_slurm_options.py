@@ -125,3 +125,22 @@ def test_sbatch_template_takes_qos_and_mail_and_logs_under_the_job_name(test_qos
     while not log.exists() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert "set HPCVP_DATA" in log.read_text(), sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_sweep_runs_as_one_array_that_completes(slurm_cluster, default_dataset_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    args = tiny_seg(default_dataset_dir, tmp_path, "sw", "--sweep", "train.lr=1e-3,1e-2", "--max-parallel", "1")
+    assert launch.main(args) == 0
+    runs = [tmp_path / "seg" / f"sw__train.lr={lr}" for lr in ("1e-3", "1e-2")]
+    ids = [job_id_of(run_dir) for run_dir in runs]
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_0", f"{array}_1"]  # one array, one task per element
+    script = next((tmp_path / "seg" / "sw__sweep" / "slurm").rglob("*_submission.sh")).read_text()
+    assert "#SBATCH --array=0-1%1" in script
+    for job_id, run_dir in zip(ids, runs):
+        assert wait_until_done(job_id) == "COMPLETED", job_id
+        assert (run_dir / "metrics.jsonl").exists()
+    monkeypatch.setenv("COLUMNS", "250")
+    assert launch.main(["--status", "--run-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sw__sweep (sweep)" in out and out.count("COMPLETED") >= 2
+    assert (tmp_path / "seg" / "sw__sweep" / "sweep.md").exists()

@@ -551,6 +551,7 @@ def run_jobs_locally(jobs: list[PlannedJob]) -> int:
             pid=os.getpid(),
             processes=processes,
             argv=request.argv,
+            **({"sweep": job.sweep.name} if job.sweep is not None else {}),
         )
         say(f"hpcvp: {request.stage}: {processes} local process(es); run dir {request.run_dir}")
         status = executor.run_local(request.module, request.argv, processes, log_dir=request.run_dir / "logs")

@@ -269,6 +269,7 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
         lost = stopped_seconds(_local_attempts(events))
     else:
         state = "UNKNOWN"
+    sweep = next((str(e["sweep"]) for e in reversed(events) if e.get("sweep")), "")
     reason = ""
     if state == "PENDING" and job_id:
         reason = scontrol_job_fields(job_id).get("Reason", "")
@@ -283,8 +284,8 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
         checkpoint_step=latest_step(run_dir),
         metric=last_metric(run_dir),
         lost_seconds=lost,
-        sweep=str(latest.get("sweep") or ""),
-        log=log_path(run_dir, job_id, via, str(latest.get("sweep") or "")),
+        sweep=sweep,
+        log=log_path(run_dir, job_id, via, sweep),
         reason="" if reason in ("None", "(null)") else reason,
     )
 
