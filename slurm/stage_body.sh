@@ -63,7 +63,7 @@ if [ "$hpcvp_stage" = pack ]; then
     [ -n "${HPCVP_SRC:-}" ] || hpcvp_fail "set HPCVP_SRC to the raw dataset root (train/ val/ unlabeled/ hidden/)"
     hpcvp_command=("$hpcvp_python" -c "import sys; from hpcvp.data.pack_cli import main; sys.exit(main(sys.argv[1:]))"
                    --src "$HPCVP_SRC" --out "$hpcvp_data"
-                   --workers "$(( ${SLURM_CPUS_PER_TASK:-2} > 2 ? ${SLURM_CPUS_PER_TASK:-2} - 1 : 1 ))" --quiet)
+                   --workers "$(( ${SLURM_CPUS_PER_TASK:-2} > 2 ? ${SLURM_CPUS_PER_TASK:-2} - 1 : 1 ))")
     hpcvp_srun=(srun --ntasks=1)
 else
     hpcvp_command=("$hpcvp_python" -m hpcvp.stages.worker --stage "$hpcvp_stage" --data "$hpcvp_data"

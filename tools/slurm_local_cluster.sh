@@ -3,6 +3,7 @@
 #
 #   sudo bash tools/slurm_local_cluster.sh up       # install if missing, configure, start; idempotent
 #   sudo bash tools/slurm_local_cluster.sh status   # daemons, sinfo, accounts
+#   sudo bash tools/slurm_local_cluster.sh qos      # only (re)create the test QoS hpcvp_test (no restart)
 #   sudo bash tools/slurm_local_cluster.sh stop     # stop slurmd, slurmctld, slurmdbd, mariadb, munged
 #
 # What "up" makes (the hpcvp tests and the `slurm-local` profile in hpcvp/cluster/profiles.json expect it):
@@ -11,7 +12,8 @@
 #   - partitions: `cpu` (default, no time limit) and `gpu` (MaxTime=01:00:00, so the launcher's
 #     time-limit pre-flight has a limit to check against). Node feature `cpu` for --constraint.
 #   - accounting through slurmdbd on MariaDB (sacct shows REQUEUED/PREEMPTED/...), associations enforced,
-#     accounts pr_000_general (Greene-style) and torch_pr_000 (Torch-style) for root and the invoking user.
+#     accounts pr_000_general (Greene-style) and torch_pr_000 (Torch-style) for root and the invoking user,
+#     each allowed the QoS `normal` and `hpcvp_test` (for --qos).
 #   - AuthInfo=cred_expire=10 so that a requeued job may start again after ~15 s instead of ~2 min.
 #
 #   sudo bash tools/slurm_local_cluster.sh up --nodes 2     # a second, two-node cluster (see below)
@@ -31,6 +33,7 @@ set -euo pipefail
 
 CLUSTER_NAME="${HPCVP_SLURM_CLUSTER_NAME:-hpcvp}"
 ACCOUNTS=(pr_000_general torch_pr_000)
+TEST_QOS=hpcvp_test
 DB_PASSWORD="${HPCVP_SLURM_DB_PASSWORD:-hpcvp-slurmdbd}"
 ETC=/etc/slurm
 LOG_DIR=/var/log/slurm
@@ -302,6 +305,28 @@ ensure_accounts() {
     done
 }
 
+ensure_qos() {
+    # A QoS besides "normal", allowed on every account, for the launcher's --qos tests (sacctmgr
+    # only; nothing to restart). Idempotent.
+    local user account
+    if [ -z "$(sacctmgr -n -P list qos "$TEST_QOS" format=name)" ]; then
+        sacctmgr -i add qos "$TEST_QOS" >/dev/null
+        say "added qos $TEST_QOS"
+    fi
+    while IFS='|' read -r account user; do
+        [ -n "$account" ] || continue
+        if ! sacctmgr -n -P list assoc cluster="$CLUSTER_NAME" account="$account" user="$user" format=qos \
+            | tr ',' '\n' | grep -qx "$TEST_QOS"; then
+            if [ -n "$user" ]; then
+                sacctmgr -i modify user where name="$user" account="$account" cluster="$CLUSTER_NAME" set qos+="$TEST_QOS" >/dev/null
+            else
+                sacctmgr -i modify account where name="$account" cluster="$CLUSTER_NAME" set qos+="$TEST_QOS" >/dev/null
+            fi
+            say "allowed qos $TEST_QOS for account $account${user:+ user $user}"
+        fi
+    done < <(sacctmgr -n -P list assoc cluster="$CLUSTER_NAME" format=account,user)
+}
+
 start_slurm_daemons() {
     local restart=0
     if [ "$CONFIG_CHANGED" -eq 1 ]; then restart=1; fi
@@ -361,6 +386,7 @@ cmd_up() {
     write_configs
     start_slurmdbd
     ensure_accounts
+    ensure_qos
     start_slurm_daemons
     say "cluster '$CLUSTER_NAME' is up:"
     show_status
@@ -654,6 +680,7 @@ case "$COMMAND" in
     stop|down) cmd_stop ;;
     restart) cmd_stop; cmd_up ;;
     status) show_status ;;
-    help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown subcommand '$COMMAND' (use: up | stop | down | restart | status)" ;;
+    qos) ensure_qos ;;
+    help) sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//' ;;
+    *) die "unknown subcommand '$COMMAND' (use: up | stop | down | restart | status | qos)" ;;
 esac

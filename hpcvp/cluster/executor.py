@@ -23,6 +23,7 @@ Preemption and time-outs, end to end (submitit path):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import signal
@@ -139,12 +140,42 @@ def make_executor(profile: ClusterProfile, request: JobRequest, python: str | No
     return executor
 
 
+# sbatch lets these input variables override the script's #SBATCH lines; the launcher already
+# folded them in below its own flags (plan.sbatch_settings), so they must not reach sbatch again.
+RESOLVED_SBATCH_ENV = ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "SBATCH_QOS")
+
+
+@contextlib.contextmanager
+def without_resolved_sbatch_env():
+    saved = {name: os.environ.pop(name) for name in RESOLVED_SBATCH_ENV if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def submit(profile: ClusterProfile, request: JobRequest, python: str | None = None) -> submitit.Job:
     """Submit one request through submitit; returns the submitit job (``.job_id``)."""
     request.run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor(profile, request, python)
     job = HpcvpJob(request.module, request.argv, request.max_requeues, description=f"{request.stage} {request.run_dir}")
-    return executor.submit(job)
+    with without_resolved_sbatch_env():
+        return executor.submit(job)
+
+
+def submit_array(profile: ClusterProfile, requests: Sequence[JobRequest], python: str | None = None) -> list[str]:
+    """Submit a sweep's requests as one Slurm job array (they differ only in argv and run dir);
+    returns the task ids ``<array id>_<index>``, in order. submitit requeues a task as
+    ``scontrol requeue <array id>_<index>``: one element, never the others."""
+    for request in requests:
+        request.run_dir.mkdir(parents=True, exist_ok=True)
+    executor = make_executor(profile, requests[0], python)
+    with without_resolved_sbatch_env(), executor.batch():
+        jobs = [
+            executor.submit(HpcvpJob(r.module, r.argv, r.max_requeues, description=f"{r.stage} {r.run_dir}"))
+            for r in requests
+        ]
+    return [str(job.job_id) for job in jobs]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,9 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(local, slurm-local) N CPU processes with gloo (default: 1). With --stage all, inference "
         "stages (pseudo-label, predict) keep their own default of 1; STAGE:N sets one stage's (repeatable)",
     )
+    where.add_argument(
+        "--resources",
+        action="append",
+        default=[],
+        metavar="STAGE:gpus=N,time=T,mem=GB",
+        help="one stage's resources (any of the three keys), repeatable, e.g. "
+        "--resources predict:gpus=1,time=1:00:00; the stage must be part of the launch",
+    )
     where.add_argument("--nodes", type=int, default=1, metavar="M", help="nodes per job (default: 1)")
-    where.add_argument("--account", metavar="A", help="Slurm account (Greene: pr_<N>_general; Torch: torch_pr_*)")
-    where.add_argument("--partition", metavar="P", help="Slurm partition (checked against sinfo)")
+    where.add_argument(
+        "--account",
+        metavar="A",
+        help="Slurm account (Greene: pr_<N>_general; Torch: torch_pr_*); default: $SBATCH_ACCOUNT, else the profile's",
+    )
+    where.add_argument(
+        "--partition",
+        metavar="P",
+        help="Slurm partition (checked against sinfo); default: $SBATCH_PARTITION, else the profile's",
+    )
     where.add_argument(
         "--constraint",
         metavar="C",
@@ -188,7 +204,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="send the pre-timeout USR2 this many seconds before the time limit (default: the profile's)",
     )
+    where.add_argument(
+        "--qos", metavar="Q", help="Slurm QoS (checked against sacctmgr); default: $SBATCH_QOS, else the profile's"
+    )
+    where.add_argument(
+        "--mail-type",
+        metavar="TYPES",
+        help="mail on these job events, e.g. END,FAIL (sbatch --mail-type; default: the profile's)",
+    )
+    where.add_argument("--mail-user", metavar="ADDR", help="where the mail goes (sbatch --mail-user)")
+    where.add_argument(
+        "--exclude", metavar="NODES", help="keep the jobs off these nodes, e.g. gr[001-002] (checked against sinfo)"
+    )
+    where.add_argument("--reservation", metavar="R", help="run in this advance reservation (sbatch --reservation)")
+    where.add_argument(
+        "--sbatch-opt",
+        dest="sbatch_opts",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, repeatable: --sbatch-opt nice=100 -> #SBATCH --nice=100 "
+        "(a bare KEY for a flag; options the launcher sets itself are refused with the flag to use)",
+    )
     where.add_argument("--dependency", metavar="DEP", help="Slurm dependency for the (first) job, e.g. afterok:12345")
+
+    sweeps = parser.add_argument_group("sweeps")
+    sweeps.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="run the stage once per value (repeatable: every combination), as one Slurm job array; "
+        "each element is its own run, RUN_ROOT/<stage>/<run>__KEY=V,..., that requeues and resumes by itself",
+    )
+    sweeps.add_argument(
+        "--max-parallel",
+        type=int,
+        metavar="N",
+        help="run at most N sweep elements at once (sbatch --array=...%%N; default: all)",
+    )
+    sweeps.add_argument(
+        "--sweep-report",
+        action="store_true",
+        help="write each sweep's table (sweep.md, best first) and bar chart (sweep.png) under the run root and exit",
+    )
 
     actions = parser.add_argument_group("actions")
     actions.add_argument(
@@ -264,11 +323,15 @@ def run_preflight(
         if profile.is_slurm:
             assert facts is not None
             problems += preflight.check_account(profile, request, facts)
+            problems += preflight.check_qos(request, facts)
+            problems += preflight.check_exclude(request, facts)
             problems += preflight.check_partition_and_constraint(profile, request, facts)
             problems += preflight.check_time(profile, request, facts)
             problems += preflight.check_memory(request, facts)
-    if "pack" not in stages and data and (Path(data).exists() or not args.dry_run):
-        # (A dry run does not build the built-in set, so there may be nothing to check yet.)
+    builtin_not_built = args.dry_run and args.data in (None, "default") and not Path(str(data)).exists()
+    if "pack" not in stages and data and not builtin_not_built:
+        # (A dry run does not build the built-in set, so there may be nothing to check yet; a path
+        # the user gave is checked as a real launch would.)
         problems += preflight.check_data(Path(data), readers)
     # The same problem found for every job of a chain is reported once.
     unique: list[preflight.Problem] = []
@@ -324,6 +387,15 @@ def dry_run(profile: ClusterProfile, jobs: list[PlannedJob], why: str, out=None)
         request = job.request
         if job.depends_on:
             request.dependency = f"afterok:{job.depends_on.upper().replace('-', '_')}_JOB_ID"
+        if job.sweep is not None and profile.is_slurm:
+            if index == 1:
+                out.write(f"\n# ---- one job array of {len(jobs)} sweep elements: {request.stage}\n")
+                out.write(f"# submitit.SlurmExecutor(folder={str(request.job_folder)!r}) with executor.batch():\n")
+                for number, element in enumerate(jobs):
+                    out.write(f"#   task {number}: {element.request.run_dir.name}: {element.request.argv!r}\n")
+                out.write("# the sbatch script submitit writes:\n")
+                out.write(render_submitit_script(profile, request, array_size=len(jobs)))
+            continue
         out.write(f"\n# ---- job {index}/{len(jobs)}: {request.stage}\n")
         if profile.is_slurm:
             params = submitit_parameters(profile, request)
@@ -378,6 +450,9 @@ def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluste
 
     from hpcvp.cluster import executor
 
+    if jobs and jobs[0].sweep is not None:
+        submit_sweep(console, profile, jobs, cluster_line)
+        return
     by_stage: dict[str, PlannedJob] = {}
     for job in jobs:
         request = job.request
@@ -406,9 +481,66 @@ def submit_jobs(console, profile: ClusterProfile, jobs: list[PlannedJob], cluste
     print_jobs_table(console, jobs, f"submitted to {cluster_line}")
 
 
+def submit_sweep(console, profile: ClusterProfile, jobs: list[PlannedJob], cluster_line: str) -> None:
+    from submitit.core.utils import FailedJobError
+
+    from hpcvp.cluster import executor
+
+    folder = jobs[0].sweep
+    try:
+        ids = executor.submit_array(profile, [job.request for job in jobs])
+    except (FailedJobError, OSError) as exc:
+        raise LaunchError(f"sbatch refused the sweep's job array: {str(exc).strip()}") from exc
+    for job, job_id in zip(jobs, ids):
+        job.job_id = job_id
+        record_event(
+            job.request.run_dir,
+            event="submitted",
+            job_id=job_id,
+            via="submitit",
+            stage=job.request.stage,
+            cluster=profile.name,
+            sweep=folder.name,
+            argv=job.request.argv,
+        )
+    write_sweep_record(jobs, ids[0].split("_")[0])
+    print_jobs_table(console, jobs, f"sweep {folder.name} submitted to {cluster_line} as one job array")
+    say(f"hpcvp: sweep table: python jobs/launch.py --sweep-report (writes {folder / 'sweep.md'})")
+
+
+def write_sweep_record(jobs: list[PlannedJob], job_id: str = "") -> None:
+    from hpcvp.cluster import sweep
+
+    folder = jobs[0].sweep
+    run = folder.name.removesuffix(sweep.SWEEP_SUFFIX)
+    axes: dict[str, list[str]] = {}
+    for job in jobs:
+        for pair in job.element:
+            key, _, value = pair.partition("=")
+            values = axes.setdefault(key, [])
+            if value not in values:
+                values.append(value)
+    elements = [sweep.Element(j.request.run_dir.name, j.element) for j in jobs]
+    sweep.write_sweep_file(folder, jobs[0].request.stage, run, list(axes.items()), elements, job_id)
+
+
+def sweep_reports(run_root: Path) -> list[Path]:
+    from hpcvp.cluster import sweep
+
+    written = []
+    for folder in sweep.find_sweeps(run_root):
+        result = sweep.write_report(folder)
+        if result:
+            written += [p for p in result if p is not None]
+    return written
+
+
 def run_jobs_locally(jobs: list[PlannedJob]) -> int:
     from hpcvp.cluster import executor
 
+    worst = 0
+    if jobs and jobs[0].sweep is not None:
+        write_sweep_record(jobs)
     for job in jobs:
         request = job.request
         processes = max(1, request.gpus_per_node) * request.nodes
@@ -420,6 +552,7 @@ def run_jobs_locally(jobs: list[PlannedJob]) -> int:
             pid=os.getpid(),
             processes=processes,
             argv=request.argv,
+            **({"sweep": job.sweep.name} if job.sweep is not None else {}),
         )
         say(f"hpcvp: {request.stage}: {processes} local process(es); run dir {request.run_dir}")
         status = executor.run_local(request.module, request.argv, processes, log_dir=request.run_dir / "logs")
@@ -430,8 +563,16 @@ def run_jobs_locally(jobs: list[PlannedJob]) -> int:
             return status
         if status != 0:
             say(f"hpcvp: {request.stage} failed with exit status {status}")
-            return status
-    return 0
+            if job.sweep is None:
+                return status
+            worst = worst or status  # a sweep goes on with its other elements
+    if jobs and jobs[0].sweep is not None:
+        from hpcvp.cluster.sweep import write_report
+
+        report = write_report(jobs[0].sweep)
+        if report:
+            say(f"hpcvp: sweep table {report[0]}" + (f", chart {report[1]}" if report[1] else ""))
+    return worst
 
 
 def resolve_data(args: argparse.Namespace, profile: ClusterProfile, dry: bool) -> str | None:
@@ -468,11 +609,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = _console()
-    if args.status:
-        print_status(run_root_from(args), console)
+    if args.status or args.sweep_report:
+        root = run_root_from(args)
+        if args.status:
+            print_status(root, console)
+        for path in sweep_reports(root):
+            say(f"hpcvp: sweep report {path}")
         return 0
     if not args.stage:
-        parser.error("--stage is required (or --status)")
+        parser.error("--stage is required (or --status, --sweep-report)")
     try:
         profile, why = resolve_profile(args.cluster, load_profiles())
         preset = args.preset or profile.default_preset

@@ -24,7 +24,7 @@ from hpcvp.cluster.slurm_units import format_minutes, parse_partition_limit_minu
 
 @dataclass(frozen=True)
 class Problem:
-    check: str  # account | partition | constraint | gpus | time | mem | data | run-dir | config | container
+    check: str  # account | qos | exclude | partition | constraint | gpus | time | mem | data | run-dir | config | container
     message: str
 
     def __str__(self) -> str:
@@ -47,6 +47,7 @@ class PartitionInfo:
     max_gpus_per_node: int  # from GRES; 0 when the partition has no GPUs
     features: set[str] = field(default_factory=set)
     max_mem_mb: int = 0  # the largest node's memory (sinfo %m)
+    gres_types: set[str] = field(default_factory=set)  # "a100" of "gpu:a100:4"
 
 
 def _run(args: list[str], timeout: float = 30.0) -> tuple[bool, str]:
@@ -76,6 +77,9 @@ class SlurmFacts:
         self._partitions_error: str | None = None
         self._accounts: set[str] | None = None
         self._accounts_error: str | None = None
+        self._qos: set[str] | None = None
+        self._qos_error: str | None = None
+        self._nodes: set[str] | None = None
 
     def partitions(self) -> dict[str, PartitionInfo] | None:
         """Partition name -> facts; None when sinfo does not answer (see partitions_error)."""
@@ -96,6 +100,7 @@ class SlurmFacts:
                 )
                 info.max_cpus_per_node = max(info.max_cpus_per_node, int(re.sub(r"\D", "", cpus) or 0))
                 info.max_gpus_per_node = max(info.max_gpus_per_node, gres_gpu_count(gres))
+                info.gres_types |= set(_GRES_TYPE_RE.findall(gres))
                 info.features |= {f for f in features.split(",") if f and f != "(null)"}
                 info.max_mem_mb = max(info.max_mem_mb, int(re.sub(r"\D", "", mem) or 0))
             self._partitions = parts
@@ -120,6 +125,35 @@ class SlurmFacts:
     def accounts_error(self) -> str | None:
         self.accounts()
         return self._accounts_error
+
+    def qos_names(self) -> set[str] | None:
+        """Every QoS sacctmgr knows; None when it does not answer (see qos_error)."""
+        if self._qos is None and self._qos_error is None:
+            ok, out = _run(["sacctmgr", "-n", "-P", "show", "qos", "format=name"])
+            if not ok:
+                self._qos_error = out
+                return None
+            self._qos = {line.strip() for line in out.splitlines() if line.strip()}
+        return self._qos
+
+    @property
+    def qos_error(self) -> str | None:
+        self.qos_names()
+        return self._qos_error
+
+    def nodes(self) -> set[str] | None:
+        """Node names sinfo lists; None when it does not answer."""
+        if self._nodes is None:
+            ok, out = _run(["sinfo", "-h", "-N", "-o", "%N"])
+            if not ok:
+                return None
+            self._nodes = {line.strip() for line in out.splitlines() if line.strip()}
+        return self._nodes
+
+    def expand_hostlist(self, hostlist: str) -> list[str] | None:
+        """'gr[001-003],vm' -> node names (scontrol show hostnames); None when scontrol does not answer."""
+        ok, out = _run(["scontrol", "show", "hostnames", hostlist])
+        return [line.strip() for line in out.splitlines() if line.strip()] if ok else None
 
     def queued_gpus(self) -> int:
         """GPUs held by this user's pending and running jobs (0 when squeue does not answer)."""
@@ -222,10 +256,10 @@ def check_gpus(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
         problems.append(
             Problem("gpus", f"--nodes {request.nodes}: {profile.name!r} allows at most {profile.max_nodes}")
         )
-    if request.gpu_type and profile.gpu_types and request.gpu_type not in profile.gpu_types:
-        problems.append(
-            Problem("gpus", f"--gpu-type {request.gpu_type}: {profile.name!r} has {', '.join(profile.gpu_types)}")
-        )
+    if request.gpu_type:
+        known, source = gpu_types_known(profile, facts)
+        if known and request.gpu_type not in known:
+            problems.append(Problem("gpus", f"--gpu-type {request.gpu_type}: {source} has {', '.join(sorted(known))}"))
     limit, why = profile.max_gpus_per_node, f"the {profile.name!r} profile"
     if limit is None and facts is not None and profile.is_slurm:
         parts = facts.partitions() or {}
@@ -258,6 +292,59 @@ def check_gpus(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts |
                 )
             )
     return problems
+
+
+_GRES_TYPE_RE = re.compile(r"(?:^|,)gpu:([^:(,]+):\d+")
+
+
+def gpu_types_known(profile: ClusterProfile, facts: SlurmFacts | None) -> tuple[set[str], str]:
+    """The GPU types --gpu-type may name, and where the list comes from: the cluster itself when
+    sinfo answers (node features where the profile puts types into --constraint, the GRES types
+    otherwise), else the profile's list (which may lag behind the cluster's new nodes)."""
+    parts = facts.partitions() if facts is not None and profile.is_slurm else None
+    if parts:
+        if profile.gpu_type_via == "constraint":
+            known = set().union(*(p.features for p in parts.values()))
+            where = "sinfo node features"
+        else:
+            known = set().union(*(p.gres_types for p in parts.values()))
+            where = "sinfo GRES types"
+        if known:
+            return known, f"cluster {profile.name!r} ({where})"
+    return set(profile.gpu_types), f"the {profile.name!r} profile"
+
+
+def check_qos(request: JobRequest, facts: SlurmFacts) -> list[Problem]:
+    if not request.qos:
+        return []
+    known = facts.qos_names()
+    if known is None:
+        return [Problem("qos", f"--qos {request.qos}: cannot ask sacctmgr ({facts.qos_error})")]
+    if request.qos not in known:
+        return [Problem("qos", f"--qos {request.qos}: no such QoS (sacctmgr show qos: {', '.join(sorted(known))})")]
+    return []
+
+
+def check_exclude(request: JobRequest, facts: SlurmFacts) -> list[Problem]:
+    """sbatch refuses an unknown node name in --exclude, and a job that excludes every node could
+    never start."""
+    if not request.exclude:
+        return []
+    names = facts.expand_hostlist(request.exclude)
+    nodes = facts.nodes()
+    if names is None or nodes is None:
+        return []  # no answer: sbatch itself will say
+    unknown = [n for n in names if n not in nodes]
+    if unknown:
+        return [
+            Problem(
+                "exclude",
+                f"--exclude {request.exclude}: no such node(s) {', '.join(unknown)} (sinfo: {', '.join(sorted(nodes))})",
+            )
+        ]
+    if nodes <= set(names):
+        return [Problem("exclude", f"--exclude {request.exclude}: leaves no node of this cluster to run on")]
+    return []
 
 
 def check_time(profile: ClusterProfile, request: JobRequest, facts: SlurmFacts | None) -> list[Problem]:
@@ -350,9 +437,15 @@ def check_raw_source(src: Path) -> list[Problem]:
 
 
 def check_run_dir_writable(run_root: Path) -> list[Problem]:
+    """The run root, or the nearest existing folder above it, takes a file. Nothing is created
+    here: a refused launch or a dry run leaves no ``runs/`` behind."""
+    existing = Path(run_root)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [Problem("run-dir", f"--run-root {run_root}: not writable ({existing} is not a directory)")]
     try:
-        run_root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_root, prefix=".hpcvp-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".hpcvp-write-test-"):
             pass
     except OSError as exc:
         return [Problem("run-dir", f"--run-root {run_root}: not writable ({exc.strerror or exc})")]

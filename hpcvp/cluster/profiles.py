@@ -92,6 +92,16 @@ class ClusterProfile:
     setup: tuple[str, ...] = ()
     # Extra environment for the job (name -> value).
     env: Mapping[str, str] = field(default_factory=dict)
+    # sbatch defaults for every job on this cluster; the launcher's flags, then $SBATCH_ACCOUNT /
+    # $SBATCH_PARTITION / $SBATCH_QOS, override them (as sbatch's own flags and input variables do).
+    default_account: str | None = None
+    qos: str | None = None
+    mail_type: str | None = None
+    mail_user: str | None = None
+    exclude: str | None = None
+    reservation: str | None = None
+    # Any other sbatch option, "key": "value" ("" for a bare flag such as "exclusive"); --sbatch-opt wins.
+    sbatch_options: Mapping[str, str] = field(default_factory=dict)
     # Where the profile came from (for messages).
     source: str = ""
 
@@ -127,9 +137,9 @@ def _check_value(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise ProfileError(f"{where}: key {key!r} must be a positive number, got {value!r}")
         return float(value)
-    if key == "env":
+    if key in ("env", "sbatch_options"):
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-            raise ProfileError(f"{where}: key 'env' must map names to strings, got {value!r}")
+            raise ProfileError(f"{where}: key {key!r} must map names to strings, got {value!r}")
         return dict(value)
     if value is not None and not isinstance(value, str):
         raise ProfileError(f"{where}: key {key!r} must be a string, got {value!r}")

@@ -42,7 +42,19 @@ class JobRequest:
     container: Path | None = None
     overlay: Path | None = None
     dependency: str | None = None
+    qos: str | None = None
+    mail_type: str | None = None
+    mail_user: str | None = None
+    exclude: str | None = None
+    reservation: str | None = None
+    # Other sbatch options (--sbatch-opt KEY=VALUE and the profile's sbatch_options): key -> value,
+    # True for a bare flag.
+    sbatch_options: dict[str, str | bool] = field(default_factory=dict)
     max_requeues: int = 5
+    # A sweep's elements share one submitit folder (the sweep's) and run as one array, at most
+    # array_parallelism tasks at a time (sbatch --array=0-N%P).
+    folder_root: Path | None = None
+    array_parallelism: int | None = None
     signal_seconds: int = 120
     setup: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -59,7 +71,7 @@ class JobRequest:
     @property
     def job_folder(self) -> Path:
         """submitit's folder for this run: pickles, per-task logs; %j is the Slurm job id."""
-        return self.run_dir / "slurm" / "%j"
+        return (self.folder_root or self.run_dir) / "slurm" / "%j"
 
 
 def gres_for(profile: ClusterProfile, gpus_per_node: int, gpu_type: str | None) -> str | None:
@@ -202,6 +214,8 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
     }
     if request.mem_gb is not None:
         params["mem"] = slurm_mem(request.mem_gb)
+    if request.array_parallelism:
+        params["array_parallelism"] = request.array_parallelism
     gres = gres_for(profile, request.gpus_per_node, request.gpu_type)
     if gres:
         params["gres"] = gres
@@ -212,8 +226,15 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
         "constraint": constraint,
         "comment": request.comment,
         "dependency": request.dependency,
+        "qos": request.qos,
+        "mail_type": request.mail_type,
+        "mail_user": request.mail_user,
+        "exclude": request.exclude,
     }
     params.update({k: v for k, v in optional.items() if v})
+    if request.reservation:  # submitit has no parameter of its own for it
+        params["additional_parameters"]["reservation"] = request.reservation
+    params["additional_parameters"].update(request.sbatch_options)
     if request.dependency:
         # A failed parent cancels the rest of a chain instead of leaving it pending forever.
         params["additional_parameters"]["kill-on-invalid-dep"] = "yes"
@@ -228,8 +249,11 @@ def submitit_parameters(profile: ClusterProfile, request: JobRequest) -> dict[st
     return params
 
 
-def render_submitit_script(profile: ClusterProfile, request: JobRequest, python: str | None = None) -> str:
-    """The batch script submitit writes for this request (what ``--dry-run`` prints)."""
+def render_submitit_script(
+    profile: ClusterProfile, request: JobRequest, python: str | None = None, array_size: int | None = None
+) -> str:
+    """The batch script submitit writes for this request (what ``--dry-run`` prints); ``array_size``:
+    the script of a job array of that many tasks (a sweep)."""
     from submitit.slurm import slurm as submitit_slurm
 
     params = submitit_parameters(profile, request)
@@ -237,4 +261,6 @@ def render_submitit_script(profile: ClusterProfile, request: JobRequest, python:
     command = " ".join(
         [python_command(profile, request, python), "-u -m submitit.core._submit", shlex.quote(str(folder))]
     )
+    if array_size:
+        params["map_count"] = array_size
     return submitit_slurm._make_sbatch_string(command=command, folder=folder, **params)

@@ -149,7 +149,7 @@ def slurm_job_states(job_ids: Iterable[str]) -> dict[str, SlurmJobState]:
     states: dict[str, SlurmJobState] = {}
     if not ids:
         return states
-    out = _run(["sacct", "-n", "-P", "-D", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State,ExitCode,Start,End"])
+    out = _run(["sacct", "-n", "-P", "-D", "-X", "-j", ",".join(ids), "-o", "JobIDRaw,State,ExitCode,Start,End,JobID"])
     if out:
         states.update(parse_sacct_attempts(out, ids))
     missing = [j for j in ids if j not in states]
@@ -169,8 +169,10 @@ def parse_sacct_attempts(out: str, ids: Iterable[str]) -> dict[str, SlurmJobStat
     rows: dict[str, list[list[str]]] = {}
     for line in out.splitlines():
         fields = line.split("|")
-        if len(fields) >= 3 and fields[0] in wanted:
-            rows.setdefault(fields[0], []).append(fields + ["", ""])
+        # An array task is known by "<array id>_<index>" (the JobID column), not by its raw id.
+        key = fields[0] if fields[0] in wanted else (fields[5] if len(fields) > 5 and fields[5] in wanted else None)
+        if len(fields) >= 3 and key is not None:
+            rows.setdefault(key, []).append(fields[:5] + ["", ""])
     states = {}
     for job_id, attempts in rows.items():
         names = [a[1].split()[0] if a[1] else "" for a in attempts]  # "CANCELLED by 0" -> "CANCELLED"
@@ -233,8 +235,9 @@ class RunStatus:
     metric: str
     # Seconds the run spent stopped between attempts (module doc); None when not known.
     lost_seconds: float | None = None
-    # Why a pending job waits, as Slurm says (scontrol's Reason: ReqNodeNotAvail, NodeDown, ...).
-    reason: str = ""
+    sweep: str = ""  # the sweep folder's name when the run is one element of a sweep
+    log: str = ""  # where the newest job's output goes
+    reason: str = ""  # Slurm's Reason for a pending job
 
 
 def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = None) -> RunStatus:
@@ -266,7 +269,8 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
         lost = stopped_seconds(_local_attempts(events))
     else:
         state = "UNKNOWN"
-    reason = pending_reason(job_id) if state in ("PENDING", "REQUEUED") else ""
+    sweep = next((str(e["sweep"]) for e in reversed(events) if e.get("sweep")), "")
+    reason = pending_reason(job_id) if state in ("PENDING", "REQUEUED") and job_id else ""
     return RunStatus(
         stage=run_dir.parent.name,
         run=run_dir.name,
@@ -278,6 +282,8 @@ def run_status(run_dir: Path, slurm_states: dict[str, SlurmJobState] | None = No
         checkpoint_step=latest_step(run_dir),
         metric=last_metric(run_dir),
         lost_seconds=lost,
+        sweep=sweep,
+        log=log_path(run_dir, job_id, via, sweep),
         reason=reason,
     )
 
@@ -294,6 +300,19 @@ def pending_reason(job_id: str) -> str:
     if nodes and nodes != "(null)":
         reason += f" (nodes {nodes})"
     return reason
+
+
+def log_path(run_dir: Path, job_id: str, via: str, sweep: str = "") -> str:
+    """The newest job's output file: submitit's task-0 log, the local rank logs, or what scontrol
+    says (the slurm/ templates log where they were submitted from)."""
+    if via == "local":
+        return str(run_dir / "logs") if (run_dir / "logs").is_dir() else ""
+    if not job_id:
+        return ""
+    if via == "submitit":
+        folder = (run_dir.parent / sweep if sweep else run_dir) / "slurm" / job_id
+        return str(folder / f"{job_id}_0_log.out")
+    return scontrol_job_fields(job_id).get("StdOut", "")
 
 
 def run_job_ids(events: list[dict[str, Any]]) -> list[str]:
@@ -360,20 +379,32 @@ def status_table(rows: list[RunStatus], run_root: Path):
     table.add_column("time lost", justify="right")
     table.add_column("ckpt step", justify="right")
     table.add_column("last metric", overflow="fold")
+    table.add_column("log", overflow="fold")
     order = {name: i for i, name in enumerate(STAGE_ORDER)}
-    for row in sorted(rows, key=lambda r: (order.get(r.stage, len(order)), r.stage, r.run)):
+    previous_group = None
+    # The elements of a sweep sit together, under their sweep's name.
+    for row in sorted(rows, key=lambda r: (order.get(r.stage, len(order)), r.stage, r.sweep or r.run, r.run)):
+        group = (row.stage, row.sweep)
+        if row.sweep and group != previous_group:
+            table.add_section()
+            table.add_row(row.stage, f"[bold]{row.sweep}[/] (sweep)", "", "", "", "", "", "", "")
+        elif not row.sweep and previous_group and previous_group[1]:
+            table.add_section()
+        previous_group = group
         style = STATE_STYLES.get(row.state, "")
         job = row.job_id if row.via in ("submitit", "-") else f"{row.job_id} ({row.via})"
+        state = f"{row.state} ({row.reason})" if row.reason else row.state
+        name = f"  {row.run.partition('__')[2]}" if row.sweep else row.run
         table.add_row(
             row.stage,
-            row.run,
+            name,
             job,
-            f"[{style}]{row.state}[/]" if style else row.state,
+            f"[{style}]{state}[/]" if style else state,
             str(row.restarts),
             format_duration(row.lost_seconds),
             "-" if row.checkpoint_step is None else str(row.checkpoint_step),
-            # A pending job's reason (Slurm's, e.g. ReqNodeNotAvail) goes where its metrics would.
-            " | ".join(x for x in (f"waits: {row.reason}" if row.reason else "", row.metric) if x) or "-",
+            row.metric or "-",
+            row.log or "-",
         )
     return table
 

@@ -6,6 +6,8 @@ same metrics and finds its checkpoints.
     metrics.jsonl    one JSON object per line, each with "step"
     pictures/        evaluation images
     logs/            per-rank engine logs (and whatever the launcher puts there)
+    tensorboard/     the same metrics as TensorBoard event files, when tensorboard is installed
+                     (``tensorboard --logdir runs`` shows every run under the run root)
 """
 
 from __future__ import annotations
@@ -117,16 +119,39 @@ def _iter_metrics(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
-class MetricsWriter:
-    """Appends one JSON line per call and flushes it (rank 0 only)."""
+TENSORBOARD_DIR = "tensorboard"
 
-    def __init__(self, path: Path):
+
+def _tensorboard_writer(log_dir: Path):
+    """A SummaryWriter, or None (one line says why) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("hpcvp: tensorboard is not installed: metrics go to metrics.jsonl only", flush=True)
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class MetricsWriter:
+    """Appends one JSON line per call and flushes it (rank 0 only); the numbers also go to
+    TensorBoard event files in ``<run dir>/tensorboard/`` when tensorboard is importable."""
+
+    def __init__(self, path: Path, tensorboard: bool = True):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")
+        self._board = _tensorboard_writer(path.parent / TENSORBOARD_DIR) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=False, default=float) + "\n")
         self._file.flush()
+        step = record.get("step")
+        if self._board is not None and isinstance(step, int):
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._board.add_scalar(key, value, step)
+            self._board.flush()
 
     def close(self) -> None:
         self._file.close()
+        if self._board is not None:
+            self._board.close()
