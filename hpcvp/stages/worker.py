@@ -108,51 +108,83 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
         print(f"# run_dir={run_dir}")
         return 0
 
-    from hpcvp.data import load_manifest, stage_to_local
-    from hpcvp.train.checkpoint import latest_step
     from hpcvp.train.dist import init_distributed, teardown
 
     env = init_distributed(timeout_minutes=cfg.train.dist_timeout_minutes)
     finished = False
     try:
-        if args.data is not None:
-            data_dir = args.data
-        else:
-            from hpcvp.data.default import ensure_default_dataset
-
-            data_dir = ensure_default_dataset()
-        shared_data_dir = Path(data_dir)
-        if args.stage_local:
-            if spec.writes_data:
-                if env.rank == 0:
-                    _say(
-                        f"--stage-local ignored: stage {spec.name} writes into {shared_data_dir}, which must stay shared"
-                    )
-            else:
-                data_dir = stage_to_local(shared_data_dir)
-        manifest = load_manifest(data_dir)
-        if env.rank == 0:
-            _say(
-                f"stage {spec.name} ({preset}) | {env.world_size} rank(s) on {env.device} via {env.launcher} | "
-                f"data {data_dir} ({manifest.frame_size[0]}x{manifest.frame_size[1]}) | run {run_dir}"
-            )
-        data_facts = {"frame_size": list(manifest.frame_size), "data_dir": str(shared_data_dir)}
-        # A run that already has checkpoints keeps its recorded config until the engine accepted
-        # the new one (a refused resume must not leave a config that does not fit the weights).
-        if env.rank == 0 and (not spec.trains or latest_step(run_dir) is None):
-            save_stage_config(run_dir, spec.name, cfg, data_facts)
-        result = spec.run(cfg, Path(data_dir), Path(run_dir), env)
-        if env.rank == 0 and spec.trains:
-            save_stage_config(run_dir, spec.name, cfg, data_facts)
-        if env.rank == 0:
-            _say(
-                f"stage {spec.name}: {result.status} at step {result.step}"
-                + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else "")
-            )
+        status = _run_stage(args, spec, preset, cfg, run_dir, env)
         finished = True
-        return result.exit_code
+        return status
+    except user_errors() as exc:
+        # Caused by the command, the data or an earlier run, and each names its file, flag or run:
+        # one line, no traceback. Anything else is a bug and keeps its traceback.
+        where = f" (rank {env.rank})" if env.world_size > 1 else ""
+        print(f"error{where}: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         teardown(sync=finished)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a user causes (bad setting, missing or incomplete data, absent earlier run)."""
+    from hpcvp.data.layout import RawDataError
+    from hpcvp.data.manifest import ManifestError
+    from hpcvp.data.pack import PackError
+    from hpcvp.data.staging import StagingError
+    from hpcvp.models.raft import RaftWeightsError
+    from hpcvp.stages.runs import MissingRunError
+    from hpcvp.train.loop import IdentityMismatchError
+
+    return (
+        ConfigError,
+        ManifestError,
+        RawDataError,
+        MissingRunError,
+        IdentityMismatchError,
+        PackError,
+        StagingError,
+        RaftWeightsError,
+    )
+
+
+def _run_stage(args, spec, preset: str, cfg, run_dir: Path, env) -> int:
+    from hpcvp.data import load_manifest, stage_to_local
+    from hpcvp.train.checkpoint import latest_step
+
+    if args.data is not None:
+        data_dir = args.data
+    else:
+        from hpcvp.data.default import ensure_default_dataset
+
+        data_dir = ensure_default_dataset()
+    shared_data_dir = Path(data_dir)
+    if args.stage_local:
+        if spec.writes_data:
+            if env.rank == 0:
+                _say(f"--stage-local ignored: stage {spec.name} writes into {shared_data_dir}, which must stay shared")
+        else:
+            data_dir = stage_to_local(shared_data_dir)
+    manifest = load_manifest(data_dir)
+    if env.rank == 0:
+        _say(
+            f"stage {spec.name} ({preset}) | {env.world_size} rank(s) on {env.device} via {env.launcher} | "
+            f"data {data_dir} ({manifest.frame_size[0]}x{manifest.frame_size[1]}) | run {run_dir}"
+        )
+    data_facts = {"frame_size": list(manifest.frame_size), "data_dir": str(shared_data_dir)}
+    # A run that already has checkpoints keeps its recorded config until the engine accepted
+    # the new one (a refused resume must not leave a config that does not fit the weights).
+    if env.rank == 0 and (not spec.trains or latest_step(run_dir) is None):
+        save_stage_config(run_dir, spec.name, cfg, data_facts)
+    result = spec.run(cfg, Path(data_dir), Path(run_dir), env)
+    if env.rank == 0 and spec.trains:
+        save_stage_config(run_dir, spec.name, cfg, data_facts)
+    if env.rank == 0:
+        _say(
+            f"stage {spec.name}: {result.status} at step {result.step}"
+            + (f" ({result.stop_reason})" if getattr(result, "stop_reason", "") else "")
+        )
+    return result.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
