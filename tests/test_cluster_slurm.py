@@ -11,7 +11,10 @@ with gloo standing for 2 GPUs) on the embedded synthetic dataset:
   ``--signal=B:USR2@S`` does): forwarded to the tasks, requeued by the script, same weights;
 - ``--stage all``: pack -> seg -> pseudo-label -> simvp -> predict run by Slurm in order;
 - ``scancel``: every rank saves, and the job stays cancelled (no requeue of a cancelled job);
-- every pre-flight refusal, with nothing submitted; ``--status`` over all of it.
+- every pre-flight refusal, with nothing submitted; ``--status`` over all of it;
+- issue 10: ``scontrol requeue`` with DataLoader workers, and a run with workers stopped at seeded
+  random steps by five mixed graceful interruptions (requeue, USR2 to the batch shell, TERM,
+  preemption-style TERM, scancel + relaunch): no step redone, final training state bitwise equal.
 """
 
 from __future__ import annotations
