@@ -15,6 +15,7 @@ Graceful stops (every rank saves at the next step boundary):
   cancel         scancel; then the same launch.py --run again
 Hard stops (nothing saved; back to the last periodic checkpoint):
   kill9-rank     kill -9 of rank 1's python process; then launch.py again if the job ended
+  kill9-all      kill -9 of both ranks' python processes (a node lost); launch.py again
   scancel-kill   scancel --signal=KILL --full; then launch.py again if the job ended
 
     python tools/bench_interruptions.py --out bench-interruptions.md
@@ -46,7 +47,9 @@ GRACEFUL = {
     "preempt-term": [["scancel", "--full", "--signal=TERM"], ["scontrol", "requeue"]],
     "cancel": [["scancel"]],
 }
-HARD = {"kill9-rank": None, "scancel-kill": [["scancel", "--full", "--signal=KILL"]]}
+# scancel --signal=KILL is listed with the hard stops, but Slurm turns it into a cancel: TERM first,
+# KILL after KillWait, so the ranks save (measured). kill9-all is the hard stop of the whole job.
+HARD = {"kill9-rank": None, "kill9-all": None, "scancel-kill": [["scancel", "--full", "--signal=KILL"]]}
 
 
 def job_id(run_dir: Path) -> str:
@@ -92,8 +95,9 @@ def rank_pid(job: str, rank: int) -> int:
 
 
 def interrupt(kind: str, job: str) -> None:
-    if kind == "kill9-rank":
-        os.kill(rank_pid(job, 1), 9)
+    if kind in ("kill9-rank", "kill9-all"):
+        for rank in (1,) if kind == "kill9-rank" else (0, 1):
+            os.kill(rank_pid(job, rank), 9)
         return
     for command in {**GRACEFUL, **HARD}[kind]:
         subprocess.run([*command, job], check=True, capture_output=True)
