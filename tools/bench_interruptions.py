@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         at = resumed + args.gap
         if kind in HARD:  # halfway between two periodic checkpoints
-            at = (at // args.save_every) * args.save_every + args.save_every // 2
+            # (after the first one: with none, a relaunch starts afresh and resumes from nothing)
+            at = max(1, at // args.save_every) * args.save_every + args.save_every // 2
         row = measure(kind, run_dir, launch_args, at)
         resumed = row["resumed"]
         rows.append(row)
