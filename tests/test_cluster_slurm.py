@@ -11,7 +11,10 @@ with gloo standing for 2 GPUs) on the embedded synthetic dataset:
   ``--signal=B:USR2@S`` does): forwarded to the tasks, requeued by the script, same weights;
 - ``--stage all``: pack -> seg -> pseudo-label -> simvp -> predict run by Slurm in order;
 - ``scancel``: every rank saves, and the job stays cancelled (no requeue of a cancelled job);
-- every pre-flight refusal, with nothing submitted; ``--status`` over all of it.
+- every pre-flight refusal, with nothing submitted; ``--status`` over all of it;
+- issue 10: ``scontrol requeue`` with DataLoader workers, and a run with workers stopped at seeded
+  random steps by five mixed graceful interruptions (requeue, USR2 to the batch shell, TERM,
+  preemption-style TERM, scancel + relaunch): no step redone, final training state bitwise equal.
 """
 
 from __future__ import annotations
@@ -433,3 +436,142 @@ def test_scontrol_requeue_with_dataloader_workers_saves_resumes_and_matches(pack
     for text in engine_logs:  # both ranks stopped gracefully at that same step
         assert f"SIGTERM received by at least one rank; saved at step {resumed_from}" in text, text[-2000:]
     assert_same_weights(run_dir, reference_run)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 10: mixed interruptions with DataLoader workers, each a graceful stop at a step boundary.
+
+# kind -> what is sent. All of them make every rank save at the next step boundary; all but
+# "cancel" leave the job to be requeued (by Slurm, or by rank 0 when the job is still RUNNING).
+INTERRUPTIONS = {
+    # Slurm TERMs every process of the job, then requeues it itself.
+    "requeue": [["scontrol", "requeue"]],
+    # What --signal=B:USR2@S does before the time limit: the batch shell's trap passes it on.
+    "batch-usr2": [["scancel", "--batch", "--signal=USR2"]],
+    # TERM to the tasks only; the job stays RUNNING, so rank 0 requeues it.
+    "term": [["scancel", "--signal=TERM"]],
+    # Preemption with PreemptMode=REQUEUE: TERM to every process, the batch shell included
+    # (--full), then the scheduler requeues the job (rank 0 sees it is no longer RUNNING).
+    "preempt-term": [["scancel", "--full", "--signal=TERM"], ["scontrol", "requeue"]],
+    # A cancel ends the job (CANCELLED, after every rank saved); the user launches the run again.
+    "cancel": [["scancel"]],
+}
+MIXED_SEED = 10  # the order and the steps of the interruptions; change it to try another mix
+
+
+def mixed_plan(seed: int = MIXED_SEED, max_step: int = 48) -> list[tuple[str, int]]:
+    """(kind, step) pairs: every kind once, in a seeded random order, at seeded random steps."""
+    import random
+
+    rng = random.Random(seed)
+    kinds = list(INTERRUPTIONS)
+    rng.shuffle(kinds)
+    steps = sorted(rng.sample(range(4, max_step), len(kinds)))
+    return list(zip(kinds, steps))
+
+
+def interrupt(kind: str, job_id: str) -> None:
+    for command in INTERRUPTIONS[kind]:
+        subprocess.run([*command, job_id], check=True, capture_output=True)
+
+
+def engine_steps(run_dir: Path, rank: int, what: str) -> list[int]:
+    """Steps of every "<what> N" line of a rank's engine log ("saved at step", "resumed from step")."""
+    import re
+
+    text = (run_dir / "logs" / f"engine.rank{rank}.log").read_text()
+    return [int(n) for n in re.findall(rf"{what} (\d+)", text)]
+
+
+def deep_differences(a, b, path: str = "") -> list[str]:
+    """Paths at which two checkpoint states differ (tensors compared bitwise)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+        return [] if same and a.shape == b.shape and torch.equal(a, b) else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path} keys {sorted(map(str, a.keys() ^ b.keys()))}"]
+        return [d for k in a for d in deep_differences(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path} length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in deep_differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def assert_same_training_state(run_dir: Path, reference_dir: Path) -> None:
+    """Model, optimizer, scheduler, sampler position and every rank's RNG states: bitwise equal."""
+    from hpcvp.train.checkpoint import load_latest
+
+    ckpt, ref = load_latest(run_dir), load_latest(reference_dir)
+    assert ckpt.step == ref.step == 60
+    # The recorded settings differ (train.num_workers); everything the training computes may not.
+    settings = ("train_config", "identity", "num_threads")
+    state = {k: v for k, v in ckpt.state.items() if k not in settings}
+    ref_state = {k: v for k, v in ref.state.items() if k not in settings}
+    assert {"model", "optimizer", "scheduler"} <= state.keys()
+    different = deep_differences(state, ref_state, "state")
+    assert not different, f"differs from the uninterrupted run at {different[:5]}"
+    assert len(ckpt.ranks) == len(ref.ranks) == 2
+    for rank, (mine, theirs) in enumerate(zip(ckpt.ranks, ref.ranks)):
+        different = deep_differences(mine["rng"], theirs["rng"], f"rank{rank}.rng")
+        assert not different, f"RNG states differ from the uninterrupted run at {different[:5]}"
+
+
+def test_mixed_interruptions_with_workers_redo_no_step_and_match(packed, run_root, reference_run):
+    """Issue 10: a 2-task run with 2 persistent DataLoader workers per rank, stopped at seeded
+    random steps by every graceful interruption (requeue, USR2 to the batch shell, TERM to the
+    tasks, preemption-style TERM + requeue, scancel + relaunch of the same --run). Each stop saves
+    at a step boundary and the next attempt resumes from exactly that step (no step redone);
+    the run ends with model, optimizer, scheduler, sampler and RNG states equal to the
+    uninterrupted reference's, bit for bit."""
+    args = seg_args(packed, run_root, "mixed") + ["--set", "train.num_workers=2"]
+    # No periodic checkpoint to fall back to: only the saves at the signals carry the run.
+    args += ["--set", "train.save_every_steps=0", "--set", "train.save_every_minutes=0"]
+    run_dir = run_root / "seg" / "mixed"
+    assert launch.main(args) == 0
+    plan = mixed_plan()
+    done: list[tuple[str, int, str]] = []  # (kind, step aimed at, job id)
+    last_saved = 0
+    for kind, step in plan:
+        job_id = job_id_of(run_dir)
+        # At least two steps of this attempt run before the next stop.
+        target = max(step, last_saved + 2)
+        wait_for_step(run_dir, job_id, target)
+        interrupt(kind, job_id)
+        if kind == "cancel":
+            assert wait_until_done(job_id) == "CANCELLED", logs_of(run_dir)[-4000:]
+            assert launch.main(args) == 0, "relaunching the same --run failed"
+            assert job_id_of(run_dir) != job_id
+        # The stop is complete when rank 0 logged its save (then the next attempt may be waited for).
+        deadline = time.monotonic() + 120
+        while len(engine_steps(run_dir, 0, "saved at step")) < len(done) + 1:
+            assert time.monotonic() < deadline, f"{kind}: no save within 120 s\n{logs_of(run_dir)[-4000:]}"
+            time.sleep(0.25)
+        last_saved = engine_steps(run_dir, 0, "saved at step")[-1]
+        assert last_saved >= target, (kind, last_saved, target)
+        done.append((kind, target, job_id))
+    final_job = job_id_of(run_dir)
+    assert wait_until_done(final_job) == "COMPLETED", logs_of(run_dir)[-4000:]
+
+    saved = engine_steps(run_dir, 0, "saved at step")
+    summary = [(kind, target, s) for (kind, target, _), s in zip(done, saved)]
+    assert len(saved) == len(plan), summary
+    for rank in (0, 1):
+        # every stop saved on both ranks at the same step, and the next attempt resumed there
+        assert engine_steps(run_dir, rank, "saved at step") == saved, (rank, summary)
+        assert engine_steps(run_dir, rank, "resumed from step") == saved, (rank, summary)
+    steps = metric_steps(run_dir)
+    assert steps == sorted(set(steps)) and steps[-1] == 60, steps  # every logged step once
+    logs = logs_of(run_dir)
+    for crash in ("DataLoader worker", "killed by signal", "Traceback"):
+        assert crash not in logs, f"{crash!r} in the job logs:\n{logs[-4000:]}"
+    # Slurm's own account: the cancelled job, and one REQUEUED attempt per requeueing stop.
+    jobs = sorted({job for _, _, job in done} | {final_job}, key=int)
+    assert len(jobs) == 2
+    states = [a["state"] for job in jobs for a in sacct_attempts(job)]
+    assert states.count("REQUEUED") == len(plan) - 1 and states.count("CANCELLED") == 1, states
+    assert states[-1] == "COMPLETED", states
+    row = {(r.stage, r.run): r for r in collect_status(run_root)}[("seg", "mixed")]
+    assert row.restarts == len(plan) and row.checkpoint_step == 60  # 4 requeues + 1 relaunch
+    assert_same_training_state(run_dir, reference_run)

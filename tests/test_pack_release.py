@@ -176,3 +176,115 @@ def test_user_errors_end_in_one_line_naming_the_file_or_flag(tiny_raw, tmp_path,
         err = capsys.readouterr().err
         assert code == 2, (argv, err)
         assert len(err.strip().splitlines()) == 1 and named in err and "Traceback" not in err, (argv, err)
+
+
+# --------------------------------------------------------------------------------------------
+# ... and predicts: a submission over a renumbered release, and one-line refusals.
+
+
+def _worker(data: Path, run_dir: Path, stage: str, *overrides: str) -> list[str]:
+    argv = ["--stage", stage, "--data", str(data), "--run-dir", str(run_dir), "--preset", "tiny"]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def _predict_overrides(seg_run: Path, absent: Path) -> list[str]:
+    # Only the U-Net (pipeline e) is trained here; the other pipelines' runs are absent.
+    return [
+        f"seg_run={seg_run}",
+        f"simvp_masks_run={absent}",
+        f"simvp_frames_run={absent}",
+        f"raft_run={absent}",
+        "submission_pipeline=e",
+        "eval_max_videos=1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def renumbered(tmp_path_factory):
+    """(raw, packed, seg run): a release with hidden ids below 15000 and zero-padded names, and a
+    one-step U-Net trained on it."""
+    from conftest import write_tiny_video
+
+    from hpcvp.stages.worker import run_worker
+
+    root = tmp_path_factory.mktemp("renumbered")
+    raw = root / "raw"
+    for split, ids in {"train": [3000, 7], "val": [12], "hidden": [1370, 12, 15000]}.items():
+        for video_id in ids:
+            write_tiny_video(raw, split, video_id, padding=5)
+    packed = root / "packed"
+    pack_dataset(raw, packed, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
+    seg_run = root / "runs" / "seg"
+    settings = ["train.max_steps=1", "train.batch_size=2", "eval_max_frames=2", "num_pictures=1"]
+    assert run_worker(_worker(packed, seg_run, "seg", *settings)) == 0
+    return raw, packed, seg_run
+
+
+def test_a_renumbered_release_predicts_a_submission_ordered_by_hidden_id(renumbered, tmp_path, monkeypatch):
+    import torch
+
+    import hpcvp.stages.predict as predict
+    from hpcvp.stages.worker import run_worker
+
+    # A one-step U-Net paints every noise frame in one class, which would hide the order of the
+    # rows: give each mask a fingerprint of the frame it was computed from instead.
+    def fingerprint(model, frames, amp, chunk=64):
+        return (frames[..., 0] % 49).to(torch.uint8)
+
+    monkeypatch.setattr(predict, "segment_frames", fingerprint)
+    _, packed, seg_run = renumbered
+    run_dir = tmp_path / "predict"
+    assert run_worker(_worker(packed, run_dir, "predict", *_predict_overrides(seg_run, tmp_path / "absent"))) == 0
+    ids = json.loads((run_dir / "submission_ids.json").read_text())
+    assert ids["video_ids"] == [12, 1370, 15000] and ids["pipeline"] == "e"
+    submission = torch.load(run_dir / "submission.pt", weights_only=True)
+    assert submission.shape == (3, *TINY_SIZE) and submission.dtype == torch.uint8
+    # Row i comes from frame 11 of video ids[i], whatever the folders were named.
+    hidden = HiddenDataset(packed)
+    by_id = {hidden[i]["video_id"]: hidden[i]["frames_in"][10] for i in range(len(hidden))}
+    expected = torch.stack([fingerprint(None, by_id[v], "off") for v in ids["video_ids"]])
+    assert torch.equal(submission, expected)
+
+
+def test_predict_refuses_in_one_line_a_submission_lacking_a_skipped_hidden_video(renumbered, tmp_path):
+    raw, _, seg_run = renumbered
+    broken = tmp_path / "raw"
+    shutil.copytree(raw, broken)
+    (broken / "hidden" / "video_01370" / "image_3.png").write_bytes(b"not a png")
+    packed = tmp_path / "packed"
+    manifest = pack_dataset(broken, packed, frame_size=TINY_SIZE, workers=0, on_error="skip", quiet=True)
+    assert manifest.video_ids("hidden") == [12, 15000]
+    run_dir = tmp_path / "predict"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    argv = _worker(packed, run_dir, "predict", *_predict_overrides(seg_run, tmp_path / "absent"))
+    done = subprocess.run(
+        [sys.executable, "-m", "hpcvp.stages.worker", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    err = done.stderr.strip()
+    assert done.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ") and "ids 1370" in last and str(packed / "manifest.json") in last, last
+    assert not (run_dir / "submission.pt").exists()
+
+
+def test_worker_user_errors_end_in_one_line_naming_the_file_or_run(renumbered, tmp_path, capsys):
+    from hpcvp.stages.worker import run_worker
+
+    _, packed, seg_run = renumbered
+    cases = [
+        # no manifest where --data points
+        (_worker(tmp_path / "nothing", tmp_path / "r1", "seg"), str(tmp_path / "nothing")),
+        # predict before its seg run exists
+        (_worker(packed, tmp_path / "r2", "predict", f"seg_run={tmp_path / 'no-seg'}"), str(tmp_path / "no-seg")),
+        # resuming a run with another model size than its checkpoint was trained with
+        (_worker(packed, seg_run, "seg", "train.max_steps=2", "model.width=16"), str(seg_run)),
+    ]
+    for argv, named in cases:
+        code = run_worker(argv)
+        err = capsys.readouterr().err.strip()
+        assert code == 2, (argv, err[-2000:])
+        assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), (argv, err[-2000:])
+        assert named in err.splitlines()[-1], (argv, err[-2000:])

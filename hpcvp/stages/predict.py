@@ -347,7 +347,12 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
     elif not manifest.shards_for(cfg.hidden_split):
         report.log(env, f"predict: split {cfg.hidden_split!r} is not packed in {data_dir}; no submission written")
     elif submission_pipeline is None:
-        report.log(env, f"predict: no deployable pipeline available ({cfg.submission_pipeline}); no submission written")
+        # The hidden set is there but no run can predict it: a failure, naming the runs to train.
+        wanted = DEPLOYABLE if cfg.submission_pipeline == "best" else [cfg.submission_pipeline]
+        why = "; ".join(f"({p}) {models.available(p)[1].removeprefix('skipped: ')}" for p in wanted)
+        raise runs.MissingRunError(
+            f"predict: no submission written: submission_pipeline={cfg.submission_pipeline} has no usable run: {why}"
+        )
     else:
         require_complete_split(manifest, cfg.hidden_split)  # refuse a submission short of skipped videos
         submission = _predict_hidden(cfg, models, submission_pipeline, data_dir, run_dir, env)

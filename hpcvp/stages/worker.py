@@ -118,6 +118,12 @@ def run_worker(argv: Sequence[str] | None = None) -> int:
         status = _run_stage(args, spec, cfg, preset, run_dir, env)
         finished = True
         return status
+    except user_errors() as exc:
+        # Caused by the command, the data or an earlier run, and each names its file, flag or run:
+        # one line, no traceback. Anything else is a bug and keeps its traceback.
+        where = f" (rank {env.rank})" if env.world_size > 1 else ""
+        print(f"error{where}: {exc}", file=sys.stderr, flush=True)
+        return 2
     except Exception as exc:
         from hpcvp.train.dist import lost_peer
 
@@ -158,7 +164,29 @@ def _stop_for_lost_peer(env, lost, run_dir: Path) -> int:
     return EXIT_PEER_LOST
 
 
-def _run_stage(args, spec, cfg, preset: str, run_dir, env) -> int:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a user causes (bad setting, missing or incomplete data, absent earlier run)."""
+    from hpcvp.data.layout import RawDataError
+    from hpcvp.data.manifest import ManifestError
+    from hpcvp.data.pack import PackError
+    from hpcvp.data.staging import StagingError
+    from hpcvp.models.raft import RaftWeightsError
+    from hpcvp.stages.runs import MissingRunError
+    from hpcvp.train.loop import IdentityMismatchError
+
+    return (
+        ConfigError,
+        ManifestError,
+        RawDataError,
+        MissingRunError,
+        IdentityMismatchError,
+        PackError,
+        StagingError,
+        RaftWeightsError,
+    )
+
+
+def _run_stage(args, spec, cfg, preset: str, run_dir: Path, env) -> int:
     from hpcvp.data import load_manifest, stage_to_local
     from hpcvp.train.checkpoint import latest_step
 

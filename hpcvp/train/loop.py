@@ -360,11 +360,11 @@ class Trainer:
         state, run = ckpt.state, self.run
         diffs = identity_differences(state.get("identity", {}), self._identity())
         if diffs:
-            lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, a, b in diffs)
+            # one line: the worker prints it as the run's error
+            changes = "; ".join(f"{k} checkpoint={a!r} now={b!r}" for k, a, b in diffs)
             raise IdentityMismatchError(
-                f"cannot resume {run.path} from {ckpt.path.name}: model/data identity differs in "
-                f"key(s) {[k for k, _, _ in diffs]}:\n{lines}\n"
-                "Use a new run name, or restore the settings the run was started with."
+                f"cannot resume {run.path} from {ckpt.path.name}: model/data settings differ ({changes}); "
+                "use a new run name (--run), or restore the settings the run was started with"
             )
         saved_cfg = state.get("train_config", {})
         changed = sorted(
@@ -498,6 +498,9 @@ class Trainer:
         try:
             self._build()
             self._resume()
+            if self._resumed_from is not None:
+                # in every rank's engine log: with "saved at step N" it shows no step was redone
+                log.info("resumed from step %d", self._resumed_from)
             if env.is_main:
                 self._write_config()
                 self._metrics = MetricsWriter(run.metrics_path)
