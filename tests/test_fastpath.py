@@ -41,16 +41,19 @@ def test_defaults_by_device_type():
     for props in (V100, RTX8000):  # no bf16 on compute capability 7.x
         fast = device_fast_path("cuda", props)
         assert (fast.amp, fast.compile) == ("fp16", False) and "GradScaler" in fast.why
-    assert device_fast_path("cpu").amp == "off" and device_fast_path("cpu").compile is False
+    assert device_fast_path("cpu", cpuinfo="flags : avx512f amx_bf16").amp == "bf16"
+    assert device_fast_path("cpu", cpuinfo="flags : avx2 fma").amp == "off"
+    assert device_fast_path("cpu").compile is False and device_fast_path("cpu").channels_last
     assert resolve_amp("auto", torch.device("cuda"), V100) == "fp16"
-    assert resolve_amp("auto", torch.device("cpu")) == "off"
+    assert resolve_amp("auto", torch.device("cpu")) == "off"  # small CPU runs and tests keep fp32
+    assert resolve_amp("fast", torch.device("cpu"), cpuinfo="flags : avx512_bf16") == "bf16"
     with pytest.raises(ValueError, match="fp16"):
         resolve_amp("fp16", torch.device("cpu"))
 
 
 def test_full_simvp_preset_leaves_the_fast_path_to_the_device():
     full = SIMVP_SPEC.presets["full"]
-    assert full["train.channels_last"] is None and full["train.compile"] is None
+    assert full["train.channels_last"] is None and full["train.compile"] is None and full["train.amp"] == "fast"
     assert full["train.auto_micro_batch"] is True
     cfg = TrainConfig().with_overrides(["channels_last=none", "compile=true"])
     assert cfg.channels_last is None and cfg.compile is True

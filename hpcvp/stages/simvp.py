@@ -392,7 +392,8 @@ def _presets() -> dict[str, dict[str, Any]]:
             "train.eval_every": 2000,
             "train.num_workers": 6,
             # the device's fast path (hpcvp.train.fastpath): bf16 + channels_last + compile on
-            # CUDA cc >= 8, fp16 + GradScaler on V100/RTX 8000, channels_last fp32 on CPU
+            # CUDA cc >= 8, fp16 + GradScaler on V100/RTX 8000, bf16 + channels_last on CPUs with bf16
+            "train.amp": "fast",
             "train.channels_last": None,
             "train.compile": None,
             "train.auto_micro_batch": True,

@@ -17,7 +17,7 @@ from .signals import parse_signal
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_MODES = ("auto", "fast", "bf16", "fp16", "off")
 PROGRESS_MODES = ("auto", "bar", "plain", "off")
 
 
@@ -38,8 +38,9 @@ class TrainConfig:
     # effective batch (stages that know their model's memory: SimVP full)
     auto_micro_batch: bool = False
     clip_grad: float = 1.0  # max global grad norm; 0 disables
-    # auto / None = the device's fast path (hpcvp.train.fastpath: bf16 on CUDA cc >= 8, fp16 +
-    # GradScaler on cc 7.x, fp32 on CPU; channels_last and compile as tools/bench_models.py shows)
+    # fast / None = the device's fast path (hpcvp.train.fastpath: bf16 on CUDA cc >= 8 and on CPUs
+    # with bf16 instructions, fp16 + GradScaler on cc 7.x; channels_last and compile as
+    # tools/bench_models.py shows); auto = the fast path's amp on CUDA, fp32 on CPU
     amp: str = "auto"
     channels_last: bool | None = False
     compile: bool | None = False  # a compile failure falls back to eager with one warning

@@ -8,8 +8,9 @@
   channels_last + bf16).
 - CUDA 7.x (V100, RTX 8000: no bf16): fp16 autocast with a GradScaler, channels_last, no compile
   (not measured on these cards yet).
-- CPU: fp32 (bf16 autocast was measured slower than fp32 for SimVP on the development VM),
-  channels_last (SimVP 1.1-1.2x), no compile (minutes of compilation on a few cores).
+- CPU (``amp="fast"``; ``"auto"`` keeps fp32 on CPU): bf16 autocast where the CPU has AVX512-BF16
+  or AMX (SimVP-gSTA ~1.5x fp32 on the development VM), channels_last, no compile (minutes of
+  compilation on a few cores, repaid only after thousands of steps).
 
 ``plan_micro_batches`` splits a per-GPU batch into ``grad_accum`` micro-batches so that the full
 SimVP fits a 32 GB V100 or a 40 GB A100, keeping the effective batch.
@@ -33,16 +34,34 @@ class FastPath:
     why: str
 
 
-# CPU defaults from tools/bench_models.py on the development VM (BENCHMARKS.md, issue 14).
-CPU_FAST_PATH = FastPath("off", True, False, "CPU: fp32, channels_last, eager (tools/bench_models.py)")
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX): then bf16 autocast pays."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as handle:
+                cpuinfo = handle.read(1 << 16)
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def device_fast_path(device: torch.device | str, props=None) -> FastPath:
+def cpu_fast_path(cpuinfo: str | None = None) -> FastPath:
+    """CPU defaults from tools/bench_simvp_compare.py / bench_models.py on the development VM
+    (BENCHMARKS.md): bf16 autocast where the CPU has bf16 instructions, channels_last, eager
+    (compiling takes minutes on a few cores and does not pay back)."""
+    if cpu_has_bf16(cpuinfo):
+        return FastPath("bf16", True, False, "CPU with AVX512-BF16/AMX: bf16 autocast, channels_last, eager")
+    return FastPath("off", True, False, "CPU without bf16 instructions: fp32, channels_last, eager")
+
+
+def device_fast_path(device: torch.device | str, props=None, cpuinfo: str | None = None) -> FastPath:
     """The fast-path settings for ``device``; ``props`` stands in for
-    ``torch.cuda.get_device_properties`` (``major``, ``minor``, ``name``) in tests."""
+    ``torch.cuda.get_device_properties`` (``major``, ``minor``, ``name``) in tests, ``cpuinfo``
+    for /proc/cpuinfo."""
     device = torch.device(device)
     if device.type != "cuda":
-        return CPU_FAST_PATH
+        return cpu_fast_path(cpuinfo)
     if props is None:
         props = torch.cuda.get_device_properties(device)
     cc = f"{props.major}.{props.minor}"
@@ -55,10 +74,13 @@ def device_fast_path(device: torch.device | str, props=None) -> FastPath:
     return FastPath("off", False, False, f"{props.name} (cc {cc}): fp32")
 
 
-def resolve_amp(amp: str, device: torch.device, props=None) -> str:
-    """``auto`` -> the device's choice; fp16 needs CUDA."""
-    if amp == "auto":
-        amp = device_fast_path(device, props).amp
+def resolve_amp(amp: str, device: torch.device, props=None, cpuinfo: str | None = None) -> str:
+    """``fast`` -> the device's fast path (bf16 on CPUs with bf16 instructions too); ``auto`` ->
+    the same on CUDA, fp32 on CPU (small runs and tests keep fp32 numerics); fp16 needs CUDA."""
+    if amp == "fast" or (amp == "auto" and torch.device(device).type == "cuda"):
+        amp = device_fast_path(device, props, cpuinfo).amp
+    elif amp == "auto":
+        amp = "off"
     if amp == "fp16" and torch.device(device).type != "cuda":
         raise ValueError("TrainConfig.amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
     return amp
