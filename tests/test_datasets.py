@@ -114,7 +114,7 @@ def test_hidden_dataset_gives_the_eleven_input_frames(synthetic_packed, raw_vide
     np.testing.assert_array_equal(val["frames_in"].numpy(), raw_videos["val"][val["video_id"]][0][:11])
 
 
-@pytest.mark.parametrize("compression", ["none", "lzf", "gzip:1"])
+@pytest.mark.parametrize("compression", ["none", "lzf", "gzip:1", "lz4", "blosc:lz4:5:bit"])
 def test_every_compression_reads_back_the_raw_pixels(synthetic_raw, raw_videos, tmp_path, compression):
     out = tmp_path / "packed"
     pack_dataset(
@@ -243,3 +243,30 @@ def test_default_dataset_is_built_once_under_concurrent_callers(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.h5")} == mtimes
     item = ClipDataset(packed, "train")[0]
     assert item["frames_in"].shape == (11, 80, 120, 3)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_shared_mask_cache_gives_the_shard_masks_to_dataloader_workers(synthetic_packed, raw_videos, context):
+    """The uint8 mask cache is made once before the workers start; forked and spawned workers
+    read the same shared memory, items equal the shard's masks and never alias the cache."""
+    plain = ClipDataset(synthetic_packed, "val", frames=False, masks=True)
+    cached = ClipDataset(synthetic_packed, "val", frames=False, masks=True, mask_cache=True)
+    cache = cached.mask_cache
+    assert cache is not None and cache.tensor.is_shared() and cache.tensor.dtype == torch.uint8
+    assert cache.nbytes == len(cached) * NUM_FRAMES * TINY_SIZE[0] * TINY_SIZE[1]
+    loader = DataLoader(cached, batch_size=2, num_workers=2, multiprocessing_context=context)
+    seen = 0
+    for batch in loader:
+        for k, video_id in enumerate(batch["video_id"].tolist()):
+            masks = torch.cat([batch["masks_in"][k], batch["masks_out"][k]]).numpy()
+            np.testing.assert_array_equal(masks, raw_videos["val"][video_id][1])
+            seen += 1
+    assert seen == len(cached)
+    item = cached[0]
+    item["masks_in"].fill_(7)  # an item is a copy: the cache is untouched
+    np.testing.assert_array_equal(cached[0]["masks_in"].numpy(), plain[0]["masks_in"].numpy())
+    frames = FrameDataset(synthetic_packed, "val", masks=True, mask_cache=True)
+    for index in (0, len(frames) - 1):
+        np.testing.assert_array_equal(
+            frames[index]["mask"].numpy(), FrameDataset(synthetic_packed, "val")[index]["mask"].numpy()
+        )

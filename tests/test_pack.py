@@ -24,7 +24,7 @@ from hpcvp.data.layout import NUM_FRAMES, RawDataError, list_videos, read_video
 from hpcvp.data.manifest import FORMAT_VERSION
 from hpcvp.data.pack import JOURNAL_NAME, OUTPUT_LOCK_NAME
 from hpcvp.data.pack_cli import main as pack_main
-from hpcvp.data.shard_files import sha256_file
+from hpcvp.data.shard_files import open_h5, sha256_file
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -46,7 +46,7 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
     assert payload["format"] == "hpcvp-shards" and payload["format_version"] == FORMAT_VERSION
     # frame size comes from the generator's hpcvp_synthetic.json (40x60), not the 160x240 default
     assert manifest.frame_size == TINY_SIZE == tuple(payload["frame_size"])
-    assert payload["compression"] == {"frames": "none", "masks": "gzip:1"}
+    assert payload["compression"] == {"frames": "none", "masks": "lz4"}
     names = [shard.path for shard in manifest.shards]
     assert names == ["train-000.h5", "train-001.h5", "val-000.h5", "unlabeled-000.h5", "hidden-000.h5"]
     assert payload["totals"]["videos"] == 16 and payload["totals"]["shards"] == 5
@@ -69,7 +69,8 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
             assert list(handle["video_ids"][:]) == list(shard.video_ids)
             assert ("masks" in handle) == shard.has_masks == (shard.split in ("train", "val"))
             if shard.has_masks:
-                assert handle["masks"].compression == "gzip" and handle["masks"].chunks == (1, 1, *TINY_SIZE)
+                assert handle["masks"].id.get_create_plist().get_filter(0)[0] == LZ4_FILTER_ID
+                assert handle["masks"].chunks == (1, 1, *TINY_SIZE)
                 assert handle["masks"].shape == (len(shard.video_ids), NUM_FRAMES, *TINY_SIZE)
             for row, video_id in enumerate(shard.video_ids):
                 raw_frames, raw_masks = read_video(raw_videos[video_id], shard.split, TINY_SIZE)
@@ -78,16 +79,35 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
                     np.testing.assert_array_equal(handle["masks"][row], raw_masks)
 
 
-@pytest.mark.parametrize("compression, h5_filter", [("lzf", "lzf"), ("gzip:1", "gzip")])
-def test_compression_settings_store_the_same_pixels(tiny_raw, tmp_path, compression, h5_filter):
+LZ4_FILTER_ID, BLOSC_FILTER_ID = 32004, 32001
+
+
+@pytest.mark.parametrize(
+    "compression, h5_filter, workers",
+    [
+        ("lzf", 32000, 0),
+        ("gzip:1", 1, 0),
+        ("lz4", LZ4_FILTER_ID, 0),  # chunks LZ4-compressed by the decoder (hdf5plugin's format)
+        ("lz4", LZ4_FILTER_ID, 1),
+        ("blosc:lz4:5:bit", BLOSC_FILTER_ID, 0),  # compressed by HDF5's filter in the writer
+    ],
+)
+def test_compression_settings_store_the_same_pixels(tiny_raw, tmp_path, compression, h5_filter, workers):
     raw = tiny_raw({"train": [0, 1]})
     out = tmp_path / "out"
     pack_dataset(
-        raw, out, compression=compression, mask_compression=compression, frame_size=TINY_SIZE, workers=0, quiet=True
+        raw,
+        out,
+        compression=compression,
+        mask_compression=compression,
+        frame_size=TINY_SIZE,
+        workers=workers,
+        quiet=True,
     )
     assert load_manifest(out).compression == {"frames": compression, "masks": compression}
-    with h5py.File(out / "train-000.h5", "r", locking=False) as handle:
-        assert handle["frames"].compression == h5_filter and handle["masks"].compression == h5_filter
+    with open_h5(out / "train-000.h5", "r") as handle:
+        for name in ("frames", "masks"):
+            assert handle[name].id.get_create_plist().get_filter(0)[0] == h5_filter
         for row in range(2):
             frames, masks = tiny_video_arrays(row, "train")
             np.testing.assert_array_equal(handle["frames"][row], frames)

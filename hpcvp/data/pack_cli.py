@@ -44,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="videos per shard")
     parser.add_argument("--compression", default=DEFAULT_COMPRESSION, help="frames: none | lzf | gzip:L")
-    parser.add_argument("--mask-compression", default=DEFAULT_MASK_COMPRESSION, help="masks: none | lzf | gzip:L")
+    parser.add_argument(
+        "--mask-compression",
+        default=DEFAULT_MASK_COMPRESSION,
+        help="masks: none | lzf | gzip:L | lz4 | blosc:CODEC:L:SHUFFLE",
+    )
     parser.add_argument(
         "--frame-size",
         type=parse_frame_size,

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-import zlib
 from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
 
 from .layout import NUM_FRAMES, SPLIT_HAS_MASKS, SPLIT_NUM_FRAMES, RawDataError, read_video
+from .shard_files import chunk_encoder
 
 
 def _slot_bytes(size: tuple[int, int]) -> int:
@@ -30,8 +30,14 @@ def slot_views(slots: np.ndarray, slot: int, split: str, size: tuple[int, int]):
     return frames, masks
 
 
-def _deflate_level(codec: str) -> int | None:
-    return int(codec.split(":")[1]) if codec.startswith("gzip:") else None
+_ENCODERS: dict = {}
+
+
+def _encoder(codec: str):
+    """This process's chunk encoder for ``codec`` (None: HDF5 compresses in the writer)."""
+    if codec not in _ENCODERS:
+        _ENCODERS[codec] = chunk_encoder(codec)
+    return _ENCODERS[codec]
 
 
 _DECODER_SLOTS: np.ndarray | None = None  # this decoder process's view of the shared slots
@@ -43,7 +49,7 @@ def _init_decoder(shared, slot_count: int, slot_bytes: int) -> None:
 
 
 def _decode_into_slot(task, slots: np.ndarray | None = None):
-    """Decode one video into its slot; deflate chunks here when gzip is chosen.
+    """Decode one video into its slot; compress chunks here when the codec allows (gzip, lz4).
 
     Errors come back as values so the writer decides between stopping and skipping.
     """
@@ -55,10 +61,10 @@ def _decode_into_slot(task, slots: np.ndarray | None = None):
     except RawDataError as error:
         return ("error", video_id, str(error.path), error.reason)
     frame_chunks = mask_chunks = None
-    if (level := _deflate_level(frames_codec)) is not None:
-        frame_chunks = [zlib.compress(frame, level) for frame in frames]
-    if masks is not None and (level := _deflate_level(masks_codec)) is not None:
-        mask_chunks = [zlib.compress(plane, level) for plane in masks]
+    if (encode := _encoder(frames_codec)) is not None:
+        frame_chunks = [encode(frame) for frame in frames]
+    if masks is not None and (encode := _encoder(masks_codec)) is not None:
+        mask_chunks = [encode(plane) for plane in masks]
     return ("ok", video_id, slot, frame_chunks, mask_chunks)
 
 

@@ -8,6 +8,8 @@ import fcntl
 import hashlib
 import os
 import re
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,8 +18,24 @@ import h5py
 HASH_BLOCK = 8 << 20
 
 
+BLOSC_CODECS = ("lz4", "lz4hc", "zstd", "zlib", "blosclz")
+BLOSC_SHUFFLES = {"none": 0, "byte": 1, "bit": 2}
+
+
+def _hdf5plugin():
+    """hdf5plugin registers the Blosc/LZ4 HDF5 filters in this process (readers need it too)."""
+    import hdf5plugin
+
+    return hdf5plugin
+
+
 def parse_compression(text: str) -> dict:
-    """``none`` | ``lzf`` | ``gzip:L`` (L in 0..9) -> h5py create_dataset keyword arguments."""
+    """A compression setting -> h5py ``create_dataset`` keyword arguments.
+
+    ``none`` | ``lzf`` | ``gzip:L`` (L in 0..9) | ``lz4`` (hdf5plugin's LZ4 filter) |
+    ``blosc:CODEC:L:SHUFFLE`` (hdf5plugin's Blosc filter; CODEC in lz4, lz4hc, zstd, zlib,
+    blosclz; L in 0..9; SHUFFLE none | byte | bit), e.g. ``blosc:lz4:5:bit``.
+    """
     value = text.strip().lower()
     if value == "none":
         return {}
@@ -27,16 +45,64 @@ def parse_compression(text: str) -> dict:
     if match:
         level = int(match.group(1)) if match.group(1) is not None else 4
         return {"compression": "gzip", "compression_opts": level}
-    raise ValueError(f"unknown compression {text!r}; expected none, lzf or gzip:L with L in 0..9")
+    if value == "lz4":
+        return dict(_hdf5plugin().LZ4())
+    match = re.fullmatch(r"blosc(?::(\w+))?(?::(\d))?(?::(none|byte|bit))?", value)
+    if match and (match.group(1) or "lz4") in BLOSC_CODECS:
+        codec, level, shuffle = match.group(1) or "lz4", int(match.group(2) or 5), match.group(3) or "bit"
+        return dict(_hdf5plugin().Blosc(cname=codec, clevel=level, shuffle=BLOSC_SHUFFLES[shuffle]))
+    raise ValueError(
+        f"unknown compression {text!r}; expected none, lzf, gzip:L (L in 0..9), lz4 or "
+        f"blosc:CODEC:L:SHUFFLE (CODEC in {', '.join(BLOSC_CODECS)}; SHUFFLE none, byte or bit)"
+    )
 
 
 def canonical_compression(text: str) -> str:
-    kwargs = parse_compression(text)
+    value = text.strip().lower()
+    kwargs = parse_compression(value)
     if not kwargs:
         return "none"
     if kwargs["compression"] == "lzf":
         return "lzf"
-    return f"gzip:{kwargs['compression_opts']}"
+    if kwargs["compression"] == "gzip":
+        return f"gzip:{kwargs['compression_opts']}"
+    if value == "lz4":
+        return "lz4"
+    parts = (value.split(":") + [None] * 3)[1:4]
+    codec, level, shuffle = parts[0] or "lz4", parts[1] or "5", parts[2] or "bit"
+    return f"blosc:{codec}:{level}:{shuffle}"
+
+
+def chunk_encoder(codec: str):
+    """A function ``contiguous uint8 array -> stored chunk bytes`` that produces exactly what the
+    HDF5 filter of ``codec`` stores, so decoder processes compress and the writer only writes
+    (``write_direct_chunk``); None when only HDF5 itself can compress (``none``, ``lzf``, ``blosc``).
+
+    gzip:L is a zlib stream; lz4 is hdf5plugin's LZ4 filter format: the original size (8 bytes,
+    big-endian), the block size (4 bytes), then per block its stored size (4 bytes) and the LZ4
+    block (or the raw block when LZ4 does not make it smaller). One block per chunk here.
+    """
+    value = canonical_compression(codec)
+    if value.startswith("gzip:"):
+        level = int(value.split(":")[1])
+        return lambda array: zlib.compress(array, level)
+    if value == "lz4":
+        import lz4.block
+
+        def encode(array) -> bytes:
+            data = memoryview(array).cast("B")
+            size = len(data)
+            packed = lz4.block.compress(data, store_size=False)
+            body = packed if len(packed) < size else bytes(data)
+            return struct.pack(">QII", size, size, len(body)) + body
+
+        return encode
+    return None
+
+
+def filtered(dataset) -> bool:
+    """Whether an h5py dataset's chunks pass through any HDF5 filter (compression)."""
+    return dataset.id.get_create_plist().get_nfilters() > 0
 
 
 def sha256_file(path: os.PathLike | str) -> str:
@@ -76,5 +142,8 @@ def file_lock(path: os.PathLike | str) -> Iterator[None]:
 
 
 def open_h5(path: os.PathLike | str, mode: str = "r", **kwargs) -> h5py.File:
-    """h5py.File with HDF5 file locking off: POSIX locks are broken or slow on Lustre/GPFS/NFS."""
+    """h5py.File with HDF5 file locking off: POSIX locks are broken or slow on Lustre/GPFS/NFS.
+
+    Registers hdf5plugin's filters first, so Blosc/LZ4 datasets read in every process."""
+    _hdf5plugin()
     return h5py.File(path, mode, locking=False, **kwargs)

@@ -63,8 +63,12 @@ def eval_loader(
 
 
 def autocast(device: torch.device, amp: str):
-    """The engine's amp policy for inference: auto = bf16 on CUDA, off on CPU."""
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    """The engine's amp policy for inference (hpcvp.train.fastpath.resolve_amp): auto = bf16 on
+    CUDA cc >= 8, fp16 on cc 7.x, off on CPU."""
+    from hpcvp.train.fastpath import resolve_amp
+
+    amp = resolve_amp(amp, device) if amp != "fp16" or device.type == "cuda" else "off"
+    if amp == "off":
         return contextlib.nullcontext()
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)

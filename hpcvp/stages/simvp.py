@@ -10,6 +10,7 @@ Two modes:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -338,10 +339,30 @@ class SimVPTask:
         }
 
 
+def micro_batch_split(cfg: SimVPConfig, device: torch.device, props=None) -> SimVPConfig:
+    """With ``train.auto_micro_batch`` on CUDA: split the per-GPU batch into micro-batches that
+    fit the card (hpcvp.train.fastpath.simvp_micro_batches), keeping the effective batch, and
+    print the split. ``props`` stands in for ``torch.cuda.get_device_properties`` in tests."""
+    from hpcvp.train.fastpath import device_fast_path, resolve_amp, simvp_micro_batches
+
+    train = cfg.train
+    if not train.auto_micro_batch or torch.device(device).type != "cuda":
+        return cfg
+    props = props if props is not None else torch.cuda.get_device_properties(device)
+    amp = resolve_amp(train.amp, torch.device(device), props)
+    compiled = device_fast_path(device, props).compile if train.compile is None else train.compile
+    plan = simvp_micro_batches(train.batch_size, train.grad_accum, amp, compiled, props)
+    print(f"[hpcvp simvp] {props.name}: {plan.why}", flush=True)
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(train, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
+    )
+
+
 def run(cfg: SimVPConfig, data_dir: Path, run_dir: Path, env):
     from hpcvp.train.loop import Trainer
     from hpcvp.train.rundir import RunDir
 
+    cfg = micro_batch_split(cfg, env.device)
     return Trainer(SimVPTask(cfg, data_dir, env), cfg.train, RunDir(run_dir), env).fit()
 
 
@@ -370,6 +391,12 @@ def _presets() -> dict[str, dict[str, Any]]:
             "train.lr": 1e-3,
             "train.eval_every": 2000,
             "train.num_workers": 6,
+            # the device's fast path (hpcvp.train.fastpath): bf16 + channels_last + compile on
+            # CUDA cc >= 8, fp16 + GradScaler on V100/RTX 8000, bf16 + channels_last on CPUs with bf16
+            "train.amp": "fast",
+            "train.channels_last": None,
+            "train.compile": None,
+            "train.auto_micro_batch": True,
             "eval_max_videos": 0,
             "eval_batch_size": 32,
         }

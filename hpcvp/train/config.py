@@ -17,7 +17,7 @@ from .signals import parse_signal
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
+AMP_MODES = ("auto", "fast", "bf16", "fp16", "off")
 PROGRESS_MODES = ("auto", "bar", "plain", "off")
 
 
@@ -34,10 +34,16 @@ class TrainConfig:
     min_lr_frac: float = 0.0  # cosine: final lr = lr * min_lr_frac
     no_decay_on_norm_and_bias: bool = True  # parameters with ndim <= 1 get weight_decay 0
     grad_accum: int = 1
+    # CUDA: split batch_size into micro-batches (grad_accum) that fit the card, keeping the
+    # effective batch (stages that know their model's memory: SimVP full)
+    auto_micro_batch: bool = False
     clip_grad: float = 1.0  # max global grad norm; 0 disables
-    amp: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    channels_last: bool = False
-    compile: bool = False
+    # fast / None = the device's fast path (hpcvp.train.fastpath: bf16 on CUDA cc >= 8 and on CPUs
+    # with bf16 instructions, fp16 + GradScaler on cc 7.x; channels_last and compile as
+    # tools/bench_models.py shows); auto = the fast path's amp on CUDA, fp32 on CPU
+    amp: str = "auto"
+    channels_last: bool | None = False
+    compile: bool | None = False  # a compile failure falls back to eager with one warning
     compile_backend: str = "inductor"
     deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs are anyway
     sync_batchnorm: bool = False

@@ -31,6 +31,7 @@ from hpcvp.progress import TrainProgress
 from . import dist as hdist
 from .checkpoint import Checkpoint, Checkpointer
 from .config import TrainConfig
+from .fastpath import CompiledWithFallback, device_fast_path, resolve_amp
 from .loader import make_loader
 from .optim import build_optimizer, build_scheduler
 from .rng import TAG_LOADER, TAG_STEP, RngState, mix_seed, seed_everything, seed_globals
@@ -219,7 +220,10 @@ class Trainer:
         if cfg.sync_batchnorm and env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(env.device)
-        if cfg.channels_last:
+        fast = device_fast_path(env.device)
+        channels_last = fast.channels_last if cfg.channels_last is None else cfg.channels_last
+        use_compile = fast.compile if cfg.compile is None else cfg.compile
+        if channels_last:
             model.to(memory_format=torch.channels_last)
         self.module = model
         self.ddp: DDP | None = None
@@ -232,19 +236,26 @@ class Trainer:
                 gradient_as_bucket_view=True,
             )
             train_model = self.ddp
-        if cfg.compile:
-            train_model = torch.compile(train_model, backend=cfg.compile_backend)
+        if use_compile:
+            train_model = CompiledWithFallback(train_model, backend=cfg.compile_backend)
         self.train_model = train_model
         self.optimizer = build_optimizer(model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
-        amp = cfg.amp
-        if amp == "auto":
-            amp = "bf16" if env.device.type == "cuda" else "off"
-        if amp == "fp16" and env.device.type != "cuda":
-            raise ValueError("TrainConfig.amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
+        amp = resolve_amp(cfg.amp, env.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=(amp == "fp16"))
+        self.fast_path = {"amp": amp, "channels_last": channels_last, "compile": use_compile}
+        if env.is_main:
+            log.info(
+                "%s: amp=%s%s, channels_last=%s, compile=%s (device fast path: %s)",
+                env.device,
+                amp,
+                " + GradScaler" if amp == "fp16" else "",
+                channels_last,
+                use_compile,
+                fast.why,
+            )
 
         dataset = self.task.train_dataset()
         if isinstance(dataset, IterableDataset):

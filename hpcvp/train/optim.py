@@ -27,8 +27,11 @@ def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = parameter_groups(model, cfg)
     if cfg.optimizer == "adamw":
-        # fused kernels on CUDA: one launch for all parameters instead of several per tensor
-        return torch.optim.AdamW(groups, lr=cfg.lr, fused=(device.type == "cuda"))
+        # fused kernels on CUDA: one launch for all parameters instead of several per tensor;
+        # on CPU the foreach (multi-tensor) path instead of the per-parameter loop
+        if device.type == "cuda":
+            return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+        return torch.optim.AdamW(groups, lr=cfg.lr, foreach=True)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     raise ValueError(f"TrainConfig.optimizer={cfg.optimizer!r}: unknown")

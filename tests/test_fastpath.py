@@ -1,0 +1,138 @@
+"""Per-device fast-path defaults, compile fallback, and the micro-batch split (no GPU needed)."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from hpcvp.stages.simvp import SPEC as SIMVP_SPEC
+from hpcvp.stages.simvp import SimVPConfig, micro_batch_split
+from hpcvp.train.config import TrainConfig
+from hpcvp.train.fastpath import (
+    CompiledWithFallback,
+    compile_pays_back,
+    device_fast_path,
+    plan_micro_batches,
+    resolve_amp,
+    simvp_micro_batches,
+)
+
+GB = 10**9
+
+
+def card(name: str, major: int, minor: int, memory_gb: float):
+    return SimpleNamespace(name=name, major=major, minor=minor, total_memory=int(memory_gb * GB))
+
+
+V100 = card("Tesla V100-SXM2-32GB", 7, 0, 32)
+RTX8000 = card("Quadro RTX 8000", 7, 5, 48)
+A100_40 = card("NVIDIA A100-SXM4-40GB", 8, 0, 40)
+H200 = card("NVIDIA H200", 9, 0, 141)
+
+
+def test_defaults_by_device_type():
+    fast = device_fast_path("cuda", H200)
+    assert (fast.amp, fast.channels_last, fast.compile) == ("bf16", True, True)
+    assert device_fast_path("cuda", A100_40).amp == "bf16"
+    for props in (V100, RTX8000):  # no bf16 on compute capability 7.x
+        fast = device_fast_path("cuda", props)
+        assert (fast.amp, fast.compile) == ("fp16", False) and "GradScaler" in fast.why
+    assert device_fast_path("cpu", cpuinfo="flags : avx512f amx_bf16").amp == "bf16"
+    assert device_fast_path("cpu", cpuinfo="flags : avx2 fma").amp == "off"
+    assert device_fast_path("cpu").compile is False and device_fast_path("cpu").channels_last
+    assert resolve_amp("auto", torch.device("cuda"), V100) == "fp16"
+    assert resolve_amp("auto", torch.device("cpu")) == "off"  # small CPU runs and tests keep fp32
+    assert resolve_amp("fast", torch.device("cpu"), cpuinfo="flags : avx512_bf16") == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_amp("fp16", torch.device("cpu"))
+
+
+def test_full_simvp_preset_leaves_the_fast_path_to_the_device():
+    full = SIMVP_SPEC.presets["full"]
+    assert full["train.channels_last"] is None and full["train.compile"] is None and full["train.amp"] == "fast"
+    assert full["train.auto_micro_batch"] is True
+    cfg = TrainConfig().with_overrides(["channels_last=none", "compile=true"])
+    assert cfg.channels_last is None and cfg.compile is True
+
+
+@pytest.mark.parametrize(
+    "props, amp, compiled, expected",
+    [
+        (V100, "fp16", False, (8, 2)),  # 36.5 GB at 16 does not fit 32 GB: 2 x 8
+        (A100_40, "bf16", True, (16, 1)),  # compiled bf16 (~24 GB at 16) fits 40 GB
+        (A100_40, "bf16", False, (8, 2)),  # eager bf16 (36.5 GB) exceeds 85 % of 40 GB
+        (A100_40, "off", False, (8, 2)),  # fp32: ~2.8 GB per sample, 11 fit in 34 GB
+        (H200, "bf16", True, (16, 1)),
+    ],
+)
+def test_simvp_micro_batches_keep_the_effective_batch(props, amp, compiled, expected):
+    plan = simvp_micro_batches(16, 1, amp, compiled, props)
+    assert (plan.batch_size, plan.grad_accum) == expected
+    assert plan.batch_size * plan.grad_accum == 16 and f"micro-batch(es) of {plan.batch_size}" in plan.why
+
+
+def test_plan_micro_batches_edge_cases():
+    assert plan_micro_batches(16, 1, 1 * GB, 1.5, 2.0).batch_size == 1  # nothing fits: 1 per micro-batch
+    plan = plan_micro_batches(12, 1, 20 * GB, 1.0, 2.0)  # 7 fit; divisors only: 12 -> 6 x 2
+    assert (plan.batch_size, plan.grad_accum) == (6, 2)
+    plan = plan_micro_batches(8, 2, 141 * GB, 1.0, 2.0)  # never fewer micro-batches than asked
+    assert (plan.batch_size, plan.grad_accum) == (8, 2)
+
+
+def test_micro_batch_split_applies_on_cuda_only(capsys):
+    cfg = SimVPConfig()
+    cfg = cfg.__class__(**{**cfg.__dict__, "train": TrainConfig(batch_size=16, auto_micro_batch=True)})
+    split = micro_batch_split(cfg, torch.device("cuda"), V100)
+    assert (split.train.batch_size, split.train.grad_accum) == (8, 2)
+    assert "2 micro-batch(es) of 8" in capsys.readouterr().out
+    assert micro_batch_split(cfg, torch.device("cpu")) is cfg
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning():
+    model = nn.Linear(3, 2)
+
+    def broken_compiler(module, backend):
+        def run(*args):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    wrapped = CompiledWithFallback(model, compiler=broken_compiler)
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out1, out2 = wrapped(x), wrapped(x)
+    assert len(caught) == 1 and "training eagerly" in str(caught[0].message)
+    assert not wrapped.compiled and "no C++ compiler" in wrapped.compile_error
+    torch.testing.assert_close(out1, model(x))
+    torch.testing.assert_close(out2, model(x))
+
+    def refusing_compiler(module, backend):
+        raise RuntimeError("backend missing")
+
+    with pytest.warns(UserWarning, match="backend missing"):
+        assert not CompiledWithFallback(model, compiler=refusing_compiler).compiled
+
+
+def test_compiled_wrapper_saves_the_plain_module_keys():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    wrapped = CompiledWithFallback(model, compiler=lambda module, backend: module)  # stand-in compiler
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    eager = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    eager.load_state_dict(wrapped.state_dict())  # compiled -> eager
+    wrapped.load_state_dict(eager.state_dict())  # eager -> compiled
+    x = torch.randn(2, 3)
+    assert wrapped.compile_seconds is None
+    torch.testing.assert_close(wrapped(x), eager(x))
+    assert wrapped.compile_seconds is not None
+
+
+def test_compile_pays_back_rule():
+    # 60 s of compilation, 0.1 s saved per step: repaid after 600 steps = 2 % of 30,000
+    assert compile_pays_back(60, 0.244, 0.144, 30000)
+    assert not compile_pays_back(120, 0.244, 0.144, 30000)
+    assert not compile_pays_back(1, 1.0, 1.1, 30000)
