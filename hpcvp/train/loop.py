@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .loader import make_loader
 from .optim import build_optimizer, build_scheduler
 from .rng import TAG_LOADER, TAG_STEP, RngState, mix_seed, seed_everything, seed_globals
-from .rundir import MetricsWriter, RunDir
+from .rundir import MetricsWriter, RunDir, WandbSettings
 from .sampler import ResumableDistributedSampler, SeededSamples
 from .signals import EXIT_REQUEUE, PreemptionFlag, signal_name
 from .window import MetricsWindow
@@ -52,6 +52,8 @@ _HARMLESS_KEYS = {
     "prefetch_factor",
     "log_every",
     "progress",
+    "wandb",
+    "wandb_project",
     "preempt_signal",
     "dist_timeout_minutes",
     "compile",
@@ -448,7 +450,7 @@ class Trainer:
             record.update(eval_metrics)
         record["samples_per_s"] = rate
         record["time"] = time.time()
-        self._metrics.write(record)
+        self._metrics.write(record, evaluation=eval_metrics is not None)
 
     def _run_pending_eval(self) -> None:
         """The evaluation a preemption postponed (its step's metrics line waited for it)."""
@@ -500,8 +502,9 @@ class Trainer:
             self._resume()
             if env.is_main:
                 self._write_config()
-                self._metrics = MetricsWriter(run.metrics_path)
                 label = f"{run.path.parent.name}/{run.path.name}"
+                wandb = WandbSettings(cfg.wandb_project, label, self.cfg.to_dict()) if cfg.wandb else None
+                self._metrics = MetricsWriter(run.metrics_path, wandb=wandb)
                 self._progress = TrainProgress(cfg.max_steps, self.step, label, cfg.progress)
                 if self._resumed_from is not None:
                     self._progress.message(f"{label}: resumed from step {self._resumed_from}")
