@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -244,6 +245,22 @@ def test_pseudo_label_exports_slot_masks_named_by_the_unet(data_dir, seg_run, sl
     assert (copy / "manifest.json").read_text() == before
 
 
+def test_pseudo_label_and_evaluation_print_timestamped_progress(data_dir, seg_run, tmp_path, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    capsys.readouterr()
+    assert work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", "overwrite=true") == 0
+    out = capsys.readouterr().out
+    for split in ("unlabeled", "hidden"):
+        assert re.search(rf"^\[\d\d:\d\d:\d\d\] pseudo-label {split}: (\d+)/\1 videos \(100%\)", out, re.M), out
+    # the engine's evaluations: a start and an end line, and the stage's loader progress between
+    assert work(copy, tmp_path / "seg", "seg", "train.max_steps=2", "train.log_every=1", "eval_max_frames=8") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\[[\d-]+ [\d:]+\] evaluation at step 2$", out, re.M), out
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] evaluate: 8/8 samples \(100%\)", out, re.M), out
+    assert re.search(r"^\[[\d-]+ [\d:]+\] evaluation at step 2 done in [\d.]+s: .*val", out, re.M), out
+
+
 def test_pseudo_label_refuses_a_missing_or_wrong_slot_run(data_dir, seg_run, tmp_path):
     from hpcvp.config_overrides import ConfigError
     from hpcvp.stages.runs import MissingRunError
@@ -300,8 +317,11 @@ def test_predict_skips_pipelines_without_runs(data_dir, runs, seg_run, capsys):
         f"raft_run={runs / 'absent'}",
     )
     assert code == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "pipeline (a)" in err and "skipped" in err and "absent" in err
+    # progress lines in a log (stdout is no terminal here): timestamped, one per phase at least
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] predict: score val: (\d+)/\1 videos \(100%\)", out, re.M), out
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] predict: hidden \(e\): (\d+)/\1 videos \(100%\)", out, re.M), out
     report = json.loads((run_dir / "jaccard.json").read_text())
     assert set(report["scores"]) == {"d", "e"}
     assert report["submission_pipeline"] == "e"  # the only deployable one left

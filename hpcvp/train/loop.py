@@ -410,12 +410,19 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         was_training = self.module.training
         self.module.eval()
+        self._progress.message(f"evaluation at step {step}")  # rank 0 only (the others' is off)
+        t0 = time.monotonic()
         try:
             with torch.no_grad(), self._autocast():
                 metrics = self.task.evaluate(self.module, self.env, self.run, step)
         finally:
             self.module.train(was_training)
-        return {k: float(v) for k, v in (metrics or {}).items()}
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._progress.message(
+            f"evaluation at step {step} done in {time.monotonic() - t0:.1f}s" + (f": {shown}" if shown else "")
+        )
+        return metrics
 
     def _log(self, step: int, eval_metrics: dict[str, float] | None, write: bool = True):
         """Reduce the window over ranks (a collective) and, on rank 0, build the metrics line;
