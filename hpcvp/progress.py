@@ -4,7 +4,9 @@ Slurm writes stdout/stderr to files, where a redrawn bar becomes megabytes of ca
 there we print plain lines instead. Two front ends share that choice and the bar:
 ``Progress`` counts items (packing, verifying, staging, generating) and prints a line every
 ``log_every_s`` seconds; ``TrainProgress`` follows training steps and prints a line per update
-(the trainer updates every ``log_every`` steps).
+(the trainer updates every ``log_every`` steps). While a training bar is drawn on a terminal, an
+item ``Progress`` (an evaluation inside training) prints its lines above that bar instead of
+drawing a second one.
 """
 
 from __future__ import annotations
@@ -12,6 +14,9 @@ from __future__ import annotations
 import sys
 import time
 from typing import Any, TextIO
+
+# The console of the training bar being drawn, if any (one live display per terminal).
+_active_bar_console = None
 
 
 def is_terminal(stream: TextIO) -> bool:
@@ -83,9 +88,12 @@ class Progress:
         self._rich = None
         self._task = None
         self._use_rich = enabled and not force_plain and is_terminal(self.stream)
+        self._console = None  # print lines through the training bar's console
 
     def __enter__(self) -> Progress:
         self._start = self._last_log = time.monotonic()
+        if self._use_rich and _active_bar_console is not None:
+            self._use_rich, self._console = False, _active_bar_console
         if self._use_rich:
             self._rich = _rich_bar(self.stream, "{task.description}", self.unit, transient=False)
             self._rich.start()
@@ -115,10 +123,14 @@ class Progress:
         rate = self.done / elapsed
         percent = 100.0 * self.done / self.total if self.total else 100.0
         remaining = (self.total - self.done) / rate if rate > 0 else float("nan")
-        self.stream.write(
+        line = (
             f"[{timestamp()}] {self.description}: {self.done}/{self.total} {self.unit} ({percent:.0f}%), "
-            f"{rate:.1f} {self.unit}/s, elapsed {elapsed:.0f}s, eta {remaining:.0f}s\n"
+            f"{rate:.1f} {self.unit}/s, elapsed {elapsed:.0f}s, eta {remaining:.0f}s"
         )
+        if self._console is not None:
+            self._console.print(line, markup=False, highlight=False)
+            return
+        self.stream.write(line + "\n")
         self.stream.flush()
 
 
@@ -159,6 +171,8 @@ class TrainProgress:
                 description, total=self.total, completed=self.start_step, loss="-", rate="-"
             )
             self._rich.start()
+            global _active_bar_console
+            _active_bar_console = self._rich.console
 
     def eta_seconds(self, step: int) -> float:
         done = step - self.start_step
@@ -195,5 +209,8 @@ class TrainProgress:
 
     def close(self) -> None:
         if self._rich is not None:
+            global _active_bar_console
+            if _active_bar_console is self._rich.console:
+                _active_bar_console = None
             self._rich.stop()
             self._rich = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -114,7 +115,7 @@ def test_seg_trains_and_evaluates(seg_run):
     assert [line["step"] for line in lines] == [2, 4, 6]
     assert 0.0 <= lines[-1]["val_jaccard"] <= 1.0
     assert all(np.isfinite(line["loss"]) for line in lines)
-    assert pictures(seg_run) == ["step0000006_seg_val.png"]
+    assert pictures(seg_run) == ["curves.png", "step0000006_seg_val.png"]
     stage_config = json.loads((seg_run / "stage_config.json").read_text())
     assert stage_config["stage"] == "seg" and stage_config["data"]["frame_size"] == [40, 60]
     assert stage_config["config"]["train"]["max_steps"] == 6
@@ -149,20 +150,20 @@ def test_simvp_masks_trains_on_true_and_pseudo_masks(simvp_masks_run):
     lines = metrics(simvp_masks_run)
     assert [line["step"] for line in lines] == [1, 2, 3]
     assert {"ce", "lovasz", "val_jaccard_true_inputs", "val_jaccard_copy_last"} <= set(lines[-1])
-    assert pictures(simvp_masks_run) == ["step0000003_simvp_masks_val.png"]
+    assert pictures(simvp_masks_run) == ["curves.png", "step0000003_simvp_masks_val.png"]
 
 
 def test_simvp_frames_trains(simvp_frames_run):
     last = metrics(simvp_frames_run)[-1]
     assert last["step"] == 3 and last["val_mse"] > 0 and last["val_mse_copy_last"] > 0
-    assert pictures(simvp_frames_run) == ["step0000003_simvp_frames_val.png"]
+    assert pictures(simvp_frames_run) == ["curves.png", "step0000003_simvp_frames_val.png"]
 
 
 def test_raft_trains_self_supervised_and_loads_a_saved_state_dict(raft_run, data_dir, tmp_path):
     last = metrics(raft_run)[-1]
     assert last["step"] == 2
     assert {"photometric", "smoothness", "val_warp_jaccard", "val_copy_jaccard"} <= set(last)
-    assert pictures(raft_run) == ["step0000002_raft_val.png"]
+    assert pictures(raft_run) == ["curves.png", "step0000002_raft_val.png"]
 
     from hpcvp.models.raft import build_raft
     from hpcvp.stages.raft import RaftTask
@@ -185,7 +186,7 @@ def test_slot_trains_and_names_slots(data_dir, runs, seg_run):
     last = metrics(run_dir)[-1]
     assert -1.0 <= last["val_fg_ari"] <= 1.0
     assert {"val_slot_jaccard_true_labels", "val_slot_jaccard_unet_labels", "val_mse"} <= set(last)
-    assert pictures(run_dir) == ["step0000003_slot_val.png"]
+    assert pictures(run_dir) == ["curves.png", "step0000003_slot_val.png"]
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +245,22 @@ def test_pseudo_label_exports_slot_masks_named_by_the_unet(data_dir, seg_run, sl
     assert (copy / "manifest.json").read_text() == before
 
 
+def test_pseudo_label_and_evaluation_print_timestamped_progress(data_dir, seg_run, tmp_path, capsys):
+    copy = tmp_path / "data"
+    shutil.copytree(data_dir, copy)
+    capsys.readouterr()
+    assert work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", "overwrite=true") == 0
+    out = capsys.readouterr().out
+    for split in ("unlabeled", "hidden"):
+        assert re.search(rf"^\[\d\d:\d\d:\d\d\] pseudo-label {split}: (\d+)/\1 videos \(100%\)", out, re.M), out
+    # the engine's evaluations: a start and an end line, and the stage's loader progress between
+    assert work(copy, tmp_path / "seg", "seg", "train.max_steps=2", "train.log_every=1", "eval_max_frames=8") == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\[[\d-]+ [\d:]+\] evaluation at step 2$", out, re.M), out
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] evaluate: 8/8 samples \(100%\)", out, re.M), out
+    assert re.search(r"^\[[\d-]+ [\d:]+\] evaluation at step 2 done in [\d.]+s: .*val", out, re.M), out
+
+
 def test_pseudo_label_refuses_a_missing_or_wrong_slot_run(data_dir, seg_run, tmp_path):
     from hpcvp.config_overrides import ConfigError
     from hpcvp.stages.runs import MissingRunError
@@ -300,8 +317,11 @@ def test_predict_skips_pipelines_without_runs(data_dir, runs, seg_run, capsys):
         f"raft_run={runs / 'absent'}",
     )
     assert code == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "pipeline (a)" in err and "skipped" in err and "absent" in err
+    # progress lines in a log (stdout is no terminal here): timestamped, one per phase at least
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] predict: score val: (\d+)/\1 videos \(100%\)", out, re.M), out
+    assert re.search(r"^\[\d\d:\d\d:\d\d\] predict: hidden \(e\): (\d+)/\1 videos \(100%\)", out, re.M), out
     report = json.loads((run_dir / "jaccard.json").read_text())
     assert set(report["scores"]) == {"d", "e"}
     assert report["submission_pipeline"] == "e"  # the only deployable one left

@@ -158,7 +158,9 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     assert not tree_differences(a["optimizer"], b["optimizer"]), "optimizer state differs"
     assert [r["step"] for r in run.read_metrics()] == list(range(1, 29))
     assert _metrics(ref) == _metrics(run)
-    assert sorted(p.name for p in run.pictures.iterdir()) == [f"eval_{s:08d}.json" for s in (7, 14, 21, 28)]
+    assert sorted(p.name for p in run.pictures.iterdir()) == ["curves.png"] + [
+        f"eval_{s:08d}.json" for s in (7, 14, 21, 28)
+    ]
 
 
 def _slurm_available() -> bool:

@@ -76,7 +76,7 @@ def test_completed_run_layout(reference):
     assert latest_step(run) == 20
     config = json.loads(run.config_path.read_text())
     assert config["train"]["max_steps"] == 20 and config["identity"]["task"] == "toy"
-    assert sorted(p.name for p in run.pictures.iterdir()) == ["eval_00000010.json", "eval_00000020.json"]
+    assert sorted(p.name for p in run.pictures.iterdir()) == ["curves.png", "eval_00000010.json", "eval_00000020.json"]
     rows = {r["step"]: r for r in run.read_metrics()}
     assert "val_acc" in rows[10] and "val_acc" not in rows[11]
     assert {"loss", "acc", "lr", "grad_norm", "epoch"} <= set(rows[1])

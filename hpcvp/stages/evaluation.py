@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hpcvp.progress import Progress
 from hpcvp.train.loader import make_loader
 
 
@@ -38,21 +41,57 @@ def spread_indices(total: int, limit: int | None) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, total - 1, limit).round()})
 
 
+def _batch_len(batch: Any) -> int:
+    """Samples in a collated batch (the first tensor's leading size; 1 when there is none)."""
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()), None)
+    elif isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    return int(batch.shape[0]) if isinstance(batch, torch.Tensor) and batch.ndim else 1
+
+
+class ProgressLoader:
+    """A DataLoader whose iteration reports progress on rank 0 (hpcvp.progress: timestamped lines
+    in a Slurm log, a bar on a terminal); every other attribute is the DataLoader's."""
+
+    def __init__(self, loader: DataLoader, description: str, unit: str, enabled: bool):
+        self.loader = loader
+        self.description = description
+        self.unit = unit
+        self.enabled = enabled
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        total = len(self.loader.sampler)  # type: ignore[arg-type]
+        with Progress(total, self.description, self.unit, stream=sys.stdout, enabled=self.enabled) as progress:
+            for batch in self.loader:
+                yield batch
+                progress.advance(_batch_len(batch))
+
+
 def eval_loader(
     dataset: Dataset,
     env,
     batch_size: int,
     num_workers: int = 0,
     limit: int | None = None,
-) -> DataLoader:
+    progress: str = "evaluate",
+    unit: str = "samples",
+) -> ProgressLoader:
     """A DataLoader over this rank's share of ``limit`` items spread evenly over the dataset
-    (all when limit is None or 0), in order.
+    (all when limit is None or 0), in order; iterating it prints progress named ``progress`` on
+    rank 0 (counting rank 0's share).
 
     Stages' ``evaluate`` hooks need no model-mode bookkeeping: the engine calls them with the
     model in eval mode, under no_grad and its autocast policy (Trainer._evaluate)."""
     indices = spread_indices(len(dataset), limit)  # type: ignore[arg-type]
     sampler = RankShardSampler(indices, env.rank, env.world_size)
-    return make_loader(  # workers that survive Slurm's SIGTERM while the trainer decides to stop
+    loader = make_loader(  # workers that survive Slurm's SIGTERM while the trainer decides to stop
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -60,6 +99,9 @@ def eval_loader(
         pin_memory=env.device.type == "cuda",
         persistent_workers=False,
     )
+    if env.world_size > 1:
+        progress += f" (rank 0's share of {env.world_size})"
+    return ProgressLoader(loader, progress, unit, enabled=env.rank == 0)
 
 
 def autocast(device: torch.device, amp: str):

@@ -211,7 +211,15 @@ def _score_val(
     cfg: PredictConfig, models: LoadedRuns, names: list[str], data_dir: Path, run_dir: Path, env
 ) -> dict[str, float]:
     dataset = ClipDataset(data_dir, cfg.eval_split, frames=True, masks=True, mask_source="true")
-    loader = evaluation.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers, cfg.eval_max_videos)
+    loader = evaluation.eval_loader(
+        dataset,
+        env,
+        cfg.batch_size,
+        cfg.train.num_workers,
+        cfg.eval_max_videos,
+        progress=f"predict: score {cfg.eval_split}",
+        unit="videos",
+    )
     matrices = {name: ConfusionMatrix(NUM_CLASSES, device=env.device) for name in names}
     rows: list[list] = []
     titles: list[list[str]] = []
@@ -244,7 +252,14 @@ def _predict_hidden(
     cfg: PredictConfig, models: LoadedRuns, pipeline: str, data_dir: Path, run_dir: Path, env
 ) -> Path | None:
     dataset = HiddenDataset(data_dir, cfg.hidden_split)
-    loader = evaluation.eval_loader(dataset, env, cfg.batch_size, cfg.train.num_workers)
+    loader = evaluation.eval_loader(
+        dataset,
+        env,
+        cfg.batch_size,
+        cfg.train.num_workers,
+        progress=f"predict: {cfg.hidden_split} ({pipeline})",
+        unit="videos",
+    )
     ids: list[int] = []
     masks: list[torch.Tensor] = []
     for batch in loader:

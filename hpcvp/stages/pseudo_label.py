@@ -160,7 +160,14 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                 continue
             t0 = time.monotonic()
             dataset = _VideoFrames(data_dir, split)
-            loader = evaluation.eval_loader(dataset, env, cfg.videos_per_batch, cfg.train.num_workers)
+            loader = evaluation.eval_loader(
+                dataset,
+                env,
+                cfg.videos_per_batch,
+                cfg.train.num_workers,
+                progress=f"pseudo-label {split}",
+                unit="videos",
+            )
             part = _part_path(run_dir, split, env.rank)
             part.parent.mkdir(parents=True, exist_ok=True)
             height, width = manifest.frame_size

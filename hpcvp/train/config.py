@@ -60,6 +60,8 @@ class TrainConfig:
     prefetch_factor: int = 2
     log_every: int = 50  # steps between metrics.jsonl lines / progress updates
     progress: str = "auto"  # auto: rich bar on a TTY, plain lines otherwise
+    wandb: bool = False  # metrics also to Weights & Biases when wandb is installed (offline on compute nodes)
+    wandb_project: str = "hpcvp"  # the W&B project; the run is named <stage>/<run name>
     preempt_signal: str = "USR2"  # plus SIGTERM; never USR1 (NCCL uses it)
     dist_timeout_minutes: float = 30.0
 

@@ -35,7 +35,7 @@ from .fastpath import CompiledWithFallback, device_fast_path, resolve_amp
 from .loader import make_loader
 from .optim import build_optimizer, build_scheduler
 from .rng import TAG_LOADER, TAG_STEP, RngState, mix_seed, seed_everything, seed_globals
-from .rundir import MetricsWriter, RunDir
+from .rundir import MetricsWriter, RunDir, WandbSettings
 from .sampler import ResumableDistributedSampler, SeededSamples
 from .signals import EXIT_REQUEUE, PreemptionFlag, signal_name
 from .window import MetricsWindow
@@ -53,6 +53,8 @@ _HARMLESS_KEYS = {
     "prefetch_factor",
     "log_every",
     "progress",
+    "wandb",
+    "wandb_project",
     "preempt_signal",
     "dist_timeout_minutes",
     "compile",
@@ -419,12 +421,19 @@ class Trainer:
     def _evaluate(self, step: int) -> dict[str, float]:
         was_training = self.module.training
         self.module.eval()
+        self._progress.message(f"evaluation at step {step}")  # rank 0 only (the others' is off)
+        t0 = time.monotonic()
         try:
             with torch.no_grad(), self._autocast():
                 metrics = self.task.evaluate(self.module, self.env, self.run, step)
         finally:
             self.module.train(was_training)
-        return {k: float(v) for k, v in (metrics or {}).items()}
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        self._progress.message(
+            f"evaluation at step {step} done in {time.monotonic() - t0:.1f}s" + (f": {shown}" if shown else "")
+        )
+        return metrics
 
     def _log(self, step: int, eval_metrics: dict[str, float] | None, write: bool = True):
         """Reduce the window over ranks (a collective) and, on rank 0, build the metrics line;
@@ -459,7 +468,7 @@ class Trainer:
             record.update(eval_metrics)
         record["samples_per_s"] = rate
         record["time"] = time.time()
-        self._metrics.write(record)
+        self._metrics.write(record, evaluation=eval_metrics is not None)
 
     def _run_pending_eval(self) -> None:
         """The evaluation a preemption postponed (its step's metrics line waited for it)."""
@@ -514,8 +523,9 @@ class Trainer:
                 log.info("resumed from step %d", self._resumed_from)
             if env.is_main:
                 self._write_config()
-                self._metrics = MetricsWriter(run.metrics_path)
                 label = f"{run.path.parent.name}/{run.path.name}"
+                wandb = WandbSettings(cfg.wandb_project, label, self.cfg.to_dict()) if cfg.wandb else None
+                self._metrics = MetricsWriter(run.metrics_path, wandb=wandb)
                 self._progress = TrainProgress(cfg.max_steps, self.step, label, cfg.progress)
                 if self._resumed_from is not None:
                     self._progress.message(f"{label}: resumed from step {self._resumed_from}")
