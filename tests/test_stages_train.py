@@ -261,18 +261,19 @@ def test_pseudo_label_and_evaluation_print_timestamped_progress(data_dir, seg_ru
     assert re.search(r"^\[[\d-]+ [\d:]+\] evaluation at step 2 done in [\d.]+s: .*val", out, re.M), out
 
 
-def test_pseudo_label_refuses_a_missing_or_wrong_slot_run(data_dir, seg_run, tmp_path):
-    from hpcvp.config_overrides import ConfigError
-    from hpcvp.stages.runs import MissingRunError
-
+def test_pseudo_label_refuses_a_missing_or_wrong_slot_run(data_dir, seg_run, tmp_path, capsys):
+    # The worker turns these user errors into one "error: ..." line and exit status 2.
     copy = tmp_path / "data"
     shutil.copytree(data_dir, copy)
     before = (copy / "manifest.json").read_text()
     absent = tmp_path / "no-such-slot-run"
-    with pytest.raises(MissingRunError, match=rf"slot_run: {absent}: run dir not found"):
-        work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", f"slot_run={absent}")
-    with pytest.raises(ConfigError, match=r"slot_run: .*run dir is of stage 'seg', expected slot"):
-        work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", f"slot_run={seg_run}")
+    assert work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", f"slot_run={absent}") == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: slot_run: {re.escape(str(absent))}: run dir not found", err, re.M), err
+    assert "Traceback" not in err
+    assert work(copy, tmp_path / "pl", "pseudo-label", f"seg_run={seg_run}", f"slot_run={seg_run}") == 2
+    err = capsys.readouterr().err
+    assert re.search(r"^error: slot_run: .*run dir is of stage 'seg', expected slot", err, re.M), err
     assert (copy / "manifest.json").read_text() == before
     assert not (tmp_path / "pl" / "parts").exists()
 
