@@ -443,9 +443,9 @@ def rigid_flow(
     """
     height, width = seg.shape
     view, proj = _matrices(width, height)
-    world_to_clip = np.asarray(proj, dtype=np.float64).reshape(4, 4).T @ np.asarray(view, dtype=np.float64).reshape(
-        4, 4
-    ).T
+    world_to_clip = (
+        np.asarray(proj, dtype=np.float64).reshape(4, 4).T @ np.asarray(view, dtype=np.float64).reshape(4, 4).T
+    )
     flow = np.zeros((2, height, width), dtype=np.float32)
     moving = np.isin(seg, list(poses_now))
     if not moving.any():
