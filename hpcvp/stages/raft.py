@@ -28,7 +28,14 @@ from hpcvp.data.manifest import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import flow_image
 from hpcvp.models.raft import PRESETS as RAFT_PRESETS
-from hpcvp.models.raft import VARIANTS, backward_warp, build_raft, estimate_flow, forward_consistency_occlusion
+from hpcvp.models.raft import (
+    VARIANTS,
+    backward_warp,
+    build_raft,
+    estimate_flow,
+    forward_consistency_occlusion,
+    set_input_scale,
+)
 from hpcvp.stages import evaluation, report
 from hpcvp.stages.losses import edge_aware_smoothness, masked_mean, photometric_loss
 from hpcvp.stages.spec import StageSpec, check_splits, train_and_eval_splits
@@ -43,6 +50,7 @@ class RaftSettings:
     variant: str = "large"  # small | large (torchvision raft_small / raft_large)
     num_flow_updates: int = 12
     weights_path: str = ""  # a local torchvision RAFT state dict to start from ("" = random init)
+    input_scale: int = 1  # RAFT runs on frames enlarged this many times (2 helps at 80x120; see BENCHMARKS.md)
 
 
 @dataclass
@@ -78,6 +86,8 @@ class RaftConfig:
             raise ConfigError(f"loss={self.loss!r}: expected one of {LOSSES}")
         if self.photometric not in ("census", "ssim_l1"):
             raise ConfigError(f"photometric={self.photometric!r}: expected census or ssim_l1")
+        if self.model.input_scale < 1:
+            raise ConfigError("model.input_scale must be >= 1")
         if self.model.num_flow_updates < 1:
             raise ConfigError("model.num_flow_updates must be >= 1")
         if not 0 < self.gamma <= 1:
@@ -93,7 +103,7 @@ def build_raft_model(
     cfg: RaftConfig, frame_size: tuple[int, int] | None = None, with_weights: bool = False
 ) -> nn.Module:
     weights = cfg.model.weights_path if (with_weights and cfg.model.weights_path) else None
-    return build_raft(cfg.model.variant, weights)
+    return set_input_scale(build_raft(cfg.model.variant, weights), cfg.model.input_scale)
 
 
 def flow_between(model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor, num_flow_updates: int) -> torch.Tensor:
