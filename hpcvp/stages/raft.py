@@ -1,14 +1,22 @@
-"""Stage ``raft``: torchvision's RAFT trained self-supervised on consecutive frames.
+"""Stage ``raft``: torchvision's RAFT trained on consecutive frames, self-supervised or supervised.
 
-There is no ground-truth flow, so the loss is photometric: frame t+1 warped back with the flow must
-look like frame t (census transform or SSIM+L1), counted only where the forward and backward flows
-agree (occluded pixels have no match), plus edge-aware smoothness; every one of RAFT's iterative
-flow updates is supervised, weighted gamma^(N-1-k) as in the RAFT paper. Both directions are
-computed in one batch (t->t+1 and t+1->t).
+``loss=self`` (the default, and the only choice for the competition's data, which has no flow):
+photometric: frame t+1 warped back with the flow must look like frame t (census transform or
+SSIM+L1), counted only where the forward and backward flows agree (occluded pixels have no match),
+plus edge-aware smoothness; every one of RAFT's iterative flow updates is supervised, weighted
+gamma^(N-1-k) as in the RAFT paper. Both directions are computed in one batch (t->t+1 and t+1->t).
+
+``loss=supervised`` / ``self+supervised``: RAFT's sequence L1 loss to the ground-truth flow that
+synthetic sets carry (``hpcvp.data.synthetic`` writes it, the packer stores it); only videos that
+have it are trained on. On the synthetic sets the self-supervised loss learned no motion in the
+quality benchmark's budget (flow under half a pixel everywhere, so nearest-neighbour warping
+returned the input mask: BENCHMARKS.md), the supervised one did.
 
 Evaluation warps the true mask of frame t to t+1 with the flow from t+1 to t (nearest) and scores
-Jaccard against the true mask of t+1. ``extrapolate_mask`` is the flow-extrapolation predictor used
-by pipeline (c) of the predict stage.
+Jaccard against the true mask of t+1 (and copying mask t, for reference); where the set has
+ground-truth flow it also reports the end-point error of the flow t->t+1 (``val_epe``) beside that
+of predicting no motion (``val_epe_zero``), over all pixels and over object pixels (``*_obj``).
+``extrapolate_mask`` is the flow-extrapolation predictor used by pipeline (c) of the predict stage.
 """
 
 from __future__ import annotations
