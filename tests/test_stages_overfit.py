@@ -41,6 +41,7 @@ CASES = {
     "simvp-frames": ("simvp", ["mode=frames"], 2, 15, 1e-2, 0.5),
     "slot": ("slot", [], 4, 25, 2e-3, 0.5),
     "raft": ("raft", ["train_splits=train", "photometric=ssim_l1"], 1, 10, 1e-4, 0.8),
+    "raft-self+supervised": ("raft", ["train_splits=train", "loss=self+supervised"], 1, 10, 1e-4, 0.8),
 }
 TASKS = {"seg": SegTask, "simvp": SimVPTask, "slot": SlotTask, "raft": RaftTask}
 

@@ -163,6 +163,9 @@ def test_raft_trains_self_supervised_and_loads_a_saved_state_dict(raft_run, data
     last = metrics(raft_run)[-1]
     assert last["step"] == 2
     assert {"photometric", "smoothness", "val_warp_jaccard", "val_copy_jaccard"} <= set(last)
+    # the synthetic val set has ground-truth flow: RAFT's end-point error beside zero flow's
+    assert {"val_epe", "val_epe_zero", "val_epe_obj", "val_epe_obj_zero"} <= set(last)
+    assert last["val_epe_zero"] > 0 and last["val_epe_obj_zero"] >= last["val_epe_zero"]
     assert pictures(raft_run) == ["curves.png", "step0000002_raft_val.png"]
 
     from hpcvp.models.raft import build_raft
@@ -177,6 +180,13 @@ def test_raft_trains_self_supervised_and_loads_a_saved_state_dict(raft_run, data
     cfg = build_config("raft", "tiny", [f"model.weights_path={weights}"])
     model = RaftTask(cfg, data_dir, single_process_env()).build_model()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    # the input scale is no part of the state dict: torchvision's weight files still load
+    cfg = build_config("raft", "tiny", [f"model.weights_path={weights}", "model.input_scale=2"])
+    model = RaftTask(cfg, data_dir, single_process_env()).build_model()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    from hpcvp.models.raft import input_scale
+
+    assert input_scale(model) == 2
 
 
 def test_slot_trains_and_names_slots(data_dir, runs, seg_run):

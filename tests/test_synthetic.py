@@ -55,7 +55,7 @@ def test_layout_names_shapes_and_dtypes(small_root):
             frames = 11 if split == "hidden" else 22
             names = {f"image_{t}.png" for t in range(frames)}
             if split in ("train", "val"):
-                names.add("mask.npy")
+                names |= {"mask.npy", "flow.npy"}  # flow: ground truth t -> t+1 (test_flow_truth.py)
             assert {p.name for p in folder.iterdir()} == names
             with Image.open(folder / "image_0.png") as image:
                 assert image.mode == "RGB" and image.size == (SMALL[1], SMALL[0])
@@ -88,7 +88,7 @@ def test_same_seed_gives_identical_bytes_independent_of_counts_and_workers(small
     other = generate_dataset(tmp_path / "raw", {"train": 3, "hidden": 1}, seed=3, size=SMALL, workers=2, progress=False)
     first, second = tree_bytes(small_root), tree_bytes(other)
     shared = [k for k in second if k.startswith(("train/video_0/", "train/video_1/", "hidden/"))]
-    assert len(shared) == 2 * 23 + 11
+    assert len(shared) == 2 * 24 + 11  # 22 PNGs + mask.npy + flow.npy per train video
     for key in shared:
         assert first[key] == second[key], key
 

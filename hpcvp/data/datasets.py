@@ -172,6 +172,7 @@ class _VideoRef:
     row: int
     mask_shard: str | None  # absolute path of the file holding this video's masks
     mask_row: int
+    has_flow: bool = False  # the frames shard holds this video's ground-truth flow
 
 
 def _video_refs(manifest: Manifest, split: str, mask_source: str | None) -> list[_VideoRef]:
@@ -194,7 +195,7 @@ def _video_refs(manifest: Manifest, split: str, mask_source: str | None) -> list
                 mask_shard, mask_row = shard_path, row
             elif mask_source in ("pseudo", "any") and video_id in pseudo:
                 mask_shard, mask_row = pseudo[video_id]
-            refs.append(_VideoRef(video_id, shard_path, row, mask_shard, mask_row))
+            refs.append(_VideoRef(video_id, shard_path, row, mask_shard, mask_row, shard.has_flow))
     return refs
 
 
@@ -322,7 +323,12 @@ class FrameDataset(_ShardDataset):
 
 
 class PairDataset(_ShardDataset):
-    """Consecutive frames (t, t+1) -> {"video_id", "t", "frame0", "frame1", ["mask0", "mask1"]}."""
+    """Consecutive frames (t, t+1) -> {"video_id", "t", "frame0", "frame1", ["mask0", "mask1"], ["flow"]}.
+
+    ``flow`` (ground-truth flow of frame t to t+1, float32 (2, H, W), only synthetic sets have it):
+    False never reads it; True requires it (only videos with flow are listed); None includes it
+    when every listed video has it.
+    """
 
     def __init__(
         self,
@@ -331,8 +337,20 @@ class PairDataset(_ShardDataset):
         mask_source: str = "true",
         masks: bool | None = None,
         mask_cache: bool = False,
+        flow: bool | None = False,
     ):
         super().__init__(data_dir, split, masks=masks, mask_source=mask_source, mask_cache=mask_cache)
+        if flow:
+            with_flow = [ref for ref in self.videos if ref.has_flow]
+            if not with_flow:
+                raise ValueError(f"{self.data_dir}: split {split!r} has no ground-truth flow (synthetic sets only)")
+            self.videos = with_flow
+            self.video_ids = [ref.video_id for ref in with_flow]
+            if self.mask_cache is not None and len(with_flow) != len(self.mask_cache.tensor):
+                # the cache is indexed like self.videos: rebuild it for the narrowed list
+                self.mask_cache = None
+                self.share_masks()
+        self.with_flow = bool(self.videos) and all(ref.has_flow for ref in self.videos) if flow is not False else False
 
     def __len__(self) -> int:
         return len(self.videos) * (self.num_frames - 1)
@@ -347,6 +365,8 @@ class PairDataset(_ShardDataset):
         if self.with_masks:
             masks = self._masks(video_index, t, t + 2)
             item["mask0"], item["mask1"] = masks[0], masks[1]
+        if self.with_flow:
+            item["flow"] = torch.from_numpy(shard_handle(ref.shard)["flow"][ref.row, t].astype(np.float32))
         return item
 
 

@@ -35,6 +35,9 @@ SPLIT_NUM_FRAMES = {"train": NUM_FRAMES, "val": NUM_FRAMES, "unlabeled": NUM_FRA
 
 VIDEO_DIR_PATTERN = re.compile(r"^video_(\d+)$")
 MASK_FILE_NAME = "mask.npy"
+# Optional, synthetic sets only (the competition's data has none): ground-truth optical flow of
+# each frame to the next, float16 (21, 2, H, W), (dx, dy) in pixels; next to mask.npy.
+FLOW_FILE_NAME = "flow.npy"
 SYNTHETIC_INFO_FILE_NAME = "hpcvp_synthetic.json"
 
 
@@ -157,6 +160,24 @@ def read_mask(path: Path, split: str, size: tuple[int, int]) -> np.ndarray:
     if low < 0 or high >= NUM_CLASSES:
         raise RawDataError(path, f"mask values span {low}..{high}, expected 0..{NUM_CLASSES - 1}")
     return mask.astype(np.uint8, copy=False)
+
+
+def read_flow(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Load ``flow.npy`` as float16 (21, 2, H, W); any float dtype with finite values is accepted."""
+    expected_shape = (NUM_FRAMES - 1, 2, *size)
+    try:
+        flow = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise RawDataError(path, "missing flow") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise RawDataError(path, f"unreadable flow ({error})") from None
+    if not np.issubdtype(flow.dtype, np.floating):
+        raise RawDataError(path, f"flow dtype is {flow.dtype}, expected a float dtype")
+    if flow.shape != expected_shape:
+        raise RawDataError(path, f"flow shape is {flow.shape}, expected {expected_shape}")
+    if not np.isfinite(flow).all():
+        raise RawDataError(path, "flow has non-finite values")
+    return flow.astype(np.float16, copy=False)
 
 
 def read_video(

@@ -2,7 +2,9 @@
 
 A packed dataset directory holds ``manifest.json`` and shards ``<split>-<k:03d>.h5``, each with
 ``frames`` uint8 (N, T, H, W, 3) chunked one frame per chunk, ``masks`` uint8 (N, 22, H, W)
-(train/val) chunked one frame per chunk, and ``video_ids`` int64 (N,). The manifest lists every
+(train/val) chunked one frame per chunk, optionally ``flow`` float16 (N, 21, 2, H, W) (synthetic
+train/val: ground-truth flow of frame t to t+1; the shard entry says ``has_flow``), and
+``video_ids`` int64 (N,). The manifest lists every
 shard with its size and sha256, the pseudo-mask shards added later, the videos the packer skipped
 (``--on-error skip``) and the raw folders it ignored (misnamed, or an empty split folder).
 """
@@ -43,6 +45,7 @@ class ShardEntry:
     sha256: str
     has_masks: bool
     num_frames: int
+    has_flow: bool = False  # optional ``flow`` dataset (synthetic sets' ground-truth flow)
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,7 @@ def shard_from_json(payload: dict) -> ShardEntry:
         sha256=payload["sha256"],
         has_masks=bool(payload["has_masks"]),
         num_frames=int(payload["num_frames"]),
+        has_flow=bool(payload.get("has_flow", False)),
     )
 
 

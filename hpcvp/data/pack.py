@@ -37,6 +37,7 @@ from hpcvp.atomic import atomic_write_json, temporary_name
 from hpcvp.progress import Progress
 
 from .layout import (
+    FLOW_FILE_NAME,
     HEIGHT,
     NUM_FRAMES,
     SPLIT_HAS_MASKS,
@@ -46,6 +47,7 @@ from .layout import (
     WIDTH,
     RawDataError,
     missing_files,
+    read_flow,
     scan_split,
 )
 from .manifest import (
@@ -283,8 +285,8 @@ def _write_shard(
     results: Iterator,
     on_error: str,
     progress: Progress,
-) -> tuple[Path, list[int], list[dict]]:
-    """Write one shard under its temporary name; returns (tmp path, kept ids, skipped records)."""
+) -> tuple[Path, list[int], list[dict], bool]:
+    """Write one shard under its temporary name; returns (tmp path, kept ids, skipped records, has flow)."""
     height, width = frame_size
     split = plan.split
     num_frames = SPLIT_NUM_FRAMES[split]
@@ -317,6 +319,23 @@ def _write_shard(
                     track_times=False,
                     **parse_compression(codecs["masks"]),
                 )
+            # Optional ground-truth flow (synthetic sets): stored when every video of the shard has it.
+            flow = None
+            if (
+                SPLIT_HAS_MASKS[split]
+                and plan.videos
+                and all((folder / FLOW_FILE_NAME).is_file() for _, folder in plan.videos)
+            ):
+                flow = shard.create_dataset(
+                    "flow",
+                    shape=(planned, NUM_FRAMES - 1, 2, height, width),
+                    maxshape=(planned, NUM_FRAMES - 1, 2, height, width),
+                    dtype=np.float16,
+                    chunks=(1, 1, 2, height, width),
+                    track_times=False,
+                    **parse_compression(codecs["masks"]),  # mostly zeros (background), like masks
+                )
+            folders = dict(plan.videos)
             for video_id, _ in plan.videos:
                 result = next(results)
                 if result[1] != video_id:
@@ -333,18 +352,22 @@ def _write_shard(
                     _write_chunks(frames, row, frame_view, frame_chunks, codecs["frames"])
                     if masks is not None:
                         _write_chunks(masks, row, mask_view, mask_chunks, codecs["masks"])
+                    if flow is not None:
+                        flow[row] = read_flow(Path(folders[video_id]) / FLOW_FILE_NAME, frame_size)
                     kept_ids.append(video_id)
                 progress.advance(1)
             if len(kept_ids) < planned:
                 frames.resize(len(kept_ids), axis=0)
                 if masks is not None:
                     masks.resize(len(kept_ids), axis=0)
+                if flow is not None:
+                    flow.resize(len(kept_ids), axis=0)
             shard.create_dataset("video_ids", data=np.asarray(kept_ids, dtype=np.int64), track_times=False)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
-    return tmp_path, kept_ids, skipped
+    return tmp_path, kept_ids, skipped, flow is not None
 
 
 def _finish_shard(tmp_path: Path, final_path: Path) -> tuple[str, int]:
@@ -465,7 +488,9 @@ def _pack_locked(
         decoder = Decoder(min(workers, len(tasks)), size)
         results = decoder.results(tasks)
 
-        def finish_and_journal(plan: _ShardPlan, tmp_path: Path, kept_ids: list[int], shard_skipped: list[dict]):
+        def finish_and_journal(
+            plan: _ShardPlan, tmp_path: Path, kept_ids: list[int], shard_skipped: list[dict], has_flow: bool
+        ):
             # Runs in the finisher thread, one shard at a time in shard order; only this thread
             # writes the journal once packing has started.
             digest, nbytes = _finish_shard(tmp_path, out / plan.name)
@@ -478,6 +503,7 @@ def _pack_locked(
                     digest,
                     SPLIT_HAS_MASKS[plan.split],
                     SPLIT_NUM_FRAMES[plan.split],
+                    has_flow,
                 )
             )
             entry["video_ids"] = kept_ids

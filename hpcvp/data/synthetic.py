@@ -30,7 +30,8 @@ numpy and Pillow builds: another physics or PNG-encoder version may change bytes
 Layout written by ``generate_dataset`` (``hpcvp.data.layout``)::
 
     <root>/train/video_<id>/image_0.png .. image_21.png, mask.npy (22,H,W) uint8  ids 0..
-    <root>/val/video_<id>/...        same, ids from 1000
+                                     + flow.npy (21,2,H,W) float16: ground-truth flow t -> t+1
+    <root>/val/video_<id>/...        same (with flow.npy), ids from 1000
     <root>/unlabeled/video_<id>/     22 PNGs, no mask, ids from 2000
     <root>/hidden/video_<id>/        image_0..image_10 only, no mask, ids from 15000
     <root>/hpcvp_synthetic.json      {"size": [H, W], "seed": s, "counts": {...}, "format": 1}
@@ -59,6 +60,7 @@ from PIL import Image
 
 from hpcvp.atomic import atomic_write_text
 from hpcvp.data.layout import (
+    FLOW_FILE_NAME,
     HEIGHT,
     MASK_FILE_NAME,
     NUM_CLASSES,
@@ -385,12 +387,13 @@ def _build_world(client: int, objects: Sequence[SceneObject]) -> dict[int, int]:
 
 def _render(
     client: int, width: int, height: int, light: dict, segmentation: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(rgb (H,W,3) uint8, segmentation body ids (H,W) | None, depth buffer in [0, 1] (H,W) | None)."""
     import pybullet as p
 
     view, proj = _matrices(width, height)
     flags = 0 if segmentation else p.ER_NO_SEGMENTATION_MASK
-    _, _, rgba, _, seg = p.getCameraImage(
+    _, _, rgba, depth, seg = p.getCameraImage(
         width,
         height,
         view,
@@ -405,24 +408,97 @@ def _render(
         **light,
     )
     rgb = np.asarray(rgba, dtype=np.uint8).reshape(height, width, 4)[..., :3]
-    return rgb, (np.asarray(seg, dtype=np.int64).reshape(height, width) if segmentation else None)
+    if not segmentation:
+        return rgb, None, None
+    seg = np.asarray(seg, dtype=np.int64).reshape(height, width)
+    return rgb, seg, np.asarray(depth, dtype=np.float64).reshape(height, width)
+
+
+def _poses(client: int, bodies) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """body -> (position (3,), rotation matrix (3,3)) now."""
+    import pybullet as p
+
+    poses = {}
+    for body in bodies:
+        position, quaternion = p.getBasePositionAndOrientation(body, physicsClientId=client)
+        rotation = np.asarray(p.getMatrixFromQuaternion(quaternion), dtype=np.float64).reshape(3, 3)
+        poses[body] = (np.asarray(position, dtype=np.float64), rotation)
+    return poses
+
+
+def rigid_flow(
+    seg: np.ndarray,
+    depth: np.ndarray,
+    poses_now: dict[int, tuple[np.ndarray, np.ndarray]],
+    poses_next: dict[int, tuple[np.ndarray, np.ndarray]],
+) -> np.ndarray:
+    """Ground-truth optical flow (2, H, W) float32 (dx, dy in pixels) of one frame to the next.
+
+    Each pixel showing object ``b`` (``seg`` body ids, ``depth`` the renderer's [0, 1] depth
+    buffer) is unprojected to its 3D point, carried by the body's rigid motion from ``poses_now``
+    to ``poses_next`` (point in body frame = R^T (X - c), then R' x + c'), and projected again:
+    flow = where the surface point is seen in the next frame minus where it is seen now (defined
+    also where it becomes hidden in the next frame). Floor and empty pixels get zero flow
+    (the camera is static). Pixel (row i, col j) is taken at its centre (j + 0.5, i + 0.5).
+    """
+    height, width = seg.shape
+    view, proj = _matrices(width, height)
+    world_to_clip = (
+        np.asarray(proj, dtype=np.float64).reshape(4, 4).T @ np.asarray(view, dtype=np.float64).reshape(4, 4).T
+    )
+    flow = np.zeros((2, height, width), dtype=np.float32)
+    moving = np.isin(seg, list(poses_now))
+    if not moving.any():
+        return flow
+    rows, cols = np.nonzero(moving)
+    ndc = np.stack(
+        [
+            2.0 * (cols + 0.5) / width - 1.0,
+            1.0 - 2.0 * (rows + 0.5) / height,
+            2.0 * depth[rows, cols] - 1.0,
+            np.ones(len(rows)),
+        ],
+        axis=1,
+    )
+    world = ndc @ np.linalg.inv(world_to_clip).T
+    world = world[:, :3] / world[:, 3:4]
+    moved = np.empty_like(world)
+    bodies = seg[rows, cols]
+    for body in np.unique(bodies):
+        sel = bodies == body
+        (c0, r0), (c1, r1) = poses_now[int(body)], poses_next[int(body)]
+        moved[sel] = ((world[sel] - c0) @ r0) @ r1.T + c1
+    clip = np.concatenate([moved, np.ones((len(moved), 1))], axis=1) @ world_to_clip.T
+    x_ndc, y_ndc = clip[:, 0] / clip[:, 3], clip[:, 1] / clip[:, 3]
+    flow[0, rows, cols] = (x_ndc + 1.0) / 2.0 * width - 0.5 - cols
+    flow[1, rows, cols] = (1.0 - y_ndc) / 2.0 * height - 0.5 - rows
+    return flow
 
 
 def render_video(
-    video_id: int, seed: int, size: tuple[int, int] = (HEIGHT, WIDTH), num_frames: int = NUM_FRAMES
-) -> tuple[np.ndarray, np.ndarray]:
+    video_id: int,
+    seed: int,
+    size: tuple[int, int] = (HEIGHT, WIDTH),
+    num_frames: int = NUM_FRAMES,
+    with_flow: bool = False,
+):
     """Simulate and render video ``video_id`` of the dataset made with ``seed``.
 
     Returns ``frames`` uint8 (T,H,W,3) and ``masks`` uint8 (T,H,W) of class ids 0..48, with
-    ``T = num_frames`` (22 by default; a shorter render equals the start of a longer one).
+    ``T = num_frames`` (22 by default; a shorter render equals the start of a longer one), and with
+    ``with_flow`` also ``flow`` float32 (T-1,2,H,W): the ground-truth flow of frame t to t+1.
     """
-    return render_scene(sample_scene(seed, video_id), size, num_frames)
+    return render_scene(sample_scene(seed, video_id), size, num_frames, with_flow=with_flow)
 
 
 def render_scene(
-    objects: Sequence[SceneObject], size: tuple[int, int] = (HEIGHT, WIDTH), num_frames: int = NUM_FRAMES
-) -> tuple[np.ndarray, np.ndarray]:
-    """Simulate ``objects`` from their launch state and render ``num_frames`` frames and masks."""
+    objects: Sequence[SceneObject],
+    size: tuple[int, int] = (HEIGHT, WIDTH),
+    num_frames: int = NUM_FRAMES,
+    with_flow: bool = False,
+):
+    """Simulate ``objects`` from their launch state and render ``num_frames`` frames and masks
+    (and, ``with_flow``, the ground-truth flow (T-1,2,H,W) of each frame to the next: ``rigid_flow``)."""
     import pybullet as p
 
     height, width = (int(v) for v in size)
@@ -434,6 +510,7 @@ def render_scene(
         raise ValueError("a scene needs at least one object")
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     masks = np.empty((num_frames, height, width), dtype=np.uint8)
+    flow = np.zeros((max(num_frames - 1, 0), 2, height, width), dtype=np.float32) if with_flow else None
     with _bullet_client() as client:
         body_classes = _build_world(client, objects)
         # Segmentation ids: -1 = nothing, floor = 0, objects as created; map to class ids.
@@ -442,18 +519,26 @@ def render_scene(
         for body, cls in body_classes.items():
             lookup[body + 1] = cls
             metal[body + 1] = class_attributes(cls)[1] == "metal"
+        previous = None  # (seg, depth, poses) of the frame before, for the flow
         for t in range(num_frames):
             if t:
                 for _ in range(STEPS_PER_FRAME):
                     p.stepSimulation(physicsClientId=client)
-            rgb, seg = _render(client, width, height, MATTE_LIGHT, segmentation=True)
+            rgb, seg, depth = _render(client, width, height, MATTE_LIGHT, segmentation=True)
+            if flow is not None:
+                poses = _poses(client, body_classes)
+                if previous is not None:
+                    flow[t - 1] = rigid_flow(previous[0], previous[1], previous[2], poses)
+                previous = (seg, depth, poses)
             seg_index = seg + 1
             masks[t] = lookup[seg_index]
             metal_pixels = metal[seg_index]
             if metal_pixels.any():
-                shiny, _ = _render(client, width, height, METAL_LIGHT, segmentation=False)
+                shiny, _, _ = _render(client, width, height, METAL_LIGHT, segmentation=False)
                 rgb = np.where(metal_pixels[..., None], shiny, rgb)
             frames[t] = rgb
+    if flow is not None:
+        return frames, masks, flow
     return frames, masks
 
 
@@ -480,18 +565,20 @@ def write_video(root: Path, split: str, video_id: int, seed: int, size: tuple[in
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    frames, masks = render_video(video_id, seed, size, num_frames=SPLIT_NUM_FRAMES[split])
+    with_flow = SPLIT_HAS_MASKS[split]
+    frames, masks, *flow = render_video(video_id, seed, size, num_frames=SPLIT_NUM_FRAMES[split], with_flow=with_flow)
     for t, frame in enumerate(frames):
         Image.fromarray(frame).save(tmp / frame_file_name(t))
     if SPLIT_HAS_MASKS[split]:
         np.save(tmp / MASK_FILE_NAME, masks)
+        np.save(tmp / FLOW_FILE_NAME, flow[0].astype(np.float16))
     os.rename(tmp, final)
     return True
 
 
 def _expected_files(split: str) -> list[str]:
     names = [frame_file_name(t) for t in range(SPLIT_NUM_FRAMES[split])]
-    return names + ([MASK_FILE_NAME] if SPLIT_HAS_MASKS[split] else [])
+    return names + ([MASK_FILE_NAME, FLOW_FILE_NAME] if SPLIT_HAS_MASKS[split] else [])
 
 
 def _write_metadata(path: Path, payload: dict) -> None:

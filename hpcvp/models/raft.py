@@ -133,17 +133,53 @@ def unpad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
     return x[..., top : height - bottom, left : width - right]
 
 
+INPUT_SCALE_ATTR = "hpcvp_input_scale"
+
+
+def set_input_scale(model: nn.Module, scale: int) -> nn.Module:
+    """Make ``estimate_flow`` run ``model`` on images enlarged ``scale`` times (an attribute, so the
+    state dict, and with it torchvision's weight files, stay unchanged)."""
+    if int(scale) < 1:
+        raise ValueError(f"RAFT input scale must be >= 1, got {scale}")
+    setattr(model, INPUT_SCALE_ATTR, int(scale))
+    return model
+
+
+def input_scale(model: nn.Module) -> int:
+    """The input scale set on ``model`` (looked up under DDP / torch.compile wrappers too)."""
+    while True:
+        if hasattr(model, INPUT_SCALE_ATTR):
+            return int(getattr(model, INPUT_SCALE_ATTR))
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return 1
+        model = inner
+
+
 def estimate_flow(
     model: nn.Module, image0: torch.Tensor, image1: torch.Tensor, num_flow_updates: int = 12
 ) -> list[torch.Tensor]:
-    """Flow predictions (each (B, 2, H, W), coarse to fine) from image0 to image1, both (B, 3, H, W) in [0, 1]."""
+    """Flow predictions (each (B, 2, H, W), coarse to fine) from image0 to image1, both (B, 3, H, W) in [0, 1].
+
+    With an input scale k > 1 (``set_input_scale``) RAFT sees the images enlarged k times (bilinear)
+    and its flows come back averaged over k x k blocks and divided by k: RAFT works at 1/8 of its
+    input, which at 80x120 leaves objects of about one feature cell.
+    """
     if image0.shape != image1.shape or image0.ndim != 4 or image0.shape[1] != 3:
         raise ValueError(
             f"estimate_flow expects two (B, 3, H, W) images, got {tuple(image0.shape)} and {tuple(image1.shape)}"
         )
-    pair, pads = pad_for_raft(torch.stack([image0, image1]) * 2.0 - 1.0)
+    scale = input_scale(model)
+    pair = torch.stack([image0, image1]) * 2.0 - 1.0
+    if scale > 1:
+        pair = F.interpolate(pair.flatten(0, 1), scale_factor=scale, mode="bilinear", align_corners=False)
+        pair = pair.unflatten(0, (2, image0.shape[0]))
+    pair, pads = pad_for_raft(pair)
     flows = model(pair[0], pair[1], num_flow_updates=num_flow_updates)
-    return [unpad(flow, pads) for flow in flows]
+    flows = [unpad(flow, pads) for flow in flows]
+    if scale > 1:
+        flows = [F.avg_pool2d(flow, scale) / scale for flow in flows]
+    return flows
 
 
 def _pixel_grid(flow: torch.Tensor) -> torch.Tensor:

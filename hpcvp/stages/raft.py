@@ -1,14 +1,22 @@
-"""Stage ``raft``: torchvision's RAFT trained self-supervised on consecutive frames.
+"""Stage ``raft``: torchvision's RAFT trained on consecutive frames, self-supervised or supervised.
 
-There is no ground-truth flow, so the loss is photometric: frame t+1 warped back with the flow must
-look like frame t (census transform or SSIM+L1), counted only where the forward and backward flows
-agree (occluded pixels have no match), plus edge-aware smoothness; every one of RAFT's iterative
-flow updates is supervised, weighted gamma^(N-1-k) as in the RAFT paper. Both directions are
-computed in one batch (t->t+1 and t+1->t).
+``loss=self`` (the default, and the only choice for the competition's data, which has no flow):
+photometric: frame t+1 warped back with the flow must look like frame t (census transform or
+SSIM+L1), counted only where the forward and backward flows agree (occluded pixels have no match),
+plus edge-aware smoothness; every one of RAFT's iterative flow updates is supervised, weighted
+gamma^(N-1-k) as in the RAFT paper. Both directions are computed in one batch (t->t+1 and t+1->t).
+
+``loss=supervised`` / ``self+supervised``: RAFT's sequence L1 loss to the ground-truth flow that
+synthetic sets carry (``hpcvp.data.synthetic`` writes it, the packer stores it); only videos that
+have it are trained on. On the synthetic sets the self-supervised loss learned no motion in the
+quality benchmark's budget (flow under half a pixel everywhere, so nearest-neighbour warping
+returned the input mask: BENCHMARKS.md), the supervised one did.
 
 Evaluation warps the true mask of frame t to t+1 with the flow from t+1 to t (nearest) and scores
-Jaccard against the true mask of t+1. ``extrapolate_mask`` is the flow-extrapolation predictor used
-by pipeline (c) of the predict stage.
+Jaccard against the true mask of t+1 (and copying mask t, for reference); where the set has
+ground-truth flow it also reports the end-point error of the flow t->t+1 (``val_epe``) beside that
+of predicting no motion (``val_epe_zero``), over all pixels and over object pixels (``*_obj``).
+``extrapolate_mask`` is the flow-extrapolation predictor used by pipeline (c) of the predict stage.
 """
 
 from __future__ import annotations
@@ -28,11 +36,21 @@ from hpcvp.data.manifest import load_manifest
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import flow_image
 from hpcvp.models.raft import PRESETS as RAFT_PRESETS
-from hpcvp.models.raft import VARIANTS, backward_warp, build_raft, estimate_flow, forward_consistency_occlusion
+from hpcvp.models.raft import (
+    VARIANTS,
+    backward_warp,
+    build_raft,
+    estimate_flow,
+    forward_consistency_occlusion,
+    set_input_scale,
+)
 from hpcvp.stages import evaluation, report
 from hpcvp.stages.losses import edge_aware_smoothness, masked_mean, photometric_loss
 from hpcvp.stages.spec import StageSpec, check_splits, train_and_eval_splits
 from hpcvp.train.config import TrainConfig
+from hpcvp.train.dist import all_reduce_sum
+
+LOSSES = ("self", "supervised", "self+supervised")
 
 
 @dataclass
@@ -40,6 +58,7 @@ class RaftSettings:
     variant: str = "large"  # small | large (torchvision raft_small / raft_large)
     num_flow_updates: int = 12
     weights_path: str = ""  # a local torchvision RAFT state dict to start from ("" = random init)
+    input_scale: int = 1  # RAFT runs on frames enlarged this many times (2 helps at 80x120; see BENCHMARKS.md)
 
 
 @dataclass
@@ -58,6 +77,14 @@ class RaftConfig:
     occlusion: bool = True  # mask forward-backward inconsistent pixels out of the photometric loss
     occlusion_min_valid: float = 0.5  # per sample: below this consistent fraction, no occlusion mask
     gamma: float = 0.8  # sequence weight of update k of N: gamma^(N-1-k)
+    # self: photometric (any video, the only choice for real data, which has no flow); supervised:
+    # L1 to the synthetic set's ground-truth flow (train_splits videos that have it: train/val of a
+    # synthetic set); self+supervised: both, on the videos with flow.
+    loss: str = "self"
+    supervised_weight: float = 1.0  # weight of the supervised term in self+supervised
+    # Supervised pixels that move (true flow != 0) weigh 1 + moving_weight: on these sets ~90 % of
+    # the pixels are static floor, and a plain mean first teaches RAFT to predict no motion.
+    moving_weight: float = 4.0  # 0 = RAFT's plain loss; 0 learned no motion in 300 steps, 4 and 10 did
     eval_split: str = "val"
     eval_max_pairs: int = 0  # 0 = every consecutive pair of the split
     eval_batch_size: int = 16
@@ -66,8 +93,12 @@ class RaftConfig:
     def validate(self) -> None:
         if self.model.variant not in VARIANTS:
             raise ConfigError(f"model.variant={self.model.variant!r}: expected one of {sorted(VARIANTS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss={self.loss!r}: expected one of {LOSSES}")
         if self.photometric not in ("census", "ssim_l1"):
             raise ConfigError(f"photometric={self.photometric!r}: expected census or ssim_l1")
+        if self.model.input_scale < 1:
+            raise ConfigError("model.input_scale must be >= 1")
         if self.model.num_flow_updates < 1:
             raise ConfigError("model.num_flow_updates must be >= 1")
         if not 0 < self.gamma <= 1:
@@ -83,7 +114,7 @@ def build_raft_model(
     cfg: RaftConfig, frame_size: tuple[int, int] | None = None, with_weights: bool = False
 ) -> nn.Module:
     weights = cfg.model.weights_path if (with_weights and cfg.model.weights_path) else None
-    return build_raft(cfg.model.variant, weights)
+    return set_input_scale(build_raft(cfg.model.variant, weights), cfg.model.input_scale)
 
 
 def flow_between(model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor, num_flow_updates: int) -> torch.Tensor:
@@ -153,6 +184,31 @@ def self_supervised_flow_loss(
     return total / weight_sum, logs
 
 
+def supervised_flow_loss(
+    flows: list[torch.Tensor], target: torch.Tensor, gamma: float, moving_weight: float = 0.0
+) -> torch.Tensor:
+    """RAFT's sequence loss: sum_k gamma^(N-1-k) * mean L1 of flow k to the true flow (normalised
+    by the weights' sum), pixels where the true flow is not zero weighted 1 + ``moving_weight``.
+    ``flows`` may cover more samples than ``target`` (both directions stacked): the first
+    ``len(target)`` are supervised."""
+    count = len(flows)
+    pixel_weight = 1.0 + moving_weight * (target.abs().sum(dim=1) > 0).float()
+    pixel_weight = pixel_weight / pixel_weight.mean()
+    total = target.new_zeros(())
+    weight_sum = 0.0
+    for k, flow in enumerate(flows):
+        weight = gamma ** (count - 1 - k)
+        l1 = (flow[: target.shape[0]].float() - target).abs().sum(dim=1)
+        total = total + weight * (l1 * pixel_weight).mean()
+        weight_sum += weight
+    return total / weight_sum
+
+
+def end_point_error(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-pixel end-point error |flow - target| (B, H, W) of (B, 2, H, W) flows."""
+    return (flow.float() - target.float()).square().sum(dim=1).sqrt()
+
+
 def extrapolate_mask(mask: torch.Tensor, velocity: torch.Tensor, steps: float, mode: str = "object") -> torch.Tensor:
     """Move the objects of ``mask`` (B, H, W) ``steps`` frames ahead at constant ``velocity``.
 
@@ -203,18 +259,33 @@ class RaftTask:
         return build_raft_model(self.cfg, self.frame_size, with_weights=True)
 
     def train_dataset(self) -> Dataset:
-        parts = [
-            PairDataset(self.data_dir, split, masks=False)
-            for split in check_splits(self.cfg.train_splits, "train_splits")
-        ]
+        splits = check_splits(self.cfg.train_splits, "train_splits")
+        if self.cfg.loss == "self":
+            parts = [PairDataset(self.data_dir, split, masks=False) for split in splits]
+        else:  # supervised terms need the ground-truth flow: only the splits' videos that have it
+            manifest = load_manifest(self.data_dir)
+            with_flow = [s for s in splits if any(shard.has_flow for shard in manifest.shards_for(s))]
+            if not with_flow:
+                raise ConfigError(
+                    f"loss={self.cfg.loss}: none of train_splits={self.cfg.train_splits} has ground-truth flow "
+                    "(only synthetic sets made by hpcvp.data.synthetic have it; real data trains with loss=self)"
+                )
+            parts = [PairDataset(self.data_dir, split, masks=False, flow=True) for split in with_flow]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
         f0 = frames_to_float(batch["frame0"].to(device, non_blocking=True))
         f1 = frames_to_float(batch["frame1"].to(device, non_blocking=True))
+        updates = self.cfg.model.num_flow_updates
+        if self.cfg.loss == "supervised":  # one direction: the ground truth is the flow t -> t+1
+            target = batch["flow"].to(device, non_blocking=True).float()
+            flows = estimate_flow(model, f0, f1, updates)
+            loss = supervised_flow_loss(flows, target, self.cfg.gamma, self.cfg.moving_weight)
+            epe = end_point_error(flows[-1].detach(), target).mean()
+            return loss, {"supervised": loss.detach(), "train_epe": epe}
         image_a, image_b = torch.cat([f0, f1]), torch.cat([f1, f0])
-        flows = estimate_flow(model, image_a, image_b, self.cfg.model.num_flow_updates)
-        return self_supervised_flow_loss(
+        flows = estimate_flow(model, image_a, image_b, updates)
+        loss, logs = self_supervised_flow_loss(
             flows,
             image_a,
             image_b,
@@ -225,10 +296,19 @@ class RaftTask:
             gamma=self.cfg.gamma,
             occlusion_min_valid=self.cfg.occlusion_min_valid,
         )
+        if self.cfg.loss == "self+supervised":
+            target = batch["flow"].to(device, non_blocking=True).float()
+            supervised = supervised_flow_loss(flows, target, self.cfg.gamma, self.cfg.moving_weight)
+            loss = loss + self.cfg.supervised_weight * supervised
+            logs["supervised"] = supervised.detach()
+            logs["train_epe"] = end_point_error(flows[-1][: target.shape[0]].detach(), target).mean()
+        return loss, logs
 
     def _eval_data(self) -> Dataset:
         if self._eval_dataset is None:
-            self._eval_dataset = PairDataset(self.data_dir, self.cfg.eval_split, mask_source="true", masks=True)
+            self._eval_dataset = PairDataset(
+                self.data_dir, self.cfg.eval_split, mask_source="true", masks=True, flow=None
+            )
         return self._eval_dataset
 
     @torch.no_grad()
@@ -239,6 +319,9 @@ class RaftTask:
         )
         warped_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
         copy_cm = ConfusionMatrix(NUM_CLASSES, device=env.device)
+        with_flow = self._eval_data().with_flow
+        # sums over pixels: EPE of RAFT's flow t -> t+1 and of zero flow, on all and on object pixels
+        sums = dict.fromkeys(("epe", "zero", "epe_obj", "zero_obj", "pixels", "obj_pixels"), 0.0)
         rows: list[list] = []
         for batch in loader:
             frame0, frame1 = batch["frame0"].to(env.device), batch["frame1"].to(env.device)
@@ -247,27 +330,54 @@ class RaftTask:
                 # mask(t+1)(p) = mask(t)(p + flow(t+1 -> t)(p)): backward warping needs the flow
                 # defined on frame t+1's pixels.
                 flow_back = flow_between(net, frame1, frame0, self.cfg.model.num_flow_updates)
-            warped = backward_warp(mask0, flow_back)
+                flow_fw = flow_between(net, frame0, frame1, self.cfg.model.num_flow_updates) if with_flow else None
+            warped = backward_warp(mask0, flow_back)  # integer labels: nearest-neighbour sampling
             warped_cm.update(warped, mask1)
             copy_cm.update(mask0, mask1)
+            if flow_fw is not None:
+                true_flow = batch["flow"].to(env.device).float()
+                epe = end_point_error(flow_fw, true_flow).double()
+                zero = true_flow.double().square().sum(dim=1).sqrt()
+                objects = (mask0 > 0).double()
+                for key, value in (
+                    ("epe", epe.sum()),
+                    ("zero", zero.sum()),
+                    ("epe_obj", (epe * objects).sum()),
+                    ("zero_obj", (zero * objects).sum()),
+                    ("pixels", epe.numel()),
+                    ("obj_pixels", objects.sum()),
+                ):
+                    sums[key] += float(value)
             if env.rank == 0 and len(rows) < self.cfg.num_pictures:
                 for i in range(min(frame0.shape[0], self.cfg.num_pictures - len(rows))):
-                    rows.append(
-                        [
-                            report.frame_image(frame0[i]),
-                            report.frame_image(frame1[i]),
-                            flow_image(-flow_back[i]),
-                            report.mask_image(mask0[i]),
-                            report.mask_image(warped[i]),
-                            report.mask_image(mask1[i]),
-                        ]
-                    )
+                    row = [
+                        report.frame_image(frame0[i]),
+                        report.frame_image(frame1[i]),
+                        flow_image(-flow_back[i]),
+                        report.mask_image(mask0[i]),
+                        report.mask_image(warped[i]),
+                        report.mask_image(mask1[i]),
+                    ]
+                    if flow_fw is not None:
+                        row += [flow_image(batch["flow"][i]), flow_image(flow_fw[i])]
+                    rows.append(row)
         warped_cm.all_reduce()
         copy_cm.all_reduce()
         if env.rank == 0 and rows:
-            titles = [["frame t", "frame t+1", "-flow(t+1->t)", "mask t", "mask t warped", "mask t+1"] for _ in rows]
-            report.save_picture(report.picture_path(run, step, "raft_val"), rows, titles)
-        return {"val_warp_jaccard": warped_cm.jaccard(), "val_copy_jaccard": copy_cm.jaccard()}
+            titles = ["frame t", "frame t+1", "-flow(t+1->t)", "mask t", "mask t warped", "mask t+1"]
+            if with_flow:
+                titles += ["true flow(t->t+1)", "flow(t->t+1)"]
+            report.save_picture(report.picture_path(run, step, "raft_val"), rows, [titles for _ in rows])
+        metrics = {"val_warp_jaccard": warped_cm.jaccard(), "val_copy_jaccard": copy_cm.jaccard()}
+        if with_flow:
+            # EPE against the synthetic set's ground-truth flow t -> t+1, beside the EPE of
+            # predicting no motion (= mean true flow magnitude); *_obj over frame t's object pixels.
+            sums = all_reduce_sum(sums, env.device)
+            metrics["val_epe"] = sums["epe"] / max(sums["pixels"], 1.0)
+            metrics["val_epe_zero"] = sums["zero"] / max(sums["pixels"], 1.0)
+            metrics["val_epe_obj"] = sums["epe_obj"] / max(sums["obj_pixels"], 1.0)
+            metrics["val_epe_obj_zero"] = sums["zero_obj"] / max(sums["obj_pixels"], 1.0)
+        return metrics
 
     def identity(self) -> dict:
         return {
