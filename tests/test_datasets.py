@@ -24,6 +24,7 @@ from hpcvp.data.datasets import (
     frames_to_float,
     shard_handle,
 )
+from hpcvp.data.default import DEFAULT_COUNTS
 from hpcvp.data.layout import NUM_FRAMES, list_videos, read_video
 
 H, W = TINY_SIZE
@@ -210,6 +211,19 @@ def test_mask_sources_true_pseudo_and_any(synthetic_raw, tmp_path):
     assert len(ClipDataset(out, "unlabeled", mask_source="any")) == len(labelled)
 
 
+def test_default_dataset_cache_key_names_everything_that_sizes_it(monkeypatch):
+    """A change in the built-in set's size (counts, frame size, seed, version) is a new cache entry."""
+    from hpcvp.data import default
+
+    name = default.default_dataset_name()
+    assert name.startswith(f"default-v{default.DEFAULT_DATASET_VERSION}-80x120-") and "t96v24u16h8" in name
+    monkeypatch.setattr(default, "DEFAULT_COUNTS", {**default.DEFAULT_COUNTS, "train": 97})
+    assert default.default_dataset_name() not in (name, "")
+    bigger = default.default_dataset_name()
+    monkeypatch.setattr(default, "DEFAULT_FRAME_SIZE", (40, 60))
+    assert default.default_dataset_name() not in (name, bigger)
+
+
 def test_default_dataset_is_built_once_under_concurrent_callers(tmp_path):
     """Two processes (like two DDP ranks) ask for the default dataset at the same time."""
     env = dict(os.environ, HPCVP_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(REPO_ROOT))
@@ -227,12 +241,7 @@ def test_default_dataset_is_built_once_under_concurrent_callers(tmp_path):
     packed = paths.pop()
     manifest = load_manifest(packed)
     assert manifest.frame_size == (80, 120)
-    assert {s: t["videos"] for s, t in manifest.totals()["per_split"].items()} == {
-        "train": 24,
-        "val": 12,
-        "unlabeled": 24,
-        "hidden": 8,
-    }
+    assert {s: t["videos"] for s, t in manifest.totals()["per_split"].items()} == DEFAULT_COUNTS
     assert verify_dataset(packed).ok
     mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.h5")}
     from hpcvp.data.default import ensure_default_dataset

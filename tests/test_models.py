@@ -92,6 +92,26 @@ def test_simvp_full_preset_builds_and_matches_published_size():
     assert downsample_strides(2) == [2, 2]
 
 
+def test_unet_factored_head_is_a_distribution_in_class_order():
+    from hpcvp.data.synthetic import class_id
+
+    model = UNet(width=8, depth=2, head="factored")
+    log_probs = model(torch.rand(2, 3, 40, 60))
+    assert log_probs.shape == (2, 49, 40, 60)
+    assert torch.allclose(log_probs.exp().sum(1), torch.ones(2, 40, 60), atol=1e-5)
+    # a bias toward (cylinder, rubber, yellow) in the factor heads picks exactly that class
+    with torch.no_grad():
+        model.head.conv.weight.zero_()
+        model.head.conv.bias.zero_()
+        model.head.conv.bias[[1, 2 + 2, 2 + 3 + 1, 2 + 3 + 2 + 7]] = 5.0
+    pred = model(torch.rand(1, 3, 40, 60)).argmax(1)
+    assert (pred == class_id("cylinder", "rubber", "yellow")).all()
+    with pytest.raises(ValueError, match="head"):
+        UNet(width=8, depth=2, head="fancy")
+    with pytest.raises(ValueError, match="49"):
+        UNet(num_classes=10, width=8, depth=2, head="factored")
+
+
 @pytest.mark.parametrize("name", ["tiny", "full"])
 def test_every_preset_builds(name):
     assert UNet(**preset("unet", name)).num_classes == 49

@@ -9,6 +9,7 @@ import pytest
 from hpcvp.config_overrides import ConfigError, config_from_dict, config_to_dict
 from hpcvp.stages.registry import STAGES, build_config
 from hpcvp.stages.runs import load_stage_config, save_stage_config
+from hpcvp.stages.spec import PRESET_NAMES
 from hpcvp.stages.worker import run_worker
 from hpcvp.train.config import TrainConfig
 
@@ -21,7 +22,7 @@ def test_registry_lists_every_stage_with_preset_and_train_config():
         assert spec.name == name
         if not spec.has_config:  # pack: a CPU program of its own
             continue
-        for preset in ("tiny", "full"):
+        for preset in PRESET_NAMES:
             cfg = build_config(name, preset)
             assert cfg.preset == preset
             assert isinstance(cfg.train, TrainConfig)

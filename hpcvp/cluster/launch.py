@@ -13,6 +13,7 @@ pre-flight check fails; ``--dry-run`` prints the batch script(s) and submitit pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -29,7 +30,7 @@ from hpcvp.cluster.slurm_units import format_minutes
 from hpcvp.cluster.status import pending_reason, print_status, record_event, slurm_job_states
 from hpcvp.config_overrides import ConfigError
 from hpcvp.stages import registry
-from hpcvp.stages.spec import DEFAULT_RUN_NAME
+from hpcvp.stages.spec import DEFAULT_RUN_NAME, DEMO_PRESET, PRESET_NAMES
 
 TERMINAL_STATES = {
     "COMPLETED",
@@ -102,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     what.add_argument(
         "--preset",
-        choices=("tiny", "full"),
+        choices=PRESET_NAMES,
         default=None,
-        help="stage size preset (default: the cluster profile's: 'full' on Greene/Torch, "
-        "'tiny' locally and on the local test cluster)",
+        help=f"stage size preset (default: '{DEMO_PRESET}' on the built-in synthetic set, sized to learn in "
+        "minutes on a 2-core CPU; otherwise the cluster profile's: 'full' on Greene/Torch, 'tiny' locally "
+        "and on the local test cluster)",
     )
     what.add_argument(
         "--set",
@@ -572,14 +574,35 @@ def run_jobs_locally(jobs: list[PlannedJob]) -> int:
         report = write_report(jobs[0].sweep)
         if report:
             say(f"hpcvp: sweep table {report[0]}" + (f", chart {report[1]}" if report[1] else ""))
+    for job in jobs:  # the predict stage's one-sentence summary ends the output
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            summary = json.loads((job.request.run_dir / "jaccard.json").read_text()).get("summary")
+            if summary:
+                say(f"hpcvp: {summary}")
     return worst
+
+
+def _implied_default(args: argparse.Namespace, profile: ClusterProfile) -> bool:
+    return args.data is None and profile.default_dataset_ok and args.stage != "pack" and args.src is None
+
+
+def uses_builtin_data(args: argparse.Namespace, profile: ClusterProfile) -> bool:
+    """Whether the jobs run on the built-in synthetic set (``--data default``, or implied)."""
+    return args.data == "default" or _implied_default(args, profile)
+
+
+def default_preset(args: argparse.Namespace, profile: ClusterProfile) -> str:
+    """``--preset``, else the demo preset on the built-in set, else the cluster profile's."""
+    if args.preset:
+        return args.preset
+    return DEMO_PRESET if uses_builtin_data(args, profile) else profile.default_preset
 
 
 def resolve_data(args: argparse.Namespace, profile: ClusterProfile, dry: bool) -> str | None:
     """The packed data dir for the jobs (building the built-in set when asked or implied)."""
     data = args.data
-    implied_default = data is None and profile.default_dataset_ok and args.stage != "pack" and args.src is None
-    if data == "default" or implied_default:
+    implied_default = _implied_default(args, profile)
+    if uses_builtin_data(args, profile):
         from hpcvp.data.default import default_cache_root, default_dataset_name, ensure_default_dataset
 
         if dry:
@@ -620,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--stage is required (or --status, --sweep-report)")
     try:
         profile, why = resolve_profile(args.cluster, load_profiles())
-        preset = args.preset or profile.default_preset
+        preset = default_preset(args, profile)
         data = resolve_data(args, profile, args.dry_run)
         jobs = plan_jobs(profile, args, data, preset)
         problems = run_preflight(profile, args, jobs, data, preset)

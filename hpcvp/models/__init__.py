@@ -1,6 +1,7 @@
-"""Models: one file per model, each with ``PRESETS = {"tiny": {...}, "full": {...}}``.
+"""Models: one file per model, each with ``PRESETS = {"tiny": {...}, "full": {...}}`` (and ``demo``
+for the models of the main command's chain: U-Net, SimVP).
 
-``tiny`` is for tests and CPU runs; ``full`` matches the published configurations.
+``tiny`` is for tests; ``demo`` for the built-in set on a CPU; ``full`` matches the published configurations.
 """
 
 from hpcvp.models.raft import (

@@ -28,6 +28,7 @@ from torch import nn
 
 PRESETS = {
     "tiny": {"hid_S": 8, "hid_T": 32, "N_S": 2, "N_T": 2},
+    "demo": {"hid_S": 16, "hid_T": 64, "N_S": 2, "N_T": 4, "mlp_ratio": 4.0},
     "full": {"hid_S": 64, "hid_T": 512, "N_S": 4, "N_T": 8},
 }
 

@@ -7,12 +7,15 @@ padding) and the logits are cropped back, so 160x240, 80x120 and 40x60 frames al
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 PRESETS = {
     "tiny": {"width": 8, "depth": 2},
+    "demo": {"width": 16, "depth": 3},
     "full": {"width": 64, "depth": 4},
 }
 
@@ -39,6 +42,38 @@ class UpBlock(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
+# The 48 object classes are every (shape, material, colour): class = 1 + shape * 16 + material * 8 +
+# colour (hpcvp.data.synthetic), 0 = background.
+FACTORS = (3, 2, 8)
+HEADS = ("plain", "factored")
+
+
+class FactoredHead(nn.Module):
+    """49 class log-probabilities from five small softmaxes: background vs object, then the object's
+    shape (3), material (2) and colour (8), independent given "object".
+
+    log p(class 1 + s*16 + m*8 + c) = log p(object) + log p(s) + log p(m) + log p(c): a proper
+    distribution over the 49 classes (cross-entropy and argmax take it as logits), in which every
+    object pixel teaches the colour, material and shape shared with other classes. A rare
+    (shape, material, colour) combination is then learned from its parts, which is what makes a
+    small U-Net reach a high macro Jaccard in a few hundred steps on a CPU.
+    """
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 2 + sum(FACTORS), kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x).float()
+        objectness, shape, material, colour = torch.split(out, (2, *FACTORS), dim=1)
+        objectness = objectness.log_softmax(1)
+        shape, material, colour = shape.log_softmax(1), material.log_softmax(1), colour.log_softmax(1)
+        # (B, 3, 1, 1, H, W) + (B, 1, 2, 1, H, W) + (B, 1, 1, 8, H, W) -> (B, 48, H, W), class order
+        objects = shape[:, :, None, None] + material[:, None, :, None] + colour[:, None, None, :]
+        objects = objects.flatten(1, 3) + objectness[:, 1:2]
+        return torch.cat([objectness[:, :1], objects], dim=1)
+
+
 class UNet(nn.Module):
     """(B, in_channels, H, W) float -> (B, num_classes, H, W) logits.
 
@@ -46,8 +81,14 @@ class UNet(nn.Module):
     bottleneck (after ``depth`` poolings) ``width * 2**depth``.
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 49, width: int = 64, depth: int = 4):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 49, width: int = 64, depth: int = 4, head: str = "plain"
+    ):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"UNet head must be one of {HEADS}, got {head!r}")
+        if head == "factored" and num_classes != 1 + math.prod(FACTORS):
+            raise ValueError(f"the factored head predicts {1 + math.prod(FACTORS)} classes, not {num_classes}")
         if depth < 1:
             raise ValueError(f"UNet depth must be >= 1, got {depth}")
         if width < 1:
@@ -60,7 +101,9 @@ class UNet(nn.Module):
         for i in range(1, depth + 1):
             self.down.append(DoubleConv(channels[i - 1], channels[i]))
         self.up = nn.ModuleList([UpBlock(channels[i], channels[i - 1]) for i in range(depth, 0, -1)])
-        self.head = nn.Conv2d(channels[0], num_classes, kernel_size=1)
+        self.head = (
+            FactoredHead(channels[0]) if head == "factored" else nn.Conv2d(channels[0], num_classes, kernel_size=1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -311,6 +311,36 @@ def _predict_hidden(
     return path
 
 
+def seg_val_jaccard(seg_run: str | Path) -> float | None:
+    """The U-Net's last per-frame val Jaccard (its run's metrics.jsonl), or None."""
+    from hpcvp.train.rundir import RunDir
+
+    if not seg_run:
+        return None
+    values = [m["val_jaccard"] for m in RunDir(seg_run).read_metrics() if m.get("val_jaccard") is not None]
+    return float(values[-1]) if values else None
+
+
+def summary_sentence(scores: dict[str, float], seg_jaccard: float | None, pictures: str) -> str:
+    """One sentence: what the numbers show and where the pictures are."""
+
+    def score(name: str) -> str:
+        value = scores.get(name)
+        return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+
+    parts = []
+    if seg_jaccard is not None:
+        parts.append(f"The U-Net segments frames at {seg_jaccard:.2f} Jaccard")
+    if "a" in scores:
+        line = f"SimVP on its masks scores {score('a')} on mask 22"
+        refs = [f"{score(n)} for {what}" for n, what in (("e", "the U-Net on frame 11"), ("d", "copying true mask 11"))]
+        refs = [r for r, n in zip(refs, ("e", "d"), strict=True) if n in scores]
+        parts.append(line + (" vs " + " and ".join(refs) if refs else ""))
+    elif scores:
+        parts.append("mask 22: " + ", ".join(f"({n}) {score(n)}" for n in scores))
+    return "; ".join(parts) + f"; pictures: {pictures}"
+
+
 def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
     from hpcvp.train.loop import FitResult
     from hpcvp.train.rundir import MetricsWriter, RunDir
@@ -379,7 +409,15 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
         for name, why in status.items():
             score = scores.get(name, float("nan"))
             rows.append([f"({name})", PIPELINES[name][0], score, "yes" if PIPELINES[name][1] else "no", why])
-        title = f"frame-22 mask Jaccard on {cfg.eval_split} ({len(evaluation.spread_indices(len(manifest.video_ids(cfg.eval_split)), cfg.eval_max_videos)) if eval_split_ok else 0} videos)"
+        videos = (
+            len(evaluation.spread_indices(len(manifest.video_ids(cfg.eval_split)), cfg.eval_max_videos))
+            if eval_split_ok
+            else 0
+        )
+        title = f"frame-22 mask Jaccard on {cfg.eval_split} ({videos} videos)"
+        seg_jaccard = seg_val_jaccard(cfg.seg_run) if models.seg is not None else None
+        if seg_jaccard is not None:
+            title += f"; U-Net per-frame val Jaccard {seg_jaccard:.4f}"
         report.print_table(title, headers, rows)
         lines = [f"# {title}\n", report.markdown_table(headers, rows)]
         if submission is not None:
@@ -387,6 +425,9 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
                 f"\nSubmission: `{submission}` from pipeline ({submission_pipeline}) {PIPELINES[submission_pipeline][0]}.\n"
             )
             report.log(env, f"predict: submission {submission} from pipeline ({submission_pipeline})")
+        pictures = f"{Path(cfg.seg_run).parent.parent}/*/{run_dir.name}/pictures/"
+        summary = summary_sentence(scores, seg_jaccard, pictures)
+        lines.append(f"\n{summary}\n")
         atomic_write_text(run_dir / "jaccard.md", "".join(lines))
         atomic_write_json(
             run_dir / "jaccard.json",
@@ -398,6 +439,8 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
                 "submission": str(submission) if submission else None,
                 "submission_pipeline": submission_pipeline if submission else None,
                 "seconds": round(time.monotonic() - t0, 1),
+                "seg_val_jaccard": seg_jaccard,
+                "summary": summary,
             },
         )
         writer = MetricsWriter(rundir.metrics_path)
@@ -409,6 +452,7 @@ def run(cfg: PredictConfig, data_dir: Path, run_dir: Path, env):
             }
         )
         writer.close()
+        print(summary, flush=True)
     hdist.barrier(env)
     return FitResult(status="completed", step=0, stop_reason="predictions written")
 
@@ -419,6 +463,7 @@ SPEC = StageSpec(
     run=run,
     presets={
         "tiny": {"train.num_workers": 0, "batch_size": 4, "num_pictures": 2},
+        "demo": {"train.num_workers": 0, "batch_size": 8, "num_pictures": 4},
         "full": {"train.num_workers": 4, "batch_size": 16, "frames_per_forward": 176},
     },
     splits_read=lambda cfg: tuple(s for s in (cfg.eval_split, cfg.hidden_split) if s),

@@ -255,6 +255,7 @@ SPEC = StageSpec(
     sbatch_template="pseudo-label.sbatch",
     presets={
         "tiny": {"train.num_workers": 0, "videos_per_batch": 4, "frames_per_forward": 44},
+        "demo": {"train.num_workers": 0, "videos_per_batch": 4, "frames_per_forward": 88},
         "full": {"train.num_workers": 4, "videos_per_batch": 8, "frames_per_forward": 176},
     },
     writes_data=True,

@@ -416,7 +416,8 @@ def _presets() -> dict[str, dict[str, Any]]:
     )
     full = {f"model.{k}": v for k, v in RAFT_PRESETS["full"].items()}
     full.update({"train.num_workers": 6, "eval_max_pairs": 4000, "eval_batch_size": 16})
-    return {"tiny": tiny, "full": full}
+    # Not part of the main command's chain: demo (the built-in set's default) is tiny.
+    return {"tiny": tiny, "demo": dict(tiny), "full": full}
 
 
 SPEC = StageSpec(

@@ -312,7 +312,8 @@ def _presets() -> dict[str, dict[str, Any]]:
     )
     full = {f"model.{k}": v for k, v in SLOT_PRESETS["full"].items()}
     full.update({"train.num_workers": 6})
-    return {"tiny": tiny, "full": full}
+    # Not part of the main command's chain: demo (the built-in set's default) is tiny.
+    return {"tiny": tiny, "demo": dict(tiny), "full": full}
 
 
 SPEC = StageSpec(

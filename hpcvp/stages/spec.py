@@ -15,7 +15,10 @@ from typing import Any
 from hpcvp.config_overrides import ConfigError
 from hpcvp.data.layout import SPLITS
 
-PRESET_NAMES = ("tiny", "full")
+# tiny: seconds, for tests (shows every piece runs, learns nothing); demo: the built-in set's default,
+# a few minutes on a 2-core CPU that visibly learn (README's main command); full: the cluster's.
+PRESET_NAMES = ("tiny", "demo", "full")
+DEMO_PRESET = "demo"
 # Run dirs are <run root>/<stage>/<run name>; the launcher and the worker share these defaults.
 DEFAULT_RUN_ROOT = Path("runs")
 DEFAULT_RUN_NAME = "default"

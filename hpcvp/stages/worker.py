@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=[*PRESET_NAMES, "auto"],
         default="auto",
-        help="model/training sizes: tiny (tests, CPU) or full (published); auto = full on CUDA, tiny otherwise",
+        help="model/training sizes: tiny (tests), demo (the built-in set on a CPU, minutes) or full (published); "
+        "auto = full on CUDA, tiny otherwise",
     )
     parser.add_argument(
         "--set",
