@@ -62,7 +62,7 @@ SYNTHETIC_COUNTS = {"train": 6, "val": 3, "unlabeled": 4, "hidden": 3}
 @pytest.fixture(scope="session")
 def synthetic_raw(tmp_path_factory) -> Path:
     """A small set from the real generator (40x60) in the competition layout."""
-    from hpcvp.data.synthetic import generate_dataset
+    from hpcvp.data.synthetic_set import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic") / "raw"
     return generate_dataset(root, SYNTHETIC_COUNTS, seed=3, size=TINY_SIZE, workers=1, progress=False)

@@ -14,17 +14,17 @@ from PIL import Image
 
 pytest.importorskip("pybullet")
 
-from hpcvp.data import synthetic
+from hpcvp.data import synthetic_set
 from hpcvp.data.layout import NUM_CLASSES
 from hpcvp.data.synthetic import (
     SceneObject,
     class_attributes,
     class_id,
     class_name,
-    generate_dataset,
     render_scene,
     render_video,
 )
+from hpcvp.data.synthetic_set import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = (40, 60)
@@ -65,7 +65,7 @@ def test_layout_names_shapes_and_dtypes(small_root):
                 assert mask.max() < NUM_CLASSES
     info = json.loads((small_root / "hpcvp_synthetic.json").read_text())
     assert info == {"size": list(SMALL), "seed": 3, "counts": COUNTS, "format": 1}
-    assert not (small_root / synthetic.PARTIAL_METADATA_NAME).exists()
+    assert not (small_root / synthetic_set.PARTIAL_METADATA_NAME).exists()
 
 
 def test_hidden_frames_are_the_start_of_the_full_video(small_root):
@@ -236,7 +236,7 @@ def test_progress_prints_plain_lines_when_not_a_terminal(tmp_path, capsys):
 def test_cli_res_option(tmp_path, capsys):
     out = tmp_path / "cli"
     assert (
-        synthetic.main(
+        synthetic_set.main(
             [
                 "--out",
                 str(out),
@@ -260,7 +260,7 @@ def test_cli_res_option(tmp_path, capsys):
     assert np.load(out / "train" / "video_0" / "mask.npy").shape == (22, 48, 72)
     assert json.loads((out / "hpcvp_synthetic.json").read_text())["size"] == [48, 72]
     with pytest.raises(SystemExit) as exit_info:
-        synthetic.main(["--out", str(out), "--res", "48by72"])
+        synthetic_set.main(["--out", str(out), "--res", "48by72"])
     assert exit_info.value.code == 2
     assert "--res" in capsys.readouterr().err
 

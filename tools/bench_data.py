@@ -233,7 +233,7 @@ def main(argv=None) -> int:
 
     from hpcvp.data.datasets import ClipDataset, close_shard_handles
     from hpcvp.data.pack import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION
-    from hpcvp.data.synthetic import generate_dataset
+    from hpcvp.data.synthetic_set import generate_dataset
 
     raw = args.work_dir / f"raw-{args.videos}"
     size = (HEIGHT, WIDTH)

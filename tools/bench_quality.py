@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     import torch
 
     from hpcvp.data import load_manifest, pack_dataset
-    from hpcvp.data.synthetic import generate_dataset
+    from hpcvp.data.synthetic_set import generate_dataset
 
     start = time.monotonic()
     budget_s = args.budget_minutes * 60.0

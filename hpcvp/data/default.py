@@ -66,7 +66,7 @@ def ensure_default_dataset(
     with file_lock(root / f".{base.name}.lock"):
         if _is_ready(packed):  # another caller built it while we waited
             return packed
-        from .synthetic import generate_dataset  # needs pybullet; only imported when building
+        from .synthetic_set import generate_dataset  # needs pybullet; only imported when building
 
         generator_workers = workers if workers else min(2, len(os.sched_getaffinity(0)))
         raw = generate_dataset(
