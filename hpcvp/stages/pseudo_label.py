@@ -86,9 +86,8 @@ def unet_masks_and_confidence(
         x = frames_to_float(flat[start : start + chunk])
         with evaluation.autocast(flat.device, amp):
             logits = model(x)
-        top, labels = logits.float().softmax(dim=1).max(dim=1)
-        masks.append(labels.to(torch.uint8))
-        conf.append(top.mean(dim=(1, 2)))
+        masks.append(logits.argmax(dim=1).to(torch.uint8))  # as seg.segment_frames
+        conf.append(logits.float().softmax(dim=1).amax(dim=1).mean(dim=(1, 2)))
     masks_out = torch.cat(masks).reshape(*lead, *frames.shape[-3:-1])
     return masks_out, torch.cat(conf).reshape(lead).mean(dim=1)
 
