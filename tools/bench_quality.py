@@ -278,7 +278,7 @@ def main(argv=None) -> int:
         run_dir = runs / run_name
         extra = []
         if key == "simvp_masks" and args.ablate:  # checkpoints for the ensemble piece (no effect on training)
-            every = max(1, steps // (2 * ENSEMBLE_CHECKPOINTS))
+            every = max(1, steps // ENSEMBLE_CHECKPOINTS)  # kept: ~1/3, ~2/3 and the end
             extra = [f"train.save_every_steps={every}", f"train.keep_last={ENSEMBLE_CHECKPOINTS}"]
         worker(
             stage,
