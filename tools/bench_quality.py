@@ -1,6 +1,6 @@
 """Quality benchmark: the whole pipeline on a synthetic set under one fixed CPU time budget.
 
-    python tools/bench_quality.py [--budget-minutes 30] [--size 80x120] [--ablate-copy-prior] [--out FILE]
+    python tools/bench_quality.py [--budget-minutes 30] [--size 80x120] [--ablate-copy-prior] [--ablate] [--out FILE]
 
 Steps (all through the stage worker, in this process, one rank):
   1. generate + pack a synthetic set at reduced resolution (its time counts against the budget)
@@ -10,6 +10,11 @@ Each training stage gets a share of the remaining budget: its step count is cali
 3-step probe run (seconds per step on this machine, now), so the OneCycle schedule still runs to the
 end. The report lists every stage's steps, wall time and final metrics, then the predict table of
 val Jaccard per pipeline (a)-(e) and says whether the mask pipeline (a) beats (d) and (e).
+
+With ``--ablate``, after the budgeted run, each piece of the mask-predictor recipe (ABLATIONS) is
+switched on alone against the default, same data, seed and SimVP step count: pieces that change
+training retrain SimVP masks, pieces that change inference rerun predict on the default run; one
+table gives pipeline (a) for each. That time is reported apart from the budget.
 """
 
 from __future__ import annotations
@@ -99,6 +104,15 @@ STAGE_OF = {
     "simvp_frames": ("simvp", "simvp/frames"),
     "raft": ("raft", "raft/default"),
 }
+# --ablate: (name, what it switches on, simvp masks overrides or None = the default run, predict overrides)
+ABLATIONS = [
+    ("lovasz fine-tune", "loss=ce+lovasz lovasz_from=0.8", ["loss=ce+lovasz", "lovasz_from=0.8"], []),
+    ("scored-frame weight", "last_frame_weight=4", ["last_frame_weight=4"], []),
+    ("pseudo-mask confidence filter", "pseudo_min_confidence=0.8", ["pseudo_min_confidence=0.8"], []),
+    ("flip TTA", "predict tta_hflip=true", None, ["tta_hflip=true"]),
+    ("checkpoint ensemble", "predict ensemble_last=3", None, ["ensemble_last=3"]),
+]
+ENSEMBLE_CHECKPOINTS = 3  # the default SimVP masks run keeps this many, spread over its steps (--ablate)
 COMMON = ["train.num_workers=0", "train.save_every_steps=0", "train.save_every_minutes=0", "train.progress=plain"]
 
 
@@ -142,6 +156,56 @@ def seconds_per_step(stage: str, data: Path, probe_dir: Path, overrides: list[st
     return gaps[len(gaps) // 4]
 
 
+def predict_a(data: Path, runs: Path, name: str, simvp_run: Path, overrides: list[str]) -> float:
+    """Pipeline (a)'s val Jaccard with the default U-Net and ``simvp_run``."""
+    out = runs / "predict" / name
+    worker(
+        "predict",
+        data,
+        out,
+        [
+            f"seg_run={runs / 'seg' / 'default'}",
+            f"simvp_masks_run={simvp_run}",
+            "pipelines=a",
+            "oracle_rows=false",
+            "hidden_split=",
+            "train.num_workers=0",
+            "batch_size=8",
+        ]
+        + overrides,
+    )
+    value = json.loads((out / "jaccard.json").read_text())["scores"].get("a")
+    return float("nan") if value is None else float(value)
+
+
+def ablation_table(data: Path, runs: Path, steps: int, default_a: float) -> list[str]:
+    """One row per recipe piece switched on alone against the default run (see ABLATIONS)."""
+    rows = [["default", "-", f"{default_a:.4f}", "-", "-"]]
+    for name, setting, simvp_overrides, predict_overrides in ABLATIONS:
+        t0 = time.monotonic()
+        simvp_run = runs / "simvp" / "masks"
+        if simvp_overrides is not None:
+            simvp_run = runs / "simvp" / f"ablate-{len(rows)}"
+            worker(
+                "simvp",
+                data,
+                simvp_run,
+                STAGE_SETTINGS["simvp_masks"]
+                + COMMON
+                + simvp_overrides
+                + [f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"],
+            )
+        value = predict_a(data, runs, f"ablate-{len(rows)}", simvp_run, predict_overrides)
+        rows.append(
+            [name, f"`{setting}`", f"{value:.4f}", f"{value - default_a:+.4f}", f"{(time.monotonic() - t0) / 60:.1f}"]
+        )
+    return [
+        "\n## Ablation: each recipe piece on alone (outside the budget)\n\n",
+        f"Same data, seed and SimVP masks steps ({steps}) as the default run; val Jaccard of pipeline (a).\n\n",
+        markdown_table(["piece", "setting", "(a)", "vs default", "extra minutes"], rows),
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-minutes", type=float, default=30.0, help="total wall-clock budget (default 30)")
@@ -156,6 +220,12 @@ def main(argv=None) -> int:
         help="after the budgeted run, also train SimVP masks with model.copy_prior=0 (the "
         "published model) for the same steps and score pipeline (a) with it; its time "
         "is reported apart from the budget",
+    )
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="after the budgeted run, switch each recipe piece on alone (same seed and SimVP steps) "
+        "and print one ablation table of pipeline (a); its time is reported apart from the budget",
     )
     args = parser.parse_args(argv)
 
@@ -206,11 +276,15 @@ def main(argv=None) -> int:
         steps = max(10, int(0.9 * share / per_step))
         steps_of[key] = steps
         run_dir = runs / run_name
+        extra = []
+        if key == "simvp_masks" and args.ablate:  # checkpoints for the ensemble piece (no effect on training)
+            every = max(1, steps // ENSEMBLE_CHECKPOINTS)  # kept: ~1/3, ~2/3 and the end
+            extra = [f"train.save_every_steps={every}", f"train.keep_last={ENSEMBLE_CHECKPOINTS}"]
         worker(
             stage,
             data,
             run_dir,
-            overrides + COMMON + [f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"],
+            overrides + COMMON + [f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"] + extra,
         )
         elapsed = time.monotonic() - t0
         timings[key] = elapsed
@@ -285,6 +359,9 @@ def main(argv=None) -> int:
             f"({(time.monotonic() - t0) / 60:.1f} min extra).\n",
         ]
 
+    if args.ablate:
+        ablation += ablation_table(data, runs, steps_of["simvp_masks"], score("a"))
+
     a, d, e, a_oracle = score("a"), score("d"), score("e"), score("a*")
     seg_jaccard = read_metrics(runs / "seg" / "default")[-1].get("val_jaccard", float("nan"))
     raft_last = read_metrics(runs / "raft" / "default")[-1]
@@ -305,7 +382,8 @@ def main(argv=None) -> int:
     lines = [
         "# Quality benchmark: pipelines (a)-(e) on a synthetic set under a fixed CPU budget\n\n",
         f"Command: `python tools/bench_quality.py --budget-minutes {args.budget_minutes:g} --size {args.size} "
-        f"--counts {args.counts} --seed {args.seed}{' --ablate-copy-prior' if args.ablate_copy_prior else ''}`\n\n",
+        f"--counts {args.counts} --seed {args.seed}{' --ablate-copy-prior' if args.ablate_copy_prior else ''}"
+        f"{' --ablate' if args.ablate else ''}`\n\n",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores shared with other jobs "
         f"(load average {load_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end), torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.\n\n",

@@ -40,6 +40,7 @@ def add_pseudo_masks(
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
     compression: str = DEFAULT_MASK_COMPRESSION,
+    confidence: Sequence[float] | None = None,
 ) -> list[PseudoMaskEntry]:
     """Store predicted masks for packed videos as mask-only shards and list them in the manifest.
 
@@ -47,6 +48,10 @@ def add_pseudo_masks(
     (T = 22, or 11 for hidden), any integer dtype with values in 0..48. Later entries take
     precedence where video ids overlap; an entry fully superseded by later ones is removed with its
     file. Concurrent callers (e.g. DDP ranks) are serialised by a lock on the manifest.
+
+    ``confidence`` (optional, one float per video in ``video_ids`` order, e.g. the labelling
+    model's mean max-softmax) is stored as a ``confidence`` dataset in the shard beside ``masks``;
+    read it back with :func:`pseudo_confidence`. Shards without it stay valid.
     """
     data_dir = Path(data_dir)
     ids = [int(v) for v in video_ids]
@@ -54,6 +59,10 @@ def add_pseudo_masks(
         raise ValueError("video_ids contains duplicates")
     if not ids:
         raise ValueError("video_ids is empty")
+    if confidence is not None:
+        confidence = [float(c) for c in confidence]
+        if len(confidence) != len(ids):
+            raise ValueError(f"confidence has {len(confidence)} values; {len(ids)} video ids given")
     compression_kwargs = parse_compression(compression)
     with file_lock(data_dir / LOCK_NAME):
         manifest = load_manifest(data_dir)
@@ -100,6 +109,9 @@ def add_pseudo_masks(
                             ) from None
                         dataset[row] = _checked_mask(mask, (num_frames, height, width), video_id)
                     shard.create_dataset("video_ids", data=np.asarray(chunk_ids, dtype=np.int64), track_times=False)
+                    if confidence is not None:
+                        values = np.asarray(confidence[start : start + shard_size], dtype=np.float32)
+                        shard.create_dataset("confidence", data=values, track_times=False)
                 final_path = data_dir / name
                 digest = sha256_file(tmp_path)
                 size = tmp_path.stat().st_size
@@ -116,6 +128,24 @@ def add_pseudo_masks(
         manifest.pseudo_masks = _drop_superseded(data_dir, entries)
         write_manifest(data_dir, manifest)
     return new_entries
+
+
+def pseudo_confidence(data_dir: os.PathLike | str, split: str) -> dict[int, float]:
+    """{video id: stored confidence} of the pseudo masks of ``split`` that the manifest lists
+    (later entries take precedence, as for the masks); videos whose shard stores no confidence
+    are absent."""
+    data_dir = Path(data_dir)
+    out: dict[int, float] = {}
+    for entry in load_manifest(data_dir).pseudo_for(split):
+        with open_h5(data_dir / entry.path, "r") as shard:
+            if "confidence" not in shard:
+                for video_id in entry.video_ids:
+                    out.pop(video_id, None)
+                continue
+            values = shard["confidence"][:]
+        for video_id, value in zip(entry.video_ids, values):
+            out[video_id] = float(value)
+    return out
 
 
 def _checked_mask(mask: np.ndarray, shape: tuple[int, int, int], video_id: int) -> np.ndarray:

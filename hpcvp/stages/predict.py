@@ -77,6 +77,12 @@ class PredictConfig:
     extrapolation: str = "object"  # object (rigid per class region) | pixel
     extrapolation_steps: float = 11.0  # frame 11 -> frame 22
     num_pictures: int = 4
+    # Pipelines (a)/(a*): average the SimVP's softmax on the horizontally flipped input masks
+    # (prediction flipped back) with the plain one.
+    tta_hflip: bool = False
+    # Pipelines (a)/(a*): average the softmax of the newest K checkpoints of simvp_masks_run
+    # (as many as the run kept, see train.keep_last); 1 = the newest checkpoint only.
+    ensemble_last: int = 1
 
     def validate(self) -> None:
         wanted = self.pipeline_list()
@@ -87,6 +93,8 @@ class PredictConfig:
             raise ConfigError(f"submission_pipeline={self.submission_pipeline!r}: expected best or one of {DEPLOYABLE}")
         if self.extrapolation not in ("object", "pixel"):
             raise ConfigError(f"extrapolation={self.extrapolation!r}: expected object or pixel")
+        if self.ensemble_last < 1:
+            raise ConfigError(f"ensemble_last={self.ensemble_last}: expected >= 1")
         if self.eval_split not in SPLITS or (self.hidden_split and self.hidden_split not in SPLITS):
             raise ConfigError(f"eval_split/hidden_split must be among {SPLITS}")
 
@@ -106,6 +114,9 @@ class LoadedRuns:
         self.simvp_masks = (
             self._load("simvp_masks", cfg.simvp_masks_run, "simvp", "masks", env, frame_size) if "a" in wanted else None
         )
+        if self.simvp_masks is not None and cfg.ensemble_last > 1:
+            self.simvp_masks = load_checkpoint_ensemble(cfg.simvp_masks_run, cfg.ensemble_last, env.device)
+            report.log(env, f"predict: simvp_masks = mean softmax of {len(self.simvp_masks.members)} checkpoints")
         self.simvp_frames = (
             self._load("simvp_frames", cfg.simvp_frames_run, "simvp", "frames", env, frame_size)
             if "b" in wanted
@@ -160,6 +171,48 @@ class LoadedRuns:
         return True, "ok"
 
 
+class SoftmaxEnsemble(nn.Module):
+    """Models with the same output -> log of their mean softmax over dim 2 (the class dim of
+    SimVP's (B, T, C, H, W) logits): its argmax/softmax are those of the averaged probabilities."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(dim=2) for m in self.members]).mean(dim=0)
+        return probs.clamp_min(1e-12).log()
+
+
+def load_checkpoint_ensemble(run_dir: str, k: int, device: torch.device) -> SoftmaxEnsemble:
+    """The newest ``k`` complete checkpoints of a simvp run (fewer if fewer were kept) as one
+    SoftmaxEnsemble."""
+    from hpcvp.stages.simvp import build_simvp
+    from hpcvp.train.checkpoint import list_checkpoints, load_checkpoint
+
+    _, cfg = runs.load_stage_config(Path(run_dir), "simvp")
+    frame_size = tuple(runs.run_frame_size(run_dir))
+    members = []
+    for _, path in list_checkpoints(Path(run_dir) / "checkpoints")[-k:]:
+        state = load_checkpoint(path, "cpu", load_ranks=False, load_extra=False).state["model"]
+        model = build_simvp(cfg, frame_size)
+        model.load_state_dict(runs._strip_prefixes(state), strict=True)
+        members.append(model.to(device).eval())
+    if not members:
+        raise runs.MissingRunError(f"{run_dir}: no checkpoint")
+    return SoftmaxEnsemble(members)
+
+
+def mask22_probs(model: nn.Module, masks_in: torch.Tensor, hflip: bool = False) -> torch.Tensor:
+    """Softmax (B, C, H, W) of the SimVP masks model's frame-22 prediction; with ``hflip`` the mean
+    of it and the prediction on the width-flipped input, flipped back."""
+    probs = predict_masks(model, masks_in)[:, -1].float().softmax(dim=1)
+    if hflip:
+        flipped = predict_masks(model, masks_in.flip(-1))[:, -1].float().softmax(dim=1).flip(-1)
+        probs = (probs + flipped) / 2
+    return probs
+
+
 def frames_from_float(frames: torch.Tensor) -> torch.Tensor:
     """float (B, 3, H, W) in [0, 1] -> uint8 (B, H, W, 3), as the U-Net sees real frames."""
     return (frames.float().clamp(0, 1) * 255.0).round().to(torch.uint8).movedim(1, -1)
@@ -183,10 +236,10 @@ def run_pipelines(
         seg_last = segment_frames(models.seg, frames_in[:, -1], amp, cfg.frames_per_forward)
     if "a" in names:
         with evaluation.autocast(device, amp):
-            out["a"] = predict_masks(models.simvp_masks, seg_masks)[:, -1].argmax(dim=1)
+            out["a"] = mask22_probs(models.simvp_masks, seg_masks, cfg.tta_hflip).argmax(dim=1)
     if "a*" in names and masks_in is not None:
         with evaluation.autocast(device, amp):
-            out["a*"] = predict_masks(models.simvp_masks, masks_in)[:, -1].argmax(dim=1)
+            out["a*"] = mask22_probs(models.simvp_masks, masks_in, cfg.tta_hflip).argmax(dim=1)
     if "b" in names:
         with evaluation.autocast(device, amp):
             frame22 = predict_frames(models.simvp_frames, frames_in)[:, -1]

@@ -21,11 +21,10 @@ from torch.utils.data import Dataset
 from hpcvp.atomic import atomic_write_json
 from hpcvp.config_overrides import ConfigError
 from hpcvp.data import add_pseudo_masks, load_manifest
-from hpcvp.data.datasets import ClipDataset, HiddenDataset
+from hpcvp.data.datasets import ClipDataset, HiddenDataset, frames_to_float
 from hpcvp.data.layout import SPLIT_NUM_FRAMES
 from hpcvp.data.shard_files import open_h5
 from hpcvp.stages import evaluation, report, runs
-from hpcvp.stages.seg import segment_frames
 from hpcvp.stages.slot import label_slots, slot_partition
 from hpcvp.stages.spec import Resources, StageSpec, check_splits, default_run
 from hpcvp.train import dist as hdist
@@ -74,6 +73,25 @@ class _VideoFrames(Dataset):
         return {"video_id": item["video_id"], "frames": frames}
 
 
+@torch.no_grad()
+def unet_masks_and_confidence(
+    model: nn.Module, frames: torch.Tensor, amp: str, chunk: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 frames (B, T, H, W, 3) -> (uint8 argmax masks (B, T, H, W), per-video confidence (B,)):
+    the U-Net's max softmax probability averaged over the video's pixels and frames."""
+    lead = frames.shape[:2]
+    flat = frames.reshape(-1, *frames.shape[-3:])
+    masks, conf = [], []
+    for start in range(0, flat.shape[0], chunk):
+        x = frames_to_float(flat[start : start + chunk])
+        with evaluation.autocast(flat.device, amp):
+            logits = model(x)
+        masks.append(logits.argmax(dim=1).to(torch.uint8))  # as seg.segment_frames
+        conf.append(logits.float().softmax(dim=1).amax(dim=1).mean(dim=(1, 2)))
+    masks_out = torch.cat(masks).reshape(*lead, *frames.shape[-3:-1])
+    return masks_out, torch.cat(conf).reshape(lead).mean(dim=1)
+
+
 def _run_label(seg_run: Path, step: int, slot_run: Path | None = None, slot_step: int | None = None) -> str:
     # Names the source of the pseudo masks in the manifest (and their file names): the seg run dir
     # and the checkpoint step, so a retrained U-Net never counts as "already labelled"; for slot
@@ -103,6 +121,17 @@ def _already_labelled(data_dir: Path, split: str, label: str) -> bool:
 
 def _part_path(run_dir: Path, split: str, rank: int) -> Path:
     return run_dir / "parts" / f"{split}-rank{rank:04d}.h5"
+
+
+def _merged_confidence(run_dir: Path, split: str, world_size: int, video_ids: list[int]) -> list[float]:
+    """Per-video confidences in dataset order (see _merged_masks)."""
+    handles = [open_h5(_part_path(run_dir, split, r), "r") for r in range(world_size)]
+    try:
+        values = [handle["confidence"][:] for handle in handles]
+        return [float(values[i % world_size][i // world_size]) for i in range(len(video_ids))]
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def _merged_masks(run_dir: Path, split: str, world_size: int, video_ids: list[int]):
@@ -182,6 +211,7 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                     chunks=(1, 1, height, width) if mine else None,
                 )
                 ids_out = out.create_dataset("video_ids", shape=(mine,), dtype=np.int64)
+                conf_out = out.create_dataset("confidence", shape=(mine,), dtype=np.float32)
                 row = 0
                 for batch in loader:
                     # Ranks hold different numbers of batches, so no collective in here: a rank
@@ -189,7 +219,8 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                     if flag.requested:
                         break
                     frames = batch["frames"].to(env.device)
-                    masks = unet_masks = segment_frames(model, frames, cfg.train.amp, cfg.frames_per_forward)
+                    masks, confidence = unet_masks_and_confidence(model, frames, cfg.train.amp, cfg.frames_per_forward)
+                    unet_masks = masks
                     if slot_model is not None:
                         video_ids = [int(v) for v in batch["video_id"]]
                         slot_ids = slot_partition(slot_model, frames, video_ids, cfg.train.amp, cfg.frames_per_forward)
@@ -198,6 +229,7 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                     n = masks.shape[0]
                     masks_out[row : row + n] = masks.cpu().numpy()
                     ids_out[row : row + n] = batch["video_id"].numpy()
+                    conf_out[row : row + n] = confidence.cpu().numpy()
                     row += n
                     if env.rank == 0 and len(pictures) < cfg.num_pictures:
                         t = min(num_frames - 1, 10)
@@ -217,6 +249,7 @@ def run_pseudo_label(cfg: PseudoLabelConfig, data_dir: Path, run_dir: Path, env)
                     dataset.video_ids,
                     _merged_masks(run_dir, split, env.world_size, dataset.video_ids),
                     run=label,
+                    confidence=_merged_confidence(run_dir, split, env.world_size, dataset.video_ids),
                 )
                 for r in range(env.world_size):
                     with contextlib.suppress(FileNotFoundError):

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from hpcvp.config_overrides import ConfigError
 from hpcvp.data.datasets import ClipDataset, frames_to_float
 from hpcvp.data.layout import NUM_CLASSES, NUM_INPUT_FRAMES, SPLITS
 from hpcvp.data.manifest import load_manifest
+from hpcvp.data.pseudo_masks import pseudo_confidence
 from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS
 from hpcvp.models.simvp import TRANSLATORS, SimVP
@@ -75,6 +76,15 @@ class SimVPConfig:
     lovasz_weight: float = 1.0
     lovasz_frames: str = "last"  # last (frame 22, the scored one) | all
     last_frame_weight: float = 1.0  # extra weight of frame 22 in the per-frame loss (1 = uniform)
+    # Lovász schedule (masks, loss lovasz or ce+lovasz): before step lovasz_from * max_steps the
+    # loss is cross-entropy alone, from then on the configured loss (0 = the configured loss
+    # throughout). ``loss=ce+lovasz lovasz_from=0.8``: CE, then CE + Lovász for the last 20 %;
+    # ``loss=lovasz lovasz_from=0.8``: CE, then Lovász instead of it.
+    lovasz_from: float = 0.0
+    # masks mode: drop pseudo-labelled videos whose stored U-Net confidence (mean max-softmax,
+    # hpcvp.data.pseudo_masks) is below this; videos with true masks are always kept; pseudo
+    # masks stored without a confidence count as 1.0. 0 = keep all.
+    pseudo_min_confidence: float = 0.0
     init_from: str = ""  # simvp run dir whose weights start this run (fine-tuning); "" = scratch
     eval_split: str = "val"
     eval_max_videos: int = 0  # 0 = whole split
@@ -94,12 +104,24 @@ class SimVPConfig:
         if self.lovasz_frames not in ("last", "all"):
             raise ConfigError(f"lovasz_frames={self.lovasz_frames!r}: expected last or all")
         check_splits(self.train_splits, "train_splits")
+        if not 0.0 <= self.lovasz_from < 1.0:
+            raise ConfigError(f"lovasz_from={self.lovasz_from}: expected a fraction in [0, 1)")
+        if self.lovasz_from and "lovasz" not in self.loss_name:
+            raise ConfigError(f"lovasz_from={self.lovasz_from}: needs loss=lovasz or loss=ce+lovasz")
         if self.eval_split not in SPLITS:
             raise ConfigError(f"eval_split={self.eval_split!r}: expected one of {SPLITS}")
 
     @property
     def loss_name(self) -> str:
         return self.loss or ("ce" if self.mode == "masks" else "mse")
+
+    def mask_loss_terms(self, step: int) -> tuple[str, ...]:
+        """The masks-mode loss terms used at optimizer step ``step`` (1-based): cross-entropy
+        alone before ``lovasz_from * train.max_steps``, the configured ``loss`` from then on."""
+        terms = tuple(self.loss_name.split("+"))
+        if self.lovasz_from and step <= self.lovasz_from * self.train.max_steps:
+            return ("ce",)
+        return terms
 
 
 class CopyLastPrior(nn.Module):
@@ -170,6 +192,17 @@ class SimVPTask:
         self.env = env
         self.frame_size = load_manifest(self.data_dir).frame_size
         self._eval_dataset: Dataset | None = None
+        self.steps_done = 0  # optimizer steps completed (after_step; restored from checkpoints)
+
+    def after_step(self, model: nn.Module, step: int, env) -> None:
+        self.steps_done = step
+
+    def extra_state(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_extra_state(self, state) -> None:
+        if isinstance(state, dict):
+            self.steps_done = int(state.get("steps_done", 0))
 
     @property
     def masks_mode(self) -> bool:
@@ -198,7 +231,26 @@ class SimVPTask:
             )
             for split in check_splits(self.cfg.train_splits, "train_splits")
         ]
+        if self.masks_mode and self.cfg.pseudo_min_confidence > 0:
+            parts = [self._confident(part) for part in parts]
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+    def _confident(self, dataset: ClipDataset) -> Dataset:
+        """``dataset`` without the pseudo-labelled videos below ``pseudo_min_confidence``."""
+        confidence = pseudo_confidence(self.data_dir, dataset.split)
+        keep = [
+            i
+            for i, ref in enumerate(dataset.videos)
+            if ref.mask_shard == ref.shard or confidence.get(ref.video_id, 1.0) >= self.cfg.pseudo_min_confidence
+        ]
+        dropped = len(dataset) - len(keep)
+        if dropped:
+            report.log(
+                self.env,
+                f"simvp: {dataset.split}: dropped {dropped} of {len(dataset)} pseudo-labelled videos "
+                f"below confidence {self.cfg.pseudo_min_confidence}",
+            )
+        return dataset if not dropped else Subset(dataset, keep)
 
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
         weights = _frame_weights(self.cfg, NUM_INPUT_FRAMES, device)
@@ -206,16 +258,16 @@ class SimVPTask:
             masks_in = batch["masks_in"].to(device, non_blocking=True)
             target = batch["masks_out"].to(device, non_blocking=True).long()
             logits = predict_masks(model, masks_in).float()
-            name = self.cfg.loss_name
+            terms = self.cfg.mask_loss_terms(self.steps_done + 1)
             logs: dict[str, Any] = {}
             loss = logits.new_zeros(())
-            if "ce" in name.split("+"):
+            if "ce" in terms:
                 # (B, T, C, H, W) -> per-frame mean CE, weighted over frames
                 ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").mean(dim=(0, 2, 3))
                 ce = (ce * weights).sum()
                 loss = loss + ce
                 logs["ce"] = ce.detach()
-            if "lovasz" in name:
+            if "lovasz" in terms:
                 if self.cfg.lovasz_frames == "last":
                     lov = lovasz_softmax(logits[:, -1], target[:, -1])
                 else:
