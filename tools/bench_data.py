@@ -279,11 +279,14 @@ def main(argv=None) -> int:
         shutil.rmtree(pack_dir, ignore_errors=True)
         decode_rate, pack_rate = len(tasks) / min(decode_times), len(tasks) / min(pack_times)
         own_rate = len(tasks) / min(own_times)
-        rows_a.append((workers, decode_rate, own_rate, pack_rate))
+        # Each pack sits between a Pillow pass and a read_video pass: the median of these paired
+        # ratios follows the load less than best-of does.
+        paired = statistics.median(d / p for d, p in zip(decode_times, pack_times, strict=True))
+        rows_a.append((workers, decode_rate, own_rate, pack_rate, paired))
         log(
             f"(a) workers={workers}: decode (Pillow) {decode_rate:.1f} videos/s, decode (hpcvp read_video) "
-            f"{own_rate:.1f} videos/s, pack {pack_rate:.1f} videos/s: {pack_rate / decode_rate:.2f}x, "
-            f"{pack_rate / own_rate:.2f}x (load {os.getloadavg()[0]:.1f})"
+            f"{own_rate:.1f} videos/s, pack {pack_rate:.1f} videos/s: {pack_rate / decode_rate:.2f}x best-of, "
+            f"{paired:.2f}x median paired; vs read_video {pack_rate / own_rate:.2f}x (load {os.getloadavg()[0]:.1f})"
         )
 
     if args.only_pack:
@@ -438,13 +441,14 @@ def main(argv=None) -> int:
     lines.append("")
     lines.append(
         "| decoder processes W | decode-only, Pillow (videos/s) | decode-only, hpcvp read_video (videos/s) "
-        "| pack (videos/s) | pack / Pillow decode (target >= 0.85) | pack / read_video decode |"
+        "| pack (videos/s) | pack / Pillow decode, best-of (target >= 0.85) | median of paired rounds "
+        "| pack / read_video decode |"
     )
-    lines.append("|---:|---:|---:|---:|---:|---:|")
-    for workers, decode_rate, own_rate, pack_rate in rows_a:
+    lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+    for workers, decode_rate, own_rate, pack_rate, paired in rows_a:
         lines.append(
             f"| {workers} | {decode_rate:.1f} | {own_rate:.1f} | {pack_rate:.1f} | {pack_rate / decode_rate:.2f}x "
-            f"| {pack_rate / own_rate:.2f}x |"
+            f"| {paired:.2f}x | {pack_rate / own_rate:.2f}x |"
         )
     lines.append("")
     lines.append(
