@@ -124,6 +124,10 @@ def missing_files(folder: os.PathLike | str, split: str) -> list[Path]:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHUNK_HEAD = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
+# Pillow internals the fast path uses (stable since Pillow 2.x); without them, Image.open does it all.
+_FAST_PNG = all(
+    hasattr(owner, name) for owner, name in ((Image, "_getdecoder"), (Image, "_getencoder"), (Image.core, "new"))
+)
 
 
 def _decode_png_rgb8(data: bytes, path: Path, size: tuple[int, int], out: np.ndarray) -> bool:
@@ -196,7 +200,7 @@ def read_frame(path: Path, size: tuple[int, int], out: np.ndarray | None = None)
         raise RawDataError(path, "missing frame") from None
     except OSError as error:
         raise RawDataError(path, f"unreadable PNG ({error})") from None
-    if out.flags.c_contiguous and _decode_png_rgb8(data, path, size, out):
+    if _FAST_PNG and out.flags.c_contiguous and _decode_png_rgb8(data, path, size, out):
         return out
     try:
         with Image.open(io.BytesIO(data)) as image:
