@@ -179,3 +179,41 @@ def test_synthetic_generator_output_reads_back_exactly(synthetic_raw):
     hidden_id, hidden_folder = list_videos(synthetic_raw, "hidden")[0]
     hidden_frames, hidden_masks = read_video(hidden_folder, "hidden", TINY_SIZE)
     assert hidden_id >= 15000 and hidden_frames.shape[0] == NUM_INPUT_FRAMES and hidden_masks is None
+
+
+def test_fast_png_path_matches_pillow_on_multi_chunk_and_every_filter(tmp_path):
+    from hpcvp.data.layout import _decode_png_rgb8, read_frame
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (160, 240, 3), dtype=np.uint8)  # incompressible: several IDAT chunks
+    ramp = np.broadcast_to(np.arange(240, dtype=np.uint8)[None, :, None], (160, 240, 3)).copy()
+    for index, (image, options) in enumerate([(noise, {}), (ramp, {"optimize": True}), (ramp, {"compress_level": 0})]):
+        path = tmp_path / f"image_{index}.png"
+        Image.fromarray(image).save(path, **options)
+        out = np.empty_like(image)
+        assert _decode_png_rgb8(path.read_bytes(), path, (160, 240), out)
+        np.testing.assert_array_equal(out, image)
+        np.testing.assert_array_equal(read_frame(path, (160, 240)), np.asarray(Image.open(path)))
+    with pytest.raises(RawDataError, match="image is 160x240"):
+        read_frame(tmp_path / "image_0.png", (240, 160))
+    data = (tmp_path / "image_0.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RawDataError, match="unreadable PNG"):
+        read_frame(tmp_path / "cut.png", (160, 240))
+
+
+def test_uint8_mask_is_read_into_the_buffer_and_still_checked(tmp_path):
+    folder = write_tiny_video(tmp_path, "train", 3)
+    expected = tiny_video_arrays(3, "train")[1]
+    out = np.full((NUM_FRAMES, *TINY_SIZE), 7, np.uint8)
+    _, masks = read_video(folder, "train", TINY_SIZE, masks_out=out)
+    assert masks is out
+    np.testing.assert_array_equal(out, expected)
+    np.save(folder / "mask.npy", np.asfortranarray(expected.astype(np.uint8)))  # other order: np.load path
+    _, masks = read_video(folder, "train", TINY_SIZE, masks_out=out)
+    np.testing.assert_array_equal(masks, expected)
+    bad = expected.astype(np.uint8)
+    bad[0, 0, 0] = 60
+    np.save(folder / "mask.npy", bad)
+    with pytest.raises(RawDataError, match="mask values span"):
+        read_video(folder, "train", TINY_SIZE, masks_out=out)
