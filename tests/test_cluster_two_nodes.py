@@ -377,3 +377,20 @@ def test_simvp_two_nodes_matches_one_node(two_node_cluster, default_dataset_dir,
     assert step == ref_step == 6
     different = [k for k in state if not torch.equal(state[k], ref_state[k])]
     assert not different, f"simvp weights differ from the 1-node x 2-task run in {different[:5]}"
+
+
+def test_exclude_keeps_the_job_off_the_excluded_node(two_node_cluster, default_dataset_dir, run_root):
+    """Issue 11: ``--exclude`` reaches Slurm (ExcNodeList) and the job runs on the other node only."""
+    settings = ["--set", "train.max_steps=4"]
+    status = launch.main(
+        seg_args(default_dataset_dir, run_root, "exclude", "--gpus", "1", "--exclude", "hpcvp2n2", "--wait", *settings)
+    )
+    run_dir = run_root / "seg" / "exclude"
+    log = logs_of(run_dir)
+    assert status == 0, log[-4000:]
+    job_id = job_id_of(run_dir)
+    fields = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "NodeList,State"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert fields and fields[-1] == "hpcvp2n1|COMPLETED", fields
+    assert "rank 0 on hpcvp2n1" in log and "hpcvp2n2" not in log, log[-3000:]
