@@ -67,7 +67,14 @@ from .manifest import (
     write_manifest,
 )
 from .pack_decode import Decoder, slot_views
-from .shard_files import canonical_compression, check_file, file_lock, open_h5, parse_compression, sha256_file
+from .shard_files import (
+    canonical_compression,
+    check_file,
+    file_lock,
+    open_h5,
+    parse_compression,
+    publish_shard,
+)
 
 JOURNAL_NAME = ".pack-journal.json"
 OUTPUT_LOCK_NAME = ".pack.lock"
@@ -370,25 +377,6 @@ def _write_shard(
     return tmp_path, kept_ids, skipped, flow is not None
 
 
-def _finish_shard(tmp_path: Path, final_path: Path) -> tuple[str, int]:
-    """Hash a written shard and give it its final name (runs in a thread).
-
-    No fsync of the shard data: a process crash loses nothing (the page cache survives it), and
-    after a node crash every shard is checked against its recorded sha256 before it is trusted
-    again (resume, --verify, staging), so durability comes from verification; fsyncing hundreds of
-    MB per shard would stall the pack on slow disks.
-    """
-    try:
-        digest = sha256_file(tmp_path)
-        size = tmp_path.stat().st_size
-        os.replace(tmp_path, final_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
-    return digest, size
-
-
 def pack_dataset(
     src: os.PathLike | str,
     out: os.PathLike | str,
@@ -493,7 +481,7 @@ def _pack_locked(
         ):
             # Runs in the finisher thread, one shard at a time in shard order; only this thread
             # writes the journal once packing has started.
-            digest, nbytes = _finish_shard(tmp_path, out / plan.name)
+            digest, nbytes = publish_shard(tmp_path, out / plan.name)
             entry = asdict(
                 ShardEntry(
                     plan.split,

@@ -23,7 +23,7 @@ from .manifest import (
     write_manifest,
 )
 from .pack import DEFAULT_MASK_COMPRESSION, DEFAULT_SHARD_SIZE
-from .shard_files import file_lock, open_h5, parse_compression, sha256_file
+from .shard_files import file_lock, open_h5, parse_compression, publish_shard
 
 
 def _slug(text: str) -> str:
@@ -112,10 +112,7 @@ def add_pseudo_masks(
                     if confidence is not None:
                         values = np.asarray(confidence[start : start + shard_size], dtype=np.float32)
                         shard.create_dataset("confidence", data=values, track_times=False)
-                final_path = data_dir / name
-                digest = sha256_file(tmp_path)
-                size = tmp_path.stat().st_size
-                os.replace(tmp_path, final_path)
+                digest, size = publish_shard(tmp_path, data_dir / name)
             except BaseException:
                 with contextlib.suppress(FileNotFoundError):
                     tmp_path.unlink()

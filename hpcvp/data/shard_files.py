@@ -117,6 +117,26 @@ def sha256_file(path: os.PathLike | str) -> str:
     return digest.hexdigest()
 
 
+def publish_shard(tmp_path: Path, final_path: Path) -> tuple[str, int]:
+    """Hash a written shard and give it its final name; returns (sha256, size). On failure the
+    temporary file is removed. The packer runs it in a thread, pseudo-labelling inline.
+
+    No fsync of the shard data: a process crash loses nothing (the page cache survives it), and
+    after a node crash every shard is checked against its recorded sha256 before it is trusted
+    again (resume, --verify, staging), so durability comes from verification; fsyncing hundreds of
+    MB per shard would stall the pack on slow disks.
+    """
+    try:
+        digest = sha256_file(tmp_path)
+        size = tmp_path.stat().st_size
+        os.replace(tmp_path, final_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+    return digest, size
+
+
 def check_file(path: Path, size: int, sha256: str) -> str | None:
     """None if ``path`` has this size and sha256, else why not (size first: it costs no read)."""
     try:
