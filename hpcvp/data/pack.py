@@ -152,13 +152,20 @@ def _holder_record() -> dict:
     }
 
 
-def describe_holder(lock_path: Path) -> str:
-    """'host H, pid P, Slurm job J, since T' from a lock file (best effort: it may be mid-write)."""
-    try:
-        holder = json.loads(lock_path.read_text())
-        parts = [f"host {holder['host']}", f"pid {holder['pid']}"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder not recorded yet"
+def describe_holder(lock_path: Path, wait_s: float = 2.0) -> str:
+    """'host H, pid P, Slurm job J, since T' from a lock file. The holder writes its record just
+    after taking the lock, so a packer refused in between finds the file empty or mid-write: read
+    again for up to ``wait_s`` before giving up."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            holder = json.loads(lock_path.read_text())
+            parts = [f"host {holder['host']}", f"pid {holder['pid']}"]
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "holder not recorded yet"
+            time.sleep(0.05)
     parts.append(f"Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else "not a Slurm job")
     if holder.get("since"):
         parts.append(f"since {holder['since']}")
