@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from hpcvp.stages.evaluation import RankShardSampler, spread_indices
-from hpcvp.stages.losses import census_loss, edge_aware_smoothness, lovasz_softmax, ssim_l1_loss
+from hpcvp.stages.losses import (
+    census_loss,
+    edge_aware_smoothness,
+    lovasz_softmax,
+    object_weighted_cross_entropy,
+    ssim_l1_loss,
+)
 from hpcvp.stages.raft import extrapolate_mask, self_supervised_flow_loss
 from hpcvp.stages.slot import adjusted_rand_index, foreground_ari, label_slots
 
@@ -221,3 +227,32 @@ def test_simvp_copy_last_prior_starts_at_the_no_motion_prediction():
     plain = build_config("simvp", "tiny", ["mode=masks", "model.copy_prior=0"])
     assert not isinstance(build_simvp(plain, (40, 60)), CopyLastPrior)
     assert not isinstance(build_simvp(build_config("simvp", "tiny", ["mode=frames"]), (40, 60)), CopyLastPrior)
+
+
+def test_object_weighted_cross_entropy_splits_the_loss_between_objects_and_floor():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 5, 6, 7)
+    target = torch.zeros(2, 6, 7, dtype=torch.long)
+    target[0, 1:3, 2:4] = 3
+    target[1, 4, 5] = 1
+    assert object_weighted_cross_entropy(logits, target, 0.0) == nn.functional.cross_entropy(logits, target)
+    per_pixel = nn.functional.cross_entropy(logits, target, reduction="none")
+    objects, floor = per_pixel[target > 0].mean(), per_pixel[target == 0].mean()
+    for share in (0.25, 0.5, 0.9):
+        expected = share * objects + (1 - share) * floor
+        assert object_weighted_cross_entropy(logits, target, share).item() == pytest.approx(expected.item(), rel=1e-6)
+    # a batch of floor only (or objects only) has nothing to balance: the plain mean
+    floor_only = torch.zeros_like(target)
+    assert object_weighted_cross_entropy(logits, floor_only, 0.5).item() == pytest.approx(
+        nn.functional.cross_entropy(logits, floor_only).item(), rel=1e-6
+    )
+
+
+def test_predict_summary_says_what_the_numbers_show():
+    from hpcvp.stages.predict import summary_sentence
+
+    learned = summary_sentence({"a": 0.31, "d": 0.33, "e": 0.29}, 0.91, "runs/predict/default/pictures")
+    assert learned.startswith("The U-Net segments frames at 0.91 Jaccard; SimVP on its masks scores 0.31")
+    assert "at least as well as copying" in learned and learned.endswith("pictures: runs/predict/default/pictures")
+    assert "not yet learned" in summary_sentence({"a": 0.20, "e": 0.29}, None, "p")
+    assert summary_sentence({"d": 0.3}, None, "p") == "mask 22: (d) 0.30; pictures: p"

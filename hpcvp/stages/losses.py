@@ -1,5 +1,5 @@
-"""Losses the stages need beyond torch's: Lovász-softmax (an IoU surrogate for mask fine-tuning) and
-the self-supervised optical-flow losses (census / SSIM+L1 photometric, edge-aware smoothness).
+"""Losses the stages need beyond torch's: object-weighted cross-entropy (the U-Net), Lovász-softmax (an
+IoU surrogate for mask fine-tuning) and the self-supervised optical-flow losses (census / SSIM+L1 photometric, edge-aware smoothness).
 
 Written from the papers' definitions:
 - Lovász-softmax: Berman et al. 2018, "The Lovász-Softmax loss: a tractable surrogate for the
@@ -148,3 +148,23 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     num = (values * mask).flatten(1).sum(1)
     den = mask.flatten(1).sum(1).clamp_min(1.0)
     return (num / den).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Object-weighted cross-entropy
+
+
+def object_weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, object_share: float) -> torch.Tensor:
+    """Cross-entropy with ``object_share`` of it averaged over object pixels (target > 0) and the
+    rest over background pixels; ``object_share=0`` is the plain per-pixel mean."""
+    if object_share <= 0.0:
+        return F.cross_entropy(logits, target)
+    per_pixel = F.cross_entropy(logits, target, reduction="none")
+    is_object = target > 0
+    objects = is_object.sum()
+    background = per_pixel.numel() - objects
+    if objects == 0 or background == 0:  # nothing to balance in this batch
+        return per_pixel.mean()
+    object_mean = (per_pixel * is_object).sum() / objects
+    background_mean = (per_pixel * ~is_object).sum() / background
+    return object_share * object_mean + (1.0 - object_share) * background_mean

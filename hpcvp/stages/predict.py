@@ -389,6 +389,12 @@ def summary_sentence(scores: dict[str, float], seg_jaccard: float | None, pictur
         refs = [f"{score(n)} for {what}" for n, what in (("e", "the U-Net on frame 11"), ("d", "copying true mask 11"))]
         refs = [r for r, n in zip(refs, ("e", "d"), strict=True) if n in scores]
         parts.append(line + (" vs " + " and ".join(refs) if refs else ""))
+        a, e = scores.get("a"), scores.get("e")
+        if a is not None and e is not None and not (math.isnan(a) or math.isnan(e)):
+            if a >= e:
+                parts.append("so SimVP's predicted motion does at least as well as copying the last segmented frame")
+            else:
+                parts.append("so SimVP has not yet learned more than copying the last frame (train it longer)")
     elif scores:
         parts.append("mask 22: " + ", ".join(f"({n}) {score(n)}" for n in scores))
     return "; ".join(parts) + f"; pictures: {pictures}"
