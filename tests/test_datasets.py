@@ -216,7 +216,7 @@ def test_default_dataset_cache_key_names_everything_that_sizes_it(monkeypatch):
     from hpcvp.data import default
 
     name = default.default_dataset_name()
-    assert name.startswith(f"default-v{default.DEFAULT_DATASET_VERSION}-80x120-") and "t96v24u16h8" in name
+    assert name.startswith(f"default-v{default.DEFAULT_DATASET_VERSION}-80x120-") and "t96v40u16h8" in name
     monkeypatch.setattr(default, "DEFAULT_COUNTS", {**default.DEFAULT_COUNTS, "train": 97})
     assert default.default_dataset_name() not in (name, "")
     bigger = default.default_dataset_name()
