@@ -1,5 +1,7 @@
 """Shared fixtures. Data fixtures: tiny raw layouts written with PIL/numpy, a small synthetic set
-from the real generator, its packed form, and the embedded default dataset."""
+from the real generator, its packed form, and the embedded default dataset. Slurm fixtures: the
+single-node cluster "hpcvp" and the two-node one of tools/slurm_local_cluster.sh (their helpers are in
+slurm_helpers.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import pytest
 from PIL import Image
 
 from hpcvp.data.layout import MASK_FILE_NAME, NUM_CLASSES, NUM_FRAMES, SPLIT_HAS_MASKS, SPLIT_NUM_FRAMES
+
+# Helpers that assert: pytest explains their failed asserts as it does the tests' own.
+pytest.register_assert_rewrite("slurm_helpers")
 
 TINY_SIZE = (40, 60)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +90,31 @@ def default_dataset_dir(tmp_path_factory) -> Path:
 
     cache = os.environ.get("HPCVP_CACHE") or tmp_path_factory.mktemp("hpcvp-cache")
     return ensure_default_dataset(cache)
+
+
+# --------------------------------------------------------------------------- the single-node Slurm cluster
+
+LOCAL_CLUSTER_NAME = "hpcvp"
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> str:
+    """The single-node cluster of tools/slurm_local_cluster.sh answers (never another cluster)."""
+    import shutil
+
+    from hpcvp.cluster.profiles import running_slurm_cluster_name
+
+    name = running_slurm_cluster_name() if shutil.which("sbatch") else None
+    if name != LOCAL_CLUSTER_NAME:
+        why = (
+            "no Slurm cluster answers"
+            if name is None
+            else f"the Slurm cluster here is {name!r}, not the local test cluster {LOCAL_CLUSTER_NAME!r}"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {why}: bring it up with `bash tools/slurm_local_cluster.sh up`")
+        pytest.skip(f"{why} (bash tools/slurm_local_cluster.sh up)")
+    return name
 
 
 # --------------------------------------------------------------------------- the two-node Slurm cluster

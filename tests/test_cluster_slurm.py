@@ -20,42 +20,34 @@ with gloo standing for 2 GPUs) on the embedded synthetic dataset:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from slurm_helpers import (
+    assert_same_weights,
+    job_id_of,
+    launch_args,
+    logs_of,
+    metric_steps,
+    sacct_attempts,
+    sacct_states,
+    sbatch_template,
+    squeue_count,
+    template_env,
+    wait_for_step,
+    wait_until_done,
+)
 
 from hpcvp.cluster import launch
-from hpcvp.cluster.profiles import running_slurm_cluster_name
-from hpcvp.cluster.status import collect_status, read_events, slurm_job_states
+from hpcvp.cluster.status import collect_status, read_events
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
-LOCAL_CLUSTER_NAME = "hpcvp"
 # Small enough for 2 shared cores, long enough (60 steps) to be interrupted in the middle.
 SEG_SETTINGS = ["train.max_steps=60", "train.batch_size=4", "train.log_every=2", "eval_max_frames=8"]
-JOB_TIMEOUT_S = 420
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster() -> str:
-    name = running_slurm_cluster_name() if shutil.which("sbatch") else None
-    if name != LOCAL_CLUSTER_NAME:
-        why = (
-            "no Slurm cluster answers"
-            if name is None
-            else f"the Slurm cluster here is {name!r}, not the local test cluster {LOCAL_CLUSTER_NAME!r}"
-        )
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {why}: bring it up with `bash tools/slurm_local_cluster.sh up`")
-        pytest.skip(f"{why} (bash tools/slurm_local_cluster.sh up)")
-    return name
 
 
 @pytest.fixture(scope="module")
@@ -69,90 +61,13 @@ def packed(slurm_cluster, default_dataset_dir) -> Path:
 
 
 def seg_args(packed: Path, run_root: Path, run: str) -> list[str]:
-    args = [
-        "--stage",
-        "seg",
-        "--gpus",
-        "2",
-        "--data",
-        str(packed),
-        "--run-root",
-        str(run_root),
-        "--run",
-        run,
-        "--preset",
-        "tiny",
-    ]
-    for item in SEG_SETTINGS:
-        args += ["--set", item]
-    return args
-
-
-def job_id_of(run_dir: Path) -> str:
-    ids = [e["job_id"] for e in read_events(run_dir) if e.get("job_id")]
-    assert ids, f"{run_dir}/jobs.jsonl names no job"
-    return ids[-1]
-
-
-def sacct_attempts(job_id: str) -> list[dict[str, str]]:
-    out = subprocess.run(
-        ["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobIDRaw,State,Start,End"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rows = [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line.strip()]
-    for row in rows:
-        row["state"] = row["state"].split()[0]  # "CANCELLED by 0" -> "CANCELLED"
-    return [r for r in rows if r["id"] == job_id]
-
-
-def wait_until_done(job_id: str, timeout: float = JOB_TIMEOUT_S) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = slurm_job_states([job_id]).get(job_id)
-        if state and state.state in launch.TERMINAL_STATES:
-            return state.state
-        time.sleep(2)
-    subprocess.run(["scancel", job_id], check=False)
-    pytest.fail(f"job {job_id} did not end within {timeout:.0f}s (cancelled)")
-
-
-def wait_for_step(run_dir: Path, job_id: str, step: int, timeout: float = 240) -> None:
-    """Until metrics.jsonl has a line at or past ``step`` (the job is mid-training)."""
-    deadline = time.monotonic() + timeout
-    metrics = run_dir / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists():
-            steps = [
-                json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip().endswith("}")
-            ]
-            if steps and max(steps) >= step:
-                return
-        state = slurm_job_states([job_id]).get(job_id)
-        if state and state.state in launch.TERMINAL_STATES:
-            pytest.fail(f"job {job_id} ended ({state.state}) before reaching step {step}")
-        time.sleep(0.25)
-    pytest.fail(f"job {job_id} did not reach step {step} within {timeout}s")
+    return launch_args("seg", packed, run_root, run, SEG_SETTINGS, "--gpus", "2")
 
 
 def final_weights(run_dir: Path) -> tuple[int, dict]:
     from hpcvp.train.checkpoint import load_model_state
 
     return load_model_state(run_dir)
-
-
-def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
-    step, state = final_weights(run_dir)
-    ref_step, ref_state = final_weights(reference_dir)
-    assert step == ref_step == 60
-    assert state.keys() == ref_state.keys()
-    different = [k for k in state if not torch.equal(state[k], ref_state[k])]
-    assert not different, f"weights differ from the uninterrupted run in {different[:5]}"
-
-
-def logs_of(run_dir: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").rglob("*_log.*")))
 
 
 @pytest.fixture(scope="module")
@@ -187,18 +102,13 @@ def test_interrupted_submitit_job_requeues_resumes_and_matches(packed, run_root,
     # What Slurm does before the time limit with submitit's --signal=USR2@S: USR2 to every task.
     submitit.SlurmJob(folder=run_dir / "slurm" / "%j", job_id=job_id, tasks=(0, 1))._interrupt(timeout=True)
     assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
-    states = [a["state"] for a in sacct_attempts(job_id)]
+    states = sacct_states(job_id)
     assert states == ["REQUEUED", "COMPLETED"], states
     logs = logs_of(run_dir)
     assert "saved; job requeued" in logs and "resumed from step" in logs
     resumed_from = int(logs.split("resumed from step ")[1].split()[0])
     assert 6 <= resumed_from < 60
-    assert_same_weights(run_dir, reference_run)
-
-
-def metric_steps(run_dir: Path) -> list[int]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines if line.strip()]
+    assert_same_weights(run_dir, reference_run, 60, "the uninterrupted run")
 
 
 def test_usr2_to_the_batch_shell_of_a_launcher_job_saves_requeues_and_resumes(packed, run_root):
@@ -210,7 +120,7 @@ def test_usr2_to_the_batch_shell_of_a_launcher_job_saves_requeues_and_resumes(pa
     wait_for_step(run_dir, job_id, 6)
     subprocess.run(["scancel", "--batch", "--signal=USR2", job_id], check=True)
     assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
-    assert [a["state"] for a in sacct_attempts(job_id)] == ["REQUEUED", "COMPLETED"]
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     logs = logs_of(run_dir)
     assert "the batch shell got SIGUSR2: passing it on to the tasks" in logs, logs[-4000:]
     assert "saved; job requeued" in logs and "resumed from step" in logs
@@ -222,36 +132,9 @@ def test_usr2_to_the_batch_shell_of_a_launcher_job_saves_requeues_and_resumes(pa
 
 
 def test_sbatch_template_forwards_signal_requeues_and_matches(packed, run_root, reference_run):
-    env = dict(os.environ)
-    env.update(
-        HPCVP_DATA=str(packed),
-        HPCVP_RUN_ROOT=str(run_root),
-        HPCVP_RUN="sbatch",
-        HPCVP_PRESET="tiny",
-        HPCVP_SET=" ".join(SEG_SETTINGS),
-        HPCVP_GPUS_ARE_CPUS="1",
-        HPCVP_PYTHON=sys.executable,
-        HPCVP_HOME=str(REPO),
-        SBATCH_GRES="none",
-        SBATCH_MEM_PER_NODE="6G",
-    )
+    env = template_env(packed, run_root, "sbatch", SEG_SETTINGS, SBATCH_MEM_PER_NODE="6G")
     output = run_root / "sbatch-%j.out"
-    submitted = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--ntasks-per-node=2",
-            "--cpus-per-task=1",
-            f"--output={output}",
-            str(REPO / "slurm" / "seg.sbatch"),
-        ],
-        env=env,
-        cwd=run_root,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job_id = submitted.stdout.strip().split(";")[0]
+    job_id = sbatch_template(["--ntasks-per-node=2", "--cpus-per-task=1", f"--output={output}"], env, run_root)
     run_dir = run_root / "seg" / "sbatch"
     deadline = time.monotonic() + 120
     while not (run_dir / "jobs.jsonl").exists():
@@ -265,10 +148,10 @@ def test_sbatch_template_forwards_signal_requeues_and_matches(packed, run_root, 
     assert "forwarded SIGUSR2 to the job steps" in log, log[-3000:]
     assert "srun exited with status 75" in log and "requeued (every rank saved" in log
     assert "resumed from step" in log
-    assert [a["state"] for a in sacct_attempts(job_id)] == ["REQUEUED", "COMPLETED"]
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     restarts = [e.get("restart") for e in read_events(run_dir) if e.get("event") == "started"]
     assert restarts == [0, 1]
-    assert_same_weights(run_dir, reference_run)
+    assert_same_weights(run_dir, reference_run, 60, "the uninterrupted run")
 
 
 def test_scancel_saves_and_stays_cancelled(packed, run_root):
@@ -280,7 +163,7 @@ def test_scancel_saves_and_stays_cancelled(packed, run_root):
     subprocess.run(["scancel", job_id], check=True)
     assert wait_until_done(job_id) == "CANCELLED"
     time.sleep(3)  # had it been requeued, a second attempt would be listed by now
-    assert [a["state"] for a in sacct_attempts(job_id)] == ["CANCELLED"]
+    assert sacct_states(job_id) == ["CANCELLED"]
     assert "so it is not requeued here" in logs_of(run_dir)
     from hpcvp.train.checkpoint import latest_step
 
@@ -334,11 +217,6 @@ def test_stage_all_runs_the_chain_in_order(packed, run_root, tmp_path):
     assert (out / "manifest.json").exists()
     assert json.loads((out / "manifest.json").read_text())["pseudo_masks"], "pseudo-label wrote no mask shards"
     assert (run_root / "predict" / "chain" / "submission.pt").exists()
-
-
-def squeue_count() -> int:
-    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
-    return len(out.split())
 
 
 @pytest.mark.parametrize(
@@ -427,7 +305,7 @@ def test_scontrol_requeue_with_dataloader_workers_saves_resumes_and_matches(pack
     wait_for_step(run_dir, job_id, 6)
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
-    assert [a["state"] for a in sacct_attempts(job_id)] == ["REQUEUED", "COMPLETED"]
+    assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     logs = logs_of(run_dir)
     assert "DataLoader worker" not in logs and "killed by signal" not in logs, logs[-4000:]
     resumed_from = int(logs.split("resumed from step ")[1].split()[0])
@@ -435,7 +313,7 @@ def test_scontrol_requeue_with_dataloader_workers_saves_resumes_and_matches(pack
     engine_logs = [(run_dir / "logs" / f"engine.rank{r}.log").read_text() for r in (0, 1)]
     for text in engine_logs:  # both ranks stopped gracefully at that same step
         assert f"SIGTERM received by at least one rank; saved at step {resumed_from}" in text, text[-2000:]
-    assert_same_weights(run_dir, reference_run)
+    assert_same_weights(run_dir, reference_run, 60, "the uninterrupted run")
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,20 +19,28 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cluster_slurm import job_id_of, logs_of, slurm_cluster, squeue_count, wait_until_done  # noqa: F401
+from slurm_helpers import (
+    REPO,
+    job_id_of,
+    launch_args,
+    logs_of,
+    sacct_field,
+    sbatch_template,
+    squeue_count,
+    wait_until_done,
+)
 
 from hpcvp.cluster import launch
 from hpcvp.cluster.status import scontrol_job_fields
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 TEST_QOS = "hpcvp_test"
 TINY = ["train.max_steps=4", "train.batch_size=2", "train.log_every=2", "eval_max_frames=4"]
 
 
 @pytest.fixture(scope="module")
-def test_qos(slurm_cluster) -> str:  # noqa: F811
+def test_qos(slurm_cluster) -> str:
     """The QoS `tools/slurm_local_cluster.sh up` makes; made here too (idempotent) on an older cluster."""
     known = subprocess.run(["sacctmgr", "-n", "-P", "show", "qos", "format=name"], capture_output=True, text=True)
     if TEST_QOS not in known.stdout.split():
@@ -41,17 +49,7 @@ def test_qos(slurm_cluster) -> str:  # noqa: F811
 
 
 def tiny_seg(data: Path, run_root: Path, run: str, *extra: str) -> list[str]:
-    args = ["--stage", "seg", "--gpus", "1", "--data", str(data), "--run-root", str(run_root), "--run", run]
-    for item in TINY:
-        args += ["--set", item]
-    return [*args, "--preset", "tiny", *extra]
-
-
-def sacct_field(job_id: str, field: str) -> str:
-    out = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", field], capture_output=True, text=True, check=True
-    ).stdout
-    return out.strip().splitlines()[0] if out.strip() else ""
+    return launch_args("seg", data, run_root, run, TINY, "--gpus", "1", *extra)
 
 
 def sacct_qos(job_id: str, expected: str, timeout: float = 30.0) -> str:
@@ -92,7 +90,7 @@ def test_job_runs_with_qos_mail_and_extra_options(test_qos, default_dataset_dir,
     assert sacct_qos(job_id, test_qos) == test_qos
 
 
-def test_exclude_reaches_the_script_and_unknown_nodes_are_refused(slurm_cluster, default_dataset_dir, tmp_path, capsys):  # noqa: F811
+def test_exclude_reaches_the_script_and_unknown_nodes_are_refused(slurm_cluster, default_dataset_dir, tmp_path, capsys):
     node = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()[0]
     status = launch.main(tiny_seg(default_dataset_dir, tmp_path, "exclude", "--exclude", node, "--dry-run"))
     captured = capsys.readouterr()
@@ -109,7 +107,7 @@ def test_exclude_reaches_the_script_and_unknown_nodes_are_refused(slurm_cluster,
     assert squeue_count() == before
 
 
-def test_unknown_qos_is_refused_by_preflight(slurm_cluster, default_dataset_dir, tmp_path, capsys):  # noqa: F811
+def test_unknown_qos_is_refused_by_preflight(slurm_cluster, default_dataset_dir, tmp_path, capsys):
     before = squeue_count()
     assert launch.main(tiny_seg(default_dataset_dir, tmp_path, "badqos", "--qos", "no_such_qos")) == 2
     err = capsys.readouterr().err
@@ -120,16 +118,8 @@ def test_unknown_qos_is_refused_by_preflight(slurm_cluster, default_dataset_dir,
 def test_sbatch_template_takes_qos_and_mail_and_logs_under_the_job_name(test_qos, tmp_path):
     env = dict(os.environ, SBATCH_QOS=test_qos, HPCVP_HOME=str(REPO), HPCVP_PYTHON=sys.executable)
     env.pop("HPCVP_DATA", None)  # the job stops at once, saying so: enough to see its options and log
-    submitted = subprocess.run(
-        ["sbatch", "--parsable", "--gres=none", "--mem=1G", "--cpus-per-task=1", "--mail-type=END,FAIL"]
-        + ["--mail-user=root", str(REPO / "slurm" / "seg.sbatch")],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job_id = submitted.stdout.strip().split(";")[0]
+    options = ["--gres=none", "--mem=1G", "--cpus-per-task=1", "--mail-type=END,FAIL", "--mail-user=root"]
+    job_id = sbatch_template(options, env, tmp_path)
     fields = scontrol_job_fields(job_id)
     assert fields.get("MailUser") == "root" and fields.get("MailType") == "END,FAIL", fields
     assert wait_until_done(job_id, timeout=120) == "FAILED"
@@ -141,7 +131,7 @@ def test_sbatch_template_takes_qos_and_mail_and_logs_under_the_job_name(test_qos
     assert "set HPCVP_DATA" in log.read_text(), sorted(p.name for p in tmp_path.iterdir())
 
 
-def test_sweep_runs_as_one_array_that_completes(slurm_cluster, default_dataset_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_sweep_runs_as_one_array_that_completes(slurm_cluster, default_dataset_dir, tmp_path, monkeypatch, capsys):
     args = tiny_seg(default_dataset_dir, tmp_path, "sw", "--sweep", "train.lr=1e-3,1e-2", "--max-parallel", "1")
     assert launch.main(args) == 0
     runs = [tmp_path / "seg" / f"sw__train.lr={lr}" for lr in ("1e-3", "1e-2")]

@@ -16,38 +16,44 @@ SLURM_CONF at it; it skips without root or Slurm, except under CI=true where it 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
+from slurm_helpers import (
+    REPO,
+    assert_same_weights,
+    job_id_of,
+    launch_args,
+    logs_of,
+    sacct_field,
+    sacct_states,
+    sbatch_template,
+    template_env,
+    wait_for_step,
+    wait_until_done,
+)
 
 from hpcvp.cluster import launch
-from hpcvp.cluster.status import read_events, slurm_job_states
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
 NODES = {"hpcvp2n1": "10.213.0.11", "hpcvp2n2": "10.213.0.12"}
 LINKS = ("hpcvp2v1", "hpcvp2v2")  # the host ends of the nodes' veth links
 NODE_TMP = Path("/var/tmp/hpcvp2")  # $SLURM_TMPDIR = NODE_TMP/<node>/<job id> (the cluster's TaskProlog)
 STEPS = 40
 SEG_SETTINGS = [f"train.max_steps={STEPS}", "train.batch_size=4", "train.log_every=2", "eval_max_frames=8"]
 JOB_TIMEOUT_S = 240
+ONE_NODE = "the 1-node x 2-task run"  # the reference, in messages
 RANK_LINE = re.compile(r"rank (\d+)/(\d+) on host (\S+) \| master (\S+):(\d+) \| data (\S+)")
 
 
 def seg_args(data: Path, run_root: Path, run: str, *extra: str) -> list[str]:
-    args = ["--stage", "seg", "--data", str(data), "--run-root", str(run_root), "--run", run, "--preset", "tiny"]
-    for item in SEG_SETTINGS:
-        args += ["--set", item]
-    return args + list(extra)
+    return launch_args("seg", data, run_root, run, SEG_SETTINGS, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +71,6 @@ def one_node_reference(default_dataset_dir, run_root) -> Path:
     return run_root / "seg" / "one-node"
 
 
-def job_id_of(run_dir: Path) -> str:
-    ids = [e["job_id"] for e in read_events(run_dir) if e.get("job_id")]
-    assert ids, f"{run_dir}/jobs.jsonl names no job"
-    return ids[-1]
-
-
-def logs_of(run_dir: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted((run_dir / "slurm").rglob("*_log.*")))
-
-
 def rank_lines(log: str) -> list[dict]:
     return [
         {"rank": int(m[1]), "world": int(m[2]), "host": m[3], "master": m[4], "port": int(m[5]), "data": m[6]}
@@ -88,39 +84,6 @@ def link_bytes() -> dict[str, int]:
         link: sum(int((stats / link / "statistics" / f"{way}_bytes").read_text()) for way in ("rx", "tx"))
         for link in LINKS
     }
-
-
-def wait_until_done(job_id: str, timeout: float = JOB_TIMEOUT_S) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = slurm_job_states([job_id]).get(job_id)
-        if state and state.state in launch.TERMINAL_STATES:
-            return state.state
-        time.sleep(1)
-    subprocess.run(["scancel", job_id], check=False)
-    pytest.fail(f"job {job_id} did not end within {timeout:.0f}s (cancelled)")
-
-
-def sacct_states(job_id: str) -> list[str]:
-    out = subprocess.run(
-        ["sacct", "-n", "-P", "-D", "-X", "-j", job_id, "-o", "JobIDRaw,State"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rows = [line.split("|") for line in out.splitlines() if line.strip()]
-    return [state.split()[0] for jid, state in rows if jid == job_id]
-
-
-def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
-    from hpcvp.train.checkpoint import load_model_state
-
-    step, state = load_model_state(run_dir)
-    ref_step, ref_state = load_model_state(reference_dir)
-    assert step == ref_step == STEPS
-    assert state.keys() == ref_state.keys()
-    different = [k for k in state if not torch.equal(state[k], ref_state[k])]
-    assert not different, f"weights differ from the 1-node x 2-task run in {different[:5]}"
 
 
 def assert_one_rank_per_node(log: str, job_id: str, staged: bool) -> list[dict]:
@@ -137,6 +100,17 @@ def assert_one_rank_per_node(log: str, job_id: str, staged: bool) -> list[dict]:
             assert Path(r["data"]).parent == local / "hpcvp-data", r
             assert (Path(r["data"]) / "manifest.json").exists()
     return list(ranks.values())
+
+
+def assert_resumed_where_saved_on_both_nodes(log: str) -> None:
+    """One graceful stop: saved at the step it stopped at, the next attempt resumed from that step,
+    and both attempts ran rank 0 on hpcvp2n1 and rank 1 on hpcvp2n2."""
+    saved = re.findall(r"preempted at step (\d+) \(SIGTERM received by at least one rank; saved at step (\d+)\)", log)
+    assert saved and saved[0][0] == saved[0][1], log[-4000:]
+    resumed = re.findall(r"resumed from step (\d+)", log)
+    assert resumed and resumed[0] == saved[0][1], log[-4000:]
+    hosts = sorted((r["rank"], r["host"]) for r in rank_lines(log))
+    assert hosts == [(0, "hpcvp2n1"), (0, "hpcvp2n1"), (1, "hpcvp2n2"), (1, "hpcvp2n2")]
 
 
 def test_launch_two_nodes_one_task_each_matches_one_node(
@@ -162,49 +136,28 @@ def test_launch_two_nodes_one_task_each_matches_one_node(
     model_bytes = sum(t.numel() * t.element_size() for t in load_model_state(run_dir)[1].values())
     grown = {link: after - before[link] for link, after in link_bytes().items()}
     assert all(g > STEPS * model_bytes for g in grown.values()), (grown, model_bytes)
-    assert_same_weights(run_dir, one_node_reference)
+    assert_same_weights(run_dir, one_node_reference, STEPS, ONE_NODE)
 
 
 def test_sbatch_template_on_two_nodes_matches_one_node(
     two_node_cluster, default_dataset_dir, run_root, one_node_reference
 ):
-    env = dict(os.environ)
-    env.update(
-        HPCVP_DATA=str(default_dataset_dir),
-        HPCVP_RUN_ROOT=str(run_root),
-        HPCVP_RUN="sbatch-two-nodes",
-        HPCVP_PRESET="tiny",
-        HPCVP_SET=" ".join(SEG_SETTINGS),
+    env = template_env(
+        default_dataset_dir,
+        run_root,
+        "sbatch-two-nodes",
+        SEG_SETTINGS,
         HPCVP_STAGE_LOCAL="1",
-        HPCVP_GPUS_ARE_CPUS="1",
-        HPCVP_PYTHON=sys.executable,
-        HPCVP_HOME=str(REPO),
-        SBATCH_GRES="none",
         SBATCH_MEM_PER_NODE="3G",
     )
     output = run_root / "sbatch-two-nodes-%j.out"
-    submitted = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--nodes=2",
-            "--ntasks-per-node=1",
-            "--cpus-per-task=1",
-            f"--output={output}",
-            str(REPO / "slurm" / "seg.sbatch"),
-        ],
-        env=env,
-        cwd=run_root,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    job_id = submitted.stdout.strip().split(";")[0]
-    state = wait_until_done(job_id)
+    options = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", f"--output={output}"]
+    job_id = sbatch_template(options, env, run_root)
+    state = wait_until_done(job_id, JOB_TIMEOUT_S, poll=1)
     log = Path(str(output).replace("%j", job_id)).read_text(errors="replace")
     assert state == "COMPLETED", log[-4000:]
     assert_one_rank_per_node(log, job_id, staged=True)
-    assert_same_weights(run_root / "seg" / "sbatch-two-nodes", one_node_reference)
+    assert_same_weights(run_root / "seg" / "sbatch-two-nodes", one_node_reference, STEPS, ONE_NODE)
 
 
 def test_scontrol_requeue_saves_on_both_nodes_and_resumes_exactly(
@@ -213,14 +166,7 @@ def test_scontrol_requeue_saves_on_both_nodes_and_resumes_exactly(
     assert launch.main(seg_args(default_dataset_dir, run_root, "requeued", "--nodes", "2", "--gpus", "1")) == 0
     run_dir = run_root / "seg" / "requeued"
     job_id = job_id_of(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while True:
-        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.exists() else []
-        if steps and max(steps) >= 8:
-            break
-        assert time.monotonic() < deadline, "the job never reached step 8"
-        time.sleep(0.25)
+    wait_for_step(run_dir, job_id, 8, timeout=120)
     requeued_at = time.monotonic()
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     # Both ranks of the second attempt have joined the process group (each prints its line once).
@@ -229,16 +175,11 @@ def test_scontrol_requeue_saves_on_both_nodes_and_resumes_exactly(
         time.sleep(0.2)
     restart_s = time.monotonic() - requeued_at
     print(f"requeue -> both ranks running again: {restart_s:.1f} s")
-    assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
+    assert wait_until_done(job_id, JOB_TIMEOUT_S, poll=1) == "COMPLETED", logs_of(run_dir)[-4000:]
     assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     log = logs_of(run_dir)
-    saved = re.findall(r"preempted at step (\d+) \(SIGTERM received by at least one rank; saved at step (\d+)\)", log)
-    assert saved and saved[0][0] == saved[0][1], log[-4000:]
-    resumed = re.findall(r"resumed from step (\d+)", log)
-    assert resumed and resumed[0] == saved[0][1], log[-4000:]
-    hosts = sorted((r["rank"], r["host"]) for r in rank_lines(log))
-    assert hosts == [(0, "hpcvp2n1"), (0, "hpcvp2n1"), (1, "hpcvp2n2"), (1, "hpcvp2n2")]
-    assert_same_weights(run_dir, one_node_reference)
+    assert_resumed_where_saved_on_both_nodes(log)
+    assert_same_weights(run_dir, one_node_reference, STEPS, ONE_NODE)
 
 
 # --------------------------------------------------------------------------- one node's tasks only
@@ -266,41 +207,25 @@ def task_pids(node: str) -> list[int]:
     return found
 
 
-def wait_for_step(run_dir: Path, at_least: int, timeout: float = 150) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + timeout
-    while True:
-        steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()] if metrics.exists() else []
-        if steps and max(steps) >= at_least:
-            return
-        assert time.monotonic() < deadline, f"the job never reached step {at_least}: {logs_of(run_dir)[-3000:]}"
-        time.sleep(0.25)
-
-
 def test_sigterm_to_one_node_saves_on_both_and_resumes_exactly(
     two_node_cluster, default_dataset_dir, run_root, one_node_reference
 ):
     assert launch.main(seg_args(default_dataset_dir, run_root, "one-node-term", "--nodes", "2", "--gpus", "1")) == 0
     run_dir = run_root / "seg" / "one-node-term"
     job_id = job_id_of(run_dir)
-    wait_for_step(run_dir, 8)
+    wait_for_step(run_dir, job_id, 8, timeout=150)
     pids = task_pids("hpcvp2n2")
     assert pids, "no task process of the job in hpcvp2n2's namespace"
     for pid in pids:  # preemption-style: SIGTERM to the tasks of node 2 only
         os.kill(pid, 15)
-    assert wait_until_done(job_id) == "COMPLETED", logs_of(run_dir)[-4000:]
+    assert wait_until_done(job_id, JOB_TIMEOUT_S, poll=1) == "COMPLETED", logs_of(run_dir)[-4000:]
     assert sacct_states(job_id) == ["REQUEUED", "COMPLETED"]
     log = logs_of(run_dir)
     # The flag was all-reduced: rank 0 (node 1, never signalled) stopped at the same step and saved
     # one checkpoint holding both ranks' state; rank 1 said it saved too.
-    saved = re.findall(r"preempted at step (\d+) \(SIGTERM received by at least one rank; saved at step (\d+)\)", log)
-    assert saved and saved[0][0] == saved[0][1], log[-4000:]
     assert "rank 1 saved; stopping" in log
-    resumed = re.findall(r"resumed from step (\d+)", log)
-    assert resumed and resumed[0] == saved[0][1], log[-4000:]
-    hosts = sorted((r["rank"], r["host"]) for r in rank_lines(log))
-    assert hosts == [(0, "hpcvp2n1"), (0, "hpcvp2n1"), (1, "hpcvp2n2"), (1, "hpcvp2n2")]
-    assert_same_weights(run_dir, one_node_reference)
+    assert_resumed_where_saved_on_both_nodes(log)
+    assert_same_weights(run_dir, one_node_reference, STEPS, ONE_NODE)
 
 
 def test_node_lost_for_good_ends_with_one_line_and_relaunch_resumes(
@@ -318,7 +243,7 @@ def test_node_lost_for_good_ends_with_one_line_and_relaunch_resumes(
             == 0
         )
         job_id = job_id_of(run_dir)
-        wait_for_step(run_dir, 12)
+        wait_for_step(run_dir, job_id, 12, timeout=150)
         # Node 2 is gone: its slurmd first (it would otherwise report the tasks' deaths), then
         # everything else in its namespace (slurmstepd, the task).
         os.kill(int(Path(SLURMD_PID.format("hpcvp2n2")).read_text()), 9)
@@ -327,7 +252,7 @@ def test_node_lost_for_good_ends_with_one_line_and_relaunch_resumes(
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
-        state = wait_until_done(job_id, timeout=180)
+        state = wait_until_done(job_id, 180, poll=1)
         log = logs_of(run_dir)
         assert state in ("FAILED", "NODE_FAIL"), (state, log[-4000:])
         assert "REQUEUED" not in sacct_states(job_id), "the job was requeued onto the lost node"
@@ -346,7 +271,7 @@ def test_node_lost_for_good_ends_with_one_line_and_relaunch_resumes(
         log = logs_of(run_dir)
         assert status == 0, log[-4000:]
         assert re.findall(r"resumed from step (\d+)", log) == [str(step)], log[-4000:]
-        assert_same_weights(run_dir, one_node_reference)
+        assert_same_weights(run_dir, one_node_reference, STEPS, ONE_NODE)
     finally:
         env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
         subprocess.run(["bash", str(SCRIPT), "up", "--nodes", "2"], env=env, capture_output=True, timeout=300)
@@ -356,14 +281,8 @@ SIMVP_SETTINGS = ["mode=masks", "train.max_steps=6", "train.batch_size=2", "trai
 
 
 def test_simvp_two_nodes_matches_one_node(two_node_cluster, default_dataset_dir, tmp_path):
-    from hpcvp.train.checkpoint import load_model_state
-
     def args(run: str, *extra: str) -> list[str]:
-        out = ["--stage", "simvp", "--data", str(default_dataset_dir), "--run-root", str(tmp_path), "--run", run]
-        out += ["--preset", "tiny"]
-        for item in SIMVP_SETTINGS:
-            out += ["--set", item]
-        return out + list(extra)
+        return launch_args("simvp", default_dataset_dir, tmp_path, run, SIMVP_SETTINGS, *extra)
 
     assert launch.main(args("one-node", "--cluster", "local", "--gpus", "2", "--wait")) == 0
     status = launch.main(args("two-nodes", "--nodes", "2", "--gpus", "1", "--wait"))
@@ -372,11 +291,7 @@ def test_simvp_two_nodes_matches_one_node(two_node_cluster, default_dataset_dir,
     assert status == 0, log[-4000:]
     ranks = {r["rank"]: r["host"] for r in rank_lines(log)}
     assert ranks == {0: "hpcvp2n1", 1: "hpcvp2n2"}
-    step, state = load_model_state(run_dir)
-    ref_step, ref_state = load_model_state(tmp_path / "simvp" / "one-node")
-    assert step == ref_step == 6
-    different = [k for k in state if not torch.equal(state[k], ref_state[k])]
-    assert not different, f"simvp weights differ from the 1-node x 2-task run in {different[:5]}"
+    assert_same_weights(run_dir, tmp_path / "simvp" / "one-node", 6, ONE_NODE)
 
 
 def test_exclude_keeps_the_job_off_the_excluded_node(two_node_cluster, default_dataset_dir, run_root):
@@ -389,8 +304,6 @@ def test_exclude_keeps_the_job_off_the_excluded_node(two_node_cluster, default_d
     log = logs_of(run_dir)
     assert status == 0, log[-4000:]
     job_id = job_id_of(run_dir)
-    fields = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "NodeList,State"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    assert fields and fields[-1] == "hpcvp2n1|COMPLETED", fields
+    fields = sacct_field(job_id, "NodeList,State")
+    assert fields == "hpcvp2n1|COMPLETED", fields
     assert "rank 0 on hpcvp2n1" in log and "hpcvp2n2" not in log, log[-3000:]

@@ -339,19 +339,14 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     blocker.unlink()
     os.mkfifo(blocker)
     out = tmp_path / "out"
+
+    def pack_command(workers: int) -> list[str]:
+        """tools/pack_hdf5.py packing ``raw`` into ``out``, 2 videos per shard."""
+        args = ["--src", str(raw), "--out", str(out), "--shard-size", "2", "--workers", str(workers)]
+        return [sys.executable, str(REPO_ROOT / "tools" / "pack_hdf5.py"), *args]
+
     process = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO_ROOT / "tools" / "pack_hdf5.py"),
-            "--src",
-            str(raw),
-            "--out",
-            str(out),
-            "--shard-size",
-            "2",
-            "--workers",
-            "2",
-        ],
+        pack_command(workers=2),
         env=subprocess_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,
@@ -378,18 +373,7 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     blocker.unlink()
     blocker.write_bytes(original)
     result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO_ROOT / "tools" / "pack_hdf5.py"),
-            "--src",
-            str(raw),
-            "--out",
-            str(out),
-            "--shard-size",
-            "2",
-            "--workers",
-            "1",
-        ],
+        pack_command(workers=1),
         env=subprocess_env(),
         capture_output=True,
         text=True,

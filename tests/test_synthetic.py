@@ -268,57 +268,24 @@ def test_cli_res_option(tmp_path, capsys):
 def test_tools_script_runs_from_a_clone(tmp_path):
     out = tmp_path / "script"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "make_synthetic.py"),
-            "--out",
-            str(out),
-            "--train",
-            "0",
-            "--val",
-            "1",
-            "--unlabeled",
-            "0",
-            "--hidden",
-            "0",
-            "--res",
-            "40x60",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+
+    def make_synthetic(*extra: str) -> subprocess.CompletedProcess:
+        """tools/make_synthetic.py writing one 40x60 val video into ``out``, as run from a clone."""
+        counts = ["--train", "0", "--val", "1", "--unlabeled", "0", "--hidden", "0", "--res", "40x60"]
+        return subprocess.run(
+            [sys.executable, str(REPO / "tools" / "make_synthetic.py"), "--out", str(out), *counts, *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    result = make_synthetic()
     assert result.returncode == 0, result.stderr
     assert (out / "val" / "video_1000" / "mask.npy").is_file()
     # Resuming that root with another seed is refused with a message naming the seed.
-    again = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "make_synthetic.py"),
-            "--out",
-            str(out),
-            "--train",
-            "0",
-            "--val",
-            "1",
-            "--unlabeled",
-            "0",
-            "--hidden",
-            "0",
-            "--res",
-            "40x60",
-            "--seed",
-            "9",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = make_synthetic("--seed", "9")
     assert again.returncode == 2 and "seed" in again.stderr
 
 

@@ -185,34 +185,37 @@ FLUSH PRIVILEGES;
 SQL
 }
 
-write_configs() {  # sets CONFIG_CHANGED=1 when slurm.conf/cgroup.conf changed, DBD_CHANGED=1 for slurmdbd.conf
-    local host cpus mem_kb real_mem
-    host="$(hostname -s)"
-    cpus="$(nproc --all)"
-    mem_kb="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
-    real_mem=$((mem_kb / 1024 * 90 / 100))  # leave headroom: slurmd drains a node reporting less than this
-    mkdir -p "$ETC" "$LOG_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd"
-
-    local slurm_conf
-    slurm_conf="$(cat <<CONF
-# Written by hpcvp tools/slurm_local_cluster.sh: a single-node cluster for tests and workstations.
-ClusterName=${CLUSTER_NAME}
-SlurmctldHost=${host}(127.0.0.1)
+# slurm_conf_text KEY=VALUE...: the slurm.conf of either cluster. The settings both share are written
+# here; the caller names what differs: header (comment lines), name, controller (host(address)),
+# state_dir, spool_dir, ctld_pid, slurmd_pid, ctld_log, slurmd_log, ctld_port, dbd_host, node_lines
+# (NodeName lines, each ending in a newline), partition_nodes; optional: auth_note (a comment above
+# AuthInfo), prolog (lines after SlurmdPort), slurmd_timeout (a line after MinJobAge).
+slurm_conf_text() {
+    local header name controller state_dir spool_dir ctld_pid slurmd_pid ctld_log slurmd_log ctld_port
+    local dbd_host node_lines partition_nodes auth_note="" prolog="" slurmd_timeout=""
+    local "$@"
+    # An optional part stands on lines of its own, or on none.
+    [ -z "$auth_note" ] || auth_note+=$'\n'
+    [ -z "$prolog" ] || prolog+=$'\n'
+    [ -z "$slurmd_timeout" ] || slurmd_timeout+=$'\n'
+    cat <<CONF
+${header}
+ClusterName=${name}
+SlurmctldHost=${controller}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# A requeued job may start again once its credential expired: 10 s instead of the default 120 s.
-AuthInfo=cred_expire=10
-StateSaveLocation=${STATE_DIR}/slurmctld
-SlurmdSpoolDir=${STATE_DIR}/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmctldLogFile=${LOG_DIR}/slurmctld.log
-SlurmdLogFile=${LOG_DIR}/slurmd.log
-SlurmctldPort=6817
+${auth_note}AuthInfo=cred_expire=10
+StateSaveLocation=${state_dir}/slurmctld
+SlurmdSpoolDir=${spool_dir}
+SlurmctldPidFile=${ctld_pid}
+SlurmdPidFile=${slurmd_pid}
+SlurmctldLogFile=${ctld_log}
+SlurmdLogFile=${slurmd_log}
+SlurmctldPort=${ctld_port}
 SlurmdPort=6818
-MpiDefault=none
+${prolog}MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
@@ -223,19 +226,38 @@ ReturnToService=2
 JobRequeue=1
 KillWait=10
 MinJobAge=300
-SchedulerType=sched/backfill
+${slurmd_timeout}SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=5,sched_interval=5
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=30
 AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=localhost
+AccountingStorageHost=${dbd_host}
 AccountingStorageEnforce=associations
 JobCompType=jobcomp/none
-NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${real_mem} Feature=cpu State=UNKNOWN
-PartitionName=cpu Nodes=${host} Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=${host} Default=NO MaxTime=01:00:00 State=UP
+${node_lines}PartitionName=cpu Nodes=${partition_nodes} Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=${partition_nodes} Default=NO MaxTime=01:00:00 State=UP
 CONF
-)"
+}
+
+write_configs() {  # sets CONFIG_CHANGED=1 when slurm.conf/cgroup.conf changed, DBD_CHANGED=1 for slurmdbd.conf
+    local host cpus mem_kb real_mem
+    host="$(hostname -s)"
+    cpus="$(nproc --all)"
+    mem_kb="$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)"
+    real_mem=$((mem_kb / 1024 * 90 / 100))  # leave headroom: slurmd drains a node reporting less than this
+    mkdir -p "$ETC" "$LOG_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd"
+
+    local slurm_conf
+    slurm_conf="$(slurm_conf_text \
+        header="# Written by hpcvp tools/slurm_local_cluster.sh: a single-node cluster for tests and workstations." \
+        name="$CLUSTER_NAME" controller="${host}(127.0.0.1)" \
+        auth_note="# A requeued job may start again once its credential expired: 10 s instead of the default 120 s." \
+        state_dir="$STATE_DIR" spool_dir="$STATE_DIR/slurmd" \
+        ctld_pid=/run/slurmctld.pid slurmd_pid=/run/slurmd.pid \
+        ctld_log="$LOG_DIR/slurmctld.log" slurmd_log="$LOG_DIR/slurmd.log" ctld_port=6817 \
+        dbd_host=localhost \
+        node_lines="NodeName=${host} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${real_mem} Feature=cpu State=UNKNOWN"$'\n' \
+        partition_nodes="$host")"
     local cgroup_conf="# Written by hpcvp tools/slurm_local_cluster.sh: no cgroup plugins are used (proctrack/linuxproc).
 CgroupAutomount=no"
     CONFIG_CHANGED=0
@@ -343,19 +365,21 @@ start_slurm_daemons() {
         /usr/sbin/slurmd
         say "slurmd started"
     fi
-    local host
-    host="$(hostname -s)"
+    wait_node_in_service "$(hostname -s)" "$LOG_DIR/slurmd.log"
+}
+
+wait_node_in_service() {  # wait_node_in_service NODE LOG: until sinfo (of $SLURM_CONF's cluster) shows NODE usable
+    local node="$1" log="$2" state _
     # A node left DOWN/DRAIN by an earlier crash is put back in service.
     for _ in $(seq 1 120); do
-        local state
-        state="$(sinfo -h -n "$host" -o '%t' 2>/dev/null | head -n1)"
+        state="$(sinfo -h -n "$node" -o '%t' 2>/dev/null | head -n1)"
         case "$state" in
             idle*|mix*|alloc*|comp*) return 0 ;;
-            down*|drain*|drng*|fail*) scontrol update nodename="$host" state=resume >/dev/null 2>&1 || true ;;
+            down*|drain*|drng*|fail*) scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true ;;
         esac
         sleep 0.5
     done
-    die "node $host did not become idle (sinfo state: $(sinfo -h -n "$host" -o '%t %E' 2>/dev/null)); see $LOG_DIR/slurmd.log"
+    die "node $node did not become idle (sinfo state: $(sinfo -h -n "$node" -o '%t %E' 2>/dev/null)); see $log"
 }
 
 show_status() {
@@ -501,50 +525,17 @@ two_write_configs() {  # sets CONFIG_CHANGED=1 when the two-node cluster's files
     done
     mkdir -p "$TWO_ETC" "$LOG_DIR" "$TWO_STATE/slurmctld" "$TWO_TMP"
     local slurm_conf
-    slurm_conf="$(cat <<CONF
-# Written by hpcvp tools/slurm_local_cluster.sh up --nodes 2: two slurmd nodes in network namespaces.
-# Use it with SLURM_CONF=${TWO_CONF}.
-ClusterName=${TWO_NAME}
-SlurmctldHost=$(hostname -s)(${TWO_HOST_ADDR})
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=cred_expire=10
-StateSaveLocation=${TWO_STATE}/slurmctld
-SlurmdSpoolDir=${TWO_STATE}/slurmd-%n
-SlurmctldPidFile=${TWO_CTLD_PID}
-SlurmdPidFile=/run/slurmd-2node-%n.pid
-SlurmctldLogFile=${LOG_DIR}/2node-slurmctld.log
-SlurmdLogFile=${LOG_DIR}/2node-slurmd-%n.log
-SlurmctldPort=${TWO_CTLD_PORT}
-SlurmdPort=6818
-# \$SLURM_TMPDIR: a directory of this node's own (${TWO_TMP}/<node>/<job id>), as site prologs make.
-TaskProlog=${TWO_ETC}/task_prolog.sh
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=1024
-ReturnToService=2
-JobRequeue=1
-KillWait=10
-MinJobAge=300
-SlurmdTimeout=30
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=5,sched_interval=5
-JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=30
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=${TWO_HOST_ADDR}
-AccountingStorageEnforce=associations
-JobCompType=jobcomp/none
-${node_lines}PartitionName=cpu Nodes=${names} Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=${names} Default=NO MaxTime=01:00:00 State=UP
-CONF
-)"
+    slurm_conf="$(slurm_conf_text \
+        header="# Written by hpcvp tools/slurm_local_cluster.sh up --nodes 2: two slurmd nodes in network namespaces.
+# Use it with SLURM_CONF=${TWO_CONF}." \
+        name="$TWO_NAME" controller="$(hostname -s)(${TWO_HOST_ADDR})" \
+        state_dir="$TWO_STATE" spool_dir="$TWO_STATE/slurmd-%n" \
+        ctld_pid="$TWO_CTLD_PID" slurmd_pid=/run/slurmd-2node-%n.pid \
+        ctld_log="$LOG_DIR/2node-slurmctld.log" slurmd_log="$LOG_DIR/2node-slurmd-%n.log" ctld_port="$TWO_CTLD_PORT" \
+        prolog="# \$SLURM_TMPDIR: a directory of this node's own (${TWO_TMP}/<node>/<job id>), as site prologs make.
+TaskProlog=${TWO_ETC}/task_prolog.sh" \
+        slurmd_timeout="SlurmdTimeout=30" \
+        dbd_host="$TWO_HOST_ADDR" node_lines="$node_lines" partition_nodes="$names")"
     local task_prolog
     task_prolog="$(cat <<'PROLOG'
 #!/bin/sh
@@ -583,19 +574,7 @@ two_start_daemons() {
         fi
     done
     for node in "${TWO_NODES[@]}"; do
-        local state="" _
-        for _ in $(seq 1 120); do
-            state="$(SLURM_CONF="$TWO_CONF" sinfo -h -n "$node" -o '%t' 2>/dev/null | head -n1)"
-            case "$state" in
-                idle*|mix*|alloc*|comp*) break ;;
-                down*|drain*|drng*|fail*) SLURM_CONF="$TWO_CONF" scontrol update nodename="$node" state=resume >/dev/null 2>&1 || true ;;
-            esac
-            sleep 0.5
-        done
-        case "$state" in
-            idle*|mix*|alloc*|comp*) ;;
-            *) die "node $node did not become idle (state: $state); see $LOG_DIR/2node-slurmd-$node.log" ;;
-        esac
+        SLURM_CONF="$TWO_CONF" wait_node_in_service "$node" "$LOG_DIR/2node-slurmd-$node.log"
     done
 }
 
