@@ -591,6 +591,33 @@ def test_saved_job_requeues_once_on_rank_zero(monkeypatch):
     assert leave.value.code == EXIT_REQUEUE and FakeJobEnvironment.calls == [1]
 
 
+def test_requeue_killed_by_slurms_own_preemption_leaves_without_error(monkeypatch, capsys):
+    """The job was RUNNING at the check, then a preemption's SIGTERM killed `scontrol requeue`:
+    Slurm requeues (or not) by itself, so no JobNotRequeued traceback; still RUNNING = an error."""
+    import subprocess
+
+    import submitit
+
+    from hpcvp.cluster import executor
+
+    states = iter(["RUNNING", "PREEMPTED"])
+
+    class KilledRequeue:
+        def _requeue(self, countdown: int) -> None:
+            raise subprocess.CalledProcessError(-15, ["scontrol", "requeue", "1"])
+
+    monkeypatch.setattr(submitit, "JobEnvironment", KilledRequeue)
+    monkeypatch.setattr(executor, "scontrol_job_fields", lambda job_id: {"JobState": next(states)})
+    job = HpcvpJob("json:dumps", [], max_requeues=3)
+    with pytest.raises(SystemExit) as leave:
+        job._requeue_after_save(rank=0, restarts=0)
+    assert leave.value.code == EXIT_REQUEUE
+    assert "job is PREEMPTED, so Slurm decides its requeue" in capsys.readouterr().out
+    monkeypatch.setattr(executor, "scontrol_job_fields", lambda job_id: {"JobState": "RUNNING"})
+    with pytest.raises(JobNotRequeued, match="scontrol requeue failed"):
+        job._requeue_after_save(rank=0, restarts=0)
+
+
 def test_job_failure_is_an_error(monkeypatch):
     job = HpcvpJob("hpcvp.stages.worker:run_worker", ["--stage", "nope"], max_requeues=1)
     with pytest.raises(RuntimeError, match="exited with status 2"):

@@ -114,7 +114,17 @@ class HpcvpJob(submitit.helpers.Checkpointable):
             try:
                 job_env._requeue(self.max_requeues - restarts - 1)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
-                raise JobNotRequeued(f"{self.description}: scontrol requeue failed ({exc})") from exc
+                # Slurm may act between the state check and our requeue (a preemption's SIGTERM
+                # reaches the scontrol child too): if the job is no longer RUNNING, Slurm decides.
+                state = scontrol_job_fields(os.environ.get("SLURM_JOB_ID", "")).get("JobState", "")
+                if state == "RUNNING":
+                    raise JobNotRequeued(f"{self.description}: scontrol requeue failed ({exc})") from exc
+                print(
+                    f"hpcvp: {self.description}: saved; scontrol requeue did not finish ({exc}) and the job "
+                    f"is {state or 'gone'}, so Slurm decides its requeue",
+                    flush=True,
+                )
+                raise SystemExit(EXIT_REQUEUE) from None
             print(f"hpcvp: {self.description}: rank 0 saved; job requeued, leaving", flush=True)
         else:
             # only rank 0 knows whether the job was requeued (or cancelled / preempted by Slurm)
