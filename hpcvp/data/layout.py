@@ -268,8 +268,10 @@ def read_mask(path: Path, split: str, size: tuple[int, int], out: np.ndarray | N
     return mask.astype(np.uint8, copy=False)
 
 
-def read_flow(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Load ``flow.npy`` as float16 (21, 2, H, W); any float dtype with finite values is accepted."""
+def read_flow(path: Path, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Load ``flow.npy`` as float16 (21, 2, H, W); any float dtype with finite values is accepted.
+
+    With ``out`` (float16 (21, 2, H, W), e.g. a packer's shared slot) the flow is stored there."""
     expected_shape = (NUM_FRAMES - 1, 2, *size)
     try:
         flow = np.load(path, allow_pickle=False)
@@ -283,6 +285,9 @@ def read_flow(path: Path, size: tuple[int, int]) -> np.ndarray:
         raise RawDataError(path, f"flow shape is {flow.shape}, expected {expected_shape}")
     if not np.isfinite(flow).all():
         raise RawDataError(path, "flow has non-finite values")
+    if out is not None:
+        out[...] = flow
+        return out
     return flow.astype(np.float16, copy=False)
 
 
