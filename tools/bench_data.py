@@ -41,7 +41,6 @@ from hpcvp.data.layout import (
     read_flow,
     read_video,
 )
-from hpcvp.data.pack import DEFAULT_SHARD_SIZE, pack_dataset
 
 COMPRESSIONS = ("none", "lzf", "gzip:1", "gzip:4", "lz4", "blosc:lz4:5:byte", "blosc:zstd:1:bit")
 COMPETITION_COUNTS = {"train": 1000, "val": 1000, "unlabeled": 13000}  # the 15,000 labelled+unlabelled videos
@@ -266,10 +265,20 @@ def main(argv=None) -> int:
     parser.add_argument("--compressions", default=",".join(COMPRESSIONS))
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--only-pack", action="store_true", help="measure (a) only (for quick checks)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="videos per shard in (a) (default: the packer's, 250: 100 videos make one shard, whose "
+        "sha256 runs after the last write; in a full pack each shard's hash overlaps the next shard)",
+    )
+    parser.add_argument("--sources", default="competition,flow", help="(a)'s raw sets: competition (no flow.npy), flow")
     args = parser.parse_args(argv)
 
+    # here, not at the top: the decode-only passes' spawned processes re-import this file and
+    # should load what a user's decode script would (numpy, Pillow), not the packer
     from hpcvp.data.datasets import ClipDataset, close_shard_handles
-    from hpcvp.data.pack import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION
+    from hpcvp.data.pack import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION, DEFAULT_SHARD_SIZE, pack_dataset
     from hpcvp.data.synthetic_set import generate_dataset
 
     raw = args.work_dir / f"raw-{args.videos}"
@@ -285,7 +294,12 @@ def main(argv=None) -> int:
     # (a) pack (default settings) vs a decode-only pass over the same files; same decoder process
     # count, alternating. Two sources: the competition's files (PNGs + mask.npy: what a user packs)
     # and the synthetic set as generated (+ flow.npy, which the packer stores and the decode reads).
-    sources = {"competition files": without_flow(raw), "synthetic, + flow.npy": raw}
+    shard_size = args.shard_size or DEFAULT_SHARD_SIZE
+    all_sources = {"competition": ("competition files", without_flow), "flow": ("synthetic, + flow.npy", None)}
+    sources = {}
+    for key in args.sources.split(","):
+        label, view = all_sources[key.strip()]
+        sources[f"{label}, shards of {shard_size}"] = view(raw) if view else raw
     rows_a = []
     for source, source_root in sources.items():
         source_tasks = [("train", str(source_root / Path(folder).relative_to(raw)), size) for _, folder, size in tasks]
@@ -296,7 +310,9 @@ def main(argv=None) -> int:
                 decode_times.append(decode_pass(source_tasks, workers, "plain"))
                 shutil.rmtree(pack_dir, ignore_errors=True)
                 start = time.perf_counter()
-                pack_dataset(source_root, pack_dir, splits=["train"], workers=workers, quiet=True)
+                pack_dataset(
+                    source_root, pack_dir, splits=["train"], workers=workers, shard_size=shard_size, quiet=True
+                )
                 pack_times.append(time.perf_counter() - start)
                 own_times.append(decode_pass(source_tasks, workers, "hpcvp"))
             shutil.rmtree(pack_dir, ignore_errors=True)
