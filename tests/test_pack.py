@@ -611,3 +611,22 @@ def test_a_bad_flow_file_stops_or_is_skipped_like_a_bad_frame(tiny_raw, tmp_path
         assert list(handle["video_ids"][:]) == [0, 2]
         for row, video_id in enumerate((0, 2)):
             np.testing.assert_array_equal(handle["flow"][row], good[video_id])
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, None])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_read_flow_refuses_non_finite_values_into_a_slot(tmp_path, bad, dtype):
+    from hpcvp.data.layout import read_flow
+
+    flow = np.random.default_rng(0).normal(0, 3, (NUM_FRAMES - 1, 2, *TINY_SIZE)).astype(dtype)
+    flow[0, 0, 0, 0] = 65504  # the largest float16: finite
+    if bad is not None:
+        flow[5, 1, 7, 9] = bad
+    np.save(tmp_path / "flow.npy", flow)
+    out = np.zeros(flow.shape, dtype=np.float16)
+    if bad is None:
+        read_flow(tmp_path / "flow.npy", TINY_SIZE, out=out)
+        np.testing.assert_array_equal(out, flow.astype(np.float16))
+    else:
+        with pytest.raises(RawDataError, match="non-finite"):
+            read_flow(tmp_path / "flow.npy", TINY_SIZE, out=out)
