@@ -136,3 +136,55 @@ def test_compile_pays_back_rule():
     assert compile_pays_back(60, 0.244, 0.144, 30000)
     assert not compile_pays_back(120, 0.244, 0.144, 30000)
     assert not compile_pays_back(1, 1.0, 1.1, 30000)
+
+
+@pytest.mark.parametrize(
+    "stage, overrides",
+    [("seg", []), ("simvp", ["mode=frames"]), ("simvp", ["mode=masks"])],
+)
+def test_full_presets_take_the_device_fast_path(monkeypatch, stage, overrides):
+    """The `full` presets of seg and SimVP (frames and masks) leave amp, channels_last and compile
+    to the device: what the Trainer resolves on a simulated H200, A100, V100, RTX 8000 and CPUs."""
+    import hpcvp.train.fastpath as fastpath
+    from hpcvp.stages.registry import build_config
+
+    train = build_config(stage, "full", overrides).train
+    assert (train.amp, train.channels_last, train.compile) == ("fast", None, None)
+    expected = [
+        (H200, ("bf16", True, True)),
+        (A100_40, ("bf16", True, True)),
+        (V100, ("fp16", True, False)),  # no bf16 on cc 7.x: fp16 + GradScaler
+        (RTX8000, ("fp16", True, False)),
+    ]
+    for props, settings in expected:
+        # as on a GPU node: the Trainer asks torch.cuda for the card's properties
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
+        fast = fastpath.effective_fast_path(train, torch.device("cuda", 0))
+        assert (fast.amp, fast.channels_last, fast.compile) == settings, props.name
+    bf16_cpu = fastpath.effective_fast_path(train, "cpu", cpuinfo="flags : avx512f avx512_bf16")
+    assert (bf16_cpu.amp, bf16_cpu.channels_last, bf16_cpu.compile) == ("bf16", True, False)
+    plain_cpu = fastpath.effective_fast_path(train, "cpu", cpuinfo="flags : avx2 fma")
+    assert (plain_cpu.amp, plain_cpu.channels_last, plain_cpu.compile) == ("off", True, False)
+    # explicit settings still win over the device's
+    forced = build_config(stage, "full", [*overrides, "train.compile=false", "train.amp=off"]).train
+    fast = fastpath.effective_fast_path(forced, "cuda", H200)
+    assert (fast.amp, fast.channels_last, fast.compile) == ("off", True, False)
+
+
+def test_trainer_takes_the_device_fast_path_when_the_config_leaves_it(monkeypatch, tmp_path):
+    """A Trainer whose config leaves amp/channels_last/compile to the device uses what
+    effective_fast_path resolves for it: here a simulated CPU whose fast path is bf16 +
+    channels_last + compile (the eager backend keeps the test quick)."""
+    import hpcvp.train.fastpath as fastpath
+    from hpcvp.train import RunDir, Trainer, single_process_env
+    from hpcvp.train.toy import ToyTask
+
+    monkeypatch.setattr(fastpath, "cpu_fast_path", lambda cpuinfo=None: fastpath.FastPath("bf16", True, True, "sim"))
+    cfg = TrainConfig(
+        max_steps=2, batch_size=4, num_workers=0, eval_every=0, save_every_steps=0, progress="off",
+        amp="fast", channels_last=None, compile=None, compile_backend="eager",
+    )  # fmt: skip
+    trainer = Trainer(ToyTask(), cfg, RunDir(tmp_path / "run"), single_process_env())
+    assert trainer.fit().status == "completed"
+    assert trainer.fast_path == {"amp": "bf16", "channels_last": True, "compile": True}
+    assert trainer.amp_dtype == torch.bfloat16 and isinstance(trainer.train_model, CompiledWithFallback)

@@ -535,3 +535,82 @@ def test_progress_is_plain_lines_in_logs_and_a_bar_on_a_terminal():
     with Progress(3, "pack", unit="videos", stream=terminal) as progress:
         progress.advance(3)
     assert "\x1b[" in terminal.getvalue() and "3/3" in terminal.getvalue()
+
+
+# ----------------------------------------------------------------------------- flow, decoded by the decoders
+
+
+def _add_flow(raw: Path, split: str, video_id: int, value: np.ndarray | None = None) -> np.ndarray:
+    rng = np.random.default_rng(video_id)
+    flow = rng.normal(0, 3, (NUM_FRAMES - 1, 2, *TINY_SIZE)).astype(np.float16) if value is None else value
+    flow[:, :, :5] = 0  # mostly background in real sets: some runs of zeros for the codecs
+    np.save(raw / split / f"video_{video_id}" / "flow.npy", flow)
+    return flow
+
+
+@pytest.mark.parametrize(
+    "codec, workers",
+    [("lz4", 0), ("lz4", 2), ("gzip:1", 1), ("none", 1), ("blosc:lz4:5:bit", 1)],
+)
+def test_flow_is_decoded_and_compressed_by_the_decoders_and_reads_back_exactly(tiny_raw, tmp_path, codec, workers):
+    """lz4 and gzip: the decoder processes compress the flow chunks (write_direct_chunk in the
+    writer); none: the slot's bytes as they are; blosc: HDF5's filter in the writer. Shard 0 has
+    flow for every video, shard 1 lacks one flow.npy and so stores none."""
+    raw = tiny_raw({"train": [0, 1, 2, 3]})
+    flows = {video_id: _add_flow(raw, "train", video_id) for video_id in (0, 1, 2)}
+    manifest = pack_dataset(
+        raw, tmp_path / "out", shard_size=2, mask_compression=codec, frame_size=TINY_SIZE, workers=workers, quiet=True
+    )
+    assert [shard.has_flow for shard in manifest.shards] == [True, False]
+    assert verify_dataset(tmp_path / "out").ok
+    with open_h5(tmp_path / "out" / "train-000.h5", "r") as handle:
+        assert handle["flow"].dtype == np.float16 and handle["flow"].chunks == (1, 1, 2, *TINY_SIZE)
+        for row, video_id in enumerate((0, 1)):
+            np.testing.assert_array_equal(handle["flow"][row], flows[video_id])
+            frames, masks = tiny_video_arrays(video_id, "train")
+            np.testing.assert_array_equal(handle["frames"][row], frames)
+            np.testing.assert_array_equal(handle["masks"][row], masks)
+    with open_h5(tmp_path / "out" / "train-001.h5", "r") as handle:
+        assert "flow" not in handle and list(handle["video_ids"][:]) == [2, 3]
+    # The same pack in this process (workers=0) gives the same bytes.
+    pack_dataset(
+        raw, tmp_path / "ref", shard_size=2, mask_compression=codec, frame_size=TINY_SIZE, workers=0, quiet=True
+    )
+    assert shard_hashes(tmp_path / "out") == shard_hashes(tmp_path / "ref")
+
+
+def test_a_bad_flow_file_stops_or_is_skipped_like_a_bad_frame(tiny_raw, tmp_path):
+    raw = tiny_raw({"train": [0, 1, 2]})
+    good = {video_id: _add_flow(raw, "train", video_id) for video_id in (0, 2)}
+    bad = np.zeros((NUM_FRAMES - 1, 2, *TINY_SIZE), dtype=np.float32)
+    bad[3, 1, 7, 7] = np.nan
+    np.save(raw / "train" / "video_1" / "flow.npy", bad)
+    with pytest.raises(RawDataError, match="non-finite") as caught:
+        pack_dataset(raw, tmp_path / "stop", frame_size=TINY_SIZE, workers=1, quiet=True)
+    assert caught.value.path == raw / "train" / "video_1" / "flow.npy"
+    assert not list((tmp_path / "stop").glob("*.h5"))
+    manifest = pack_dataset(raw, tmp_path / "skip", frame_size=TINY_SIZE, workers=1, on_error="skip", quiet=True)
+    assert [(video.video_id, Path(video.path).name) for video in manifest.skipped] == [(1, "flow.npy")]
+    with open_h5(tmp_path / "skip" / "train-000.h5", "r") as handle:
+        assert list(handle["video_ids"][:]) == [0, 2]
+        for row, video_id in enumerate((0, 2)):
+            np.testing.assert_array_equal(handle["flow"][row], good[video_id])
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan, None])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_read_flow_refuses_non_finite_values_into_a_slot(tmp_path, bad, dtype):
+    from hpcvp.data.layout import read_flow
+
+    flow = np.random.default_rng(0).normal(0, 3, (NUM_FRAMES - 1, 2, *TINY_SIZE)).astype(dtype)
+    flow[0, 0, 0, 0] = 65504  # the largest float16: finite
+    if bad is not None:
+        flow[5, 1, 7, 9] = bad
+    np.save(tmp_path / "flow.npy", flow)
+    out = np.zeros(flow.shape, dtype=np.float16)
+    if bad is None:
+        read_flow(tmp_path / "flow.npy", TINY_SIZE, out=out)
+        np.testing.assert_array_equal(out, flow.astype(np.float16))
+    else:
+        with pytest.raises(RawDataError, match="non-finite"):
+            read_flow(tmp_path / "flow.npy", TINY_SIZE, out=out)

@@ -38,9 +38,9 @@ from hpcvp.data.layout import (
     SPLIT_NUM_FRAMES,
     WIDTH,
     list_videos,
+    read_flow,
     read_video,
 )
-from hpcvp.data.pack import DEFAULT_SHARD_SIZE, pack_dataset
 
 COMPRESSIONS = ("none", "lzf", "gzip:1", "gzip:4", "lz4", "blosc:lz4:5:byte", "blosc:zstd:1:bit")
 COMPETITION_COUNTS = {"train": 1000, "val": 1000, "unlabeled": 13000}  # the 15,000 labelled+unlabelled videos
@@ -106,7 +106,8 @@ def raw_files(raw: Path, videos) -> tuple[list[Path], int]:
 
 
 def _decode_plain(task) -> int:
-    """What a user would write: Pillow decodes each PNG into an array, numpy loads mask.npy."""
+    """What a user would write: Pillow decodes each PNG into an array, numpy loads mask.npy (and
+    flow.npy where the folder has one: the packer reads it too)."""
     from PIL import Image
 
     split, folder, _size = task
@@ -115,9 +116,9 @@ def _decode_plain(task) -> int:
     for t in range(SPLIT_NUM_FRAMES[split]):
         with Image.open(folder / f"image_{t}.png") as image:
             count += np.asarray(image).shape[0]
-    mask_path = folder / "mask.npy"
-    if mask_path.exists():
-        count += np.load(mask_path).shape[0]
+    for name in ("mask.npy", "flow.npy"):
+        if (folder / name).exists():
+            count += np.load(folder / name).shape[0]
     return count
 
 
@@ -125,6 +126,8 @@ def _decode_hpcvp(task) -> int:
     """hpcvp's own decode path (``read_video``: same Pillow decoder, fewer copies) into memory."""
     split, folder, size = task
     frames, _masks = read_video(folder, split, size)
+    if (Path(folder) / "flow.npy").exists():
+        read_flow(Path(folder) / "flow.npy", size)
     return frames.shape[0]
 
 
@@ -136,6 +139,20 @@ def decode_pass(tasks, workers: int, how: str = "plain") -> float:
         for _ in pool.imap(function, tasks, chunksize=1):
             pass
     return time.perf_counter() - start
+
+
+def without_flow(raw: Path, split: str = "train") -> Path:
+    """The competition's files only (PNGs + mask.npy, no synthetic flow.npy): hard links under
+    ``<raw>-noflow``, so both sides of (a) read exactly what a user's pack of the real set reads."""
+    view = raw.parent / f"{raw.name}-noflow"
+    for source in [raw / "hpcvp_synthetic.json", *sorted((raw / split).glob("video_*/*"))]:
+        if source.name == "flow.npy" or not source.is_file():
+            continue
+        target = view / source.relative_to(raw)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, target)
+    return view
 
 
 def interleaved_rates(candidates: dict, seconds: float, rounds: int) -> dict[str, float]:
@@ -248,10 +265,20 @@ def main(argv=None) -> int:
     parser.add_argument("--compressions", default=",".join(COMPRESSIONS))
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown here")
     parser.add_argument("--only-pack", action="store_true", help="measure (a) only (for quick checks)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="videos per shard in (a) (default: the packer's, 250: 100 videos make one shard, whose "
+        "sha256 runs after the last write; in a full pack each shard's hash overlaps the next shard)",
+    )
+    parser.add_argument("--sources", default="competition,flow", help="(a)'s raw sets: competition (no flow.npy), flow")
     args = parser.parse_args(argv)
 
+    # here, not at the top: the decode-only passes' spawned processes re-import this file and
+    # should load what a user's decode script would (numpy, Pillow), not the packer
     from hpcvp.data.datasets import ClipDataset, close_shard_handles
-    from hpcvp.data.pack import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION
+    from hpcvp.data.pack import DEFAULT_COMPRESSION, DEFAULT_MASK_COMPRESSION, DEFAULT_SHARD_SIZE, pack_dataset
     from hpcvp.data.synthetic_set import generate_dataset
 
     raw = args.work_dir / f"raw-{args.videos}"
@@ -264,30 +291,43 @@ def main(argv=None) -> int:
     png_bytes = warm_page_cache(files)
     tasks = [("train", str(folder), size) for _, folder in videos]
 
-    # (a) pack (default settings) vs a decode-only pass; same decoder process count, alternating.
+    # (a) pack (default settings) vs a decode-only pass over the same files; same decoder process
+    # count, alternating. Two sources: the competition's files (PNGs + mask.npy: what a user packs)
+    # and the synthetic set as generated (+ flow.npy, which the packer stores and the decode reads).
+    shard_size = args.shard_size or DEFAULT_SHARD_SIZE
+    all_sources = {"competition": ("competition files", without_flow), "flow": ("synthetic, + flow.npy", None)}
+    sources = {}
+    for key in args.sources.split(","):
+        label, view = all_sources[key.strip()]
+        sources[f"{label}, shards of {shard_size}"] = view(raw) if view else raw
     rows_a = []
-    for workers in range(1, args.workers + 1):
-        pack_dir = args.work_dir / f"packed-a-{workers}"
-        decode_times, own_times, pack_times = [], [], []
-        for _ in range(args.repeats):
-            decode_times.append(decode_pass(tasks, workers, "plain"))
+    for source, source_root in sources.items():
+        source_tasks = [("train", str(source_root / Path(folder).relative_to(raw)), size) for _, folder, size in tasks]
+        for workers in range(1, args.workers + 1):
+            pack_dir = args.work_dir / f"packed-a-{workers}"
+            decode_times, own_times, pack_times = [], [], []
+            for _ in range(args.repeats):
+                decode_times.append(decode_pass(source_tasks, workers, "plain"))
+                shutil.rmtree(pack_dir, ignore_errors=True)
+                start = time.perf_counter()
+                pack_dataset(
+                    source_root, pack_dir, splits=["train"], workers=workers, shard_size=shard_size, quiet=True
+                )
+                pack_times.append(time.perf_counter() - start)
+                own_times.append(decode_pass(source_tasks, workers, "hpcvp"))
             shutil.rmtree(pack_dir, ignore_errors=True)
-            start = time.perf_counter()
-            pack_dataset(raw, pack_dir, splits=["train"], workers=workers, quiet=True)
-            pack_times.append(time.perf_counter() - start)
-            own_times.append(decode_pass(tasks, workers, "hpcvp"))
-        shutil.rmtree(pack_dir, ignore_errors=True)
-        decode_rate, pack_rate = len(tasks) / min(decode_times), len(tasks) / min(pack_times)
-        own_rate = len(tasks) / min(own_times)
-        # Each pack sits between a Pillow pass and a read_video pass: the median of these paired
-        # ratios follows the load less than best-of does.
-        paired = statistics.median(d / p for d, p in zip(decode_times, pack_times, strict=True))
-        rows_a.append((workers, decode_rate, own_rate, pack_rate, paired))
-        log(
-            f"(a) workers={workers}: decode (Pillow) {decode_rate:.1f} videos/s, decode (hpcvp read_video) "
-            f"{own_rate:.1f} videos/s, pack {pack_rate:.1f} videos/s: {pack_rate / decode_rate:.2f}x best-of, "
-            f"{paired:.2f}x median paired; vs read_video {pack_rate / own_rate:.2f}x (load {os.getloadavg()[0]:.1f})"
-        )
+            decode_rate, pack_rate = len(tasks) / min(decode_times), len(tasks) / min(pack_times)
+            own_rate = len(tasks) / min(own_times)
+            # Each pack sits between a Pillow pass and a read_video pass: the median of these paired
+            # ratios follows the load less than best-of does.
+            paired = statistics.median(d / p for d, p in zip(decode_times, pack_times, strict=True))
+            rows_a.append((source, workers, decode_rate, own_rate, pack_rate, paired))
+            log(
+                f"(a) {source}, workers={workers}: decode (Pillow) {decode_rate:.1f} videos/s, decode (hpcvp "
+                f"read_video) {own_rate:.1f} videos/s, pack {pack_rate:.1f} videos/s: {pack_rate / decode_rate:.2f}x "
+                f"best-of, {paired:.2f}x median paired; vs read_video {pack_rate / own_rate:.2f}x "
+                f"(load {os.getloadavg()[0]:.1f})"
+            )
 
     if args.only_pack:
         return 0
@@ -435,19 +475,20 @@ def main(argv=None) -> int:
     lines.append(
         f"**(a) Packing vs decoding the PNGs** (best of {args.repeats}, alternating; pack = W decoder "
         f"processes + the writer, default settings: {default_label}; decode = W processes decoding "
-        "and discarding: Pillow = `np.asarray(Image.open(png))` per frame + `np.load(mask.npy)`, what a user "
-        "would write; read_video = hpcvp's own decode path)"
+        "and discarding: Pillow = `np.asarray(Image.open(png))` per frame + `np.load(mask.npy)` (+ "
+        "`np.load(flow.npy)` where the folder has one), what a user would write; read_video = hpcvp's own "
+        "decode path; competition files = the same set without flow.npy)"
     )
     lines.append("")
     lines.append(
-        "| decoder processes W | decode-only, Pillow (videos/s) | decode-only, hpcvp read_video (videos/s) "
+        "| source | decoder processes W | decode-only, Pillow (videos/s) | decode-only, hpcvp read_video (videos/s) "
         "| pack (videos/s) | pack / Pillow decode, best-of (target >= 0.85) | median of paired rounds "
         "| pack / read_video decode |"
     )
-    lines.append("|---:|---:|---:|---:|---:|---:|---:|")
-    for workers, decode_rate, own_rate, pack_rate, paired in rows_a:
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for source, workers, decode_rate, own_rate, pack_rate, paired in rows_a:
         lines.append(
-            f"| {workers} | {decode_rate:.1f} | {own_rate:.1f} | {pack_rate:.1f} | {pack_rate / decode_rate:.2f}x "
+            f"| {source} | {workers} | {decode_rate:.1f} | {own_rate:.1f} | {pack_rate:.1f} | {pack_rate / decode_rate:.2f}x "
             f"| {paired:.2f}x | {pack_rate / own_rate:.2f}x |"
         )
     lines.append("")

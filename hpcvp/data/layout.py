@@ -268,8 +268,18 @@ def read_mask(path: Path, split: str, size: tuple[int, int], out: np.ndarray | N
     return mask.astype(np.uint8, copy=False)
 
 
-def read_flow(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Load ``flow.npy`` as float16 (21, 2, H, W); any float dtype with finite values is accepted."""
+def _all_finite(array: np.ndarray) -> bool:
+    """``np.isfinite(array).all()``; for float16 (the generator's flow) from the exponent bits in
+    one integer pass: ~3x faster than numpy's float16 isfinite."""
+    if array.dtype == np.float16 and array.size:
+        return int((array.view(np.uint16) & 0x7FFF).max()) < 0x7C00  # exponent all ones: inf or NaN
+    return bool(np.isfinite(array).all())
+
+
+def read_flow(path: Path, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Load ``flow.npy`` as float16 (21, 2, H, W); any float dtype with finite values is accepted.
+
+    With ``out`` (float16 (21, 2, H, W), e.g. a packer's shared slot) the flow is stored there."""
     expected_shape = (NUM_FRAMES - 1, 2, *size)
     try:
         flow = np.load(path, allow_pickle=False)
@@ -281,8 +291,11 @@ def read_flow(path: Path, size: tuple[int, int]) -> np.ndarray:
         raise RawDataError(path, f"flow dtype is {flow.dtype}, expected a float dtype")
     if flow.shape != expected_shape:
         raise RawDataError(path, f"flow shape is {flow.shape}, expected {expected_shape}")
-    if not np.isfinite(flow).all():
+    if not _all_finite(flow):
         raise RawDataError(path, "flow has non-finite values")
+    if out is not None:
+        out[...] = flow
+        return out
     return flow.astype(np.float16, copy=False)
 
 

@@ -47,7 +47,6 @@ from .layout import (
     WIDTH,
     RawDataError,
     missing_files,
-    read_flow,
     scan_split,
 )
 from .manifest import (
@@ -212,8 +211,18 @@ class _ShardPlan:
         return [video_id for video_id, _ in self.videos]
 
 
+def _stores_flow(plan: _ShardPlan) -> bool:
+    """Optional ground-truth flow (synthetic sets): a shard stores it when every video has it."""
+    return (
+        SPLIT_HAS_MASKS[plan.split]
+        and bool(plan.videos)
+        and all((folder / FLOW_FILE_NAME).is_file() for _, folder in plan.videos)
+    )
+
+
 def _write_chunks(dataset, row: int, view: np.ndarray, chunks: list | None, codec: str) -> None:
-    """Store one video (T frames, one chunk each) at ``row``."""
+    """Store one video (T frames, one chunk each) at ``row``: the decoder's compressed chunks, or
+    the slot's bytes as they are (``none``), or through HDF5's filter here (lzf, blosc)."""
     if codec != "none" and chunks is None:  # lzf, lz4, blosc: HDF5's filter compresses in this process
         dataset[row] = view
         return
@@ -299,6 +308,7 @@ def _write_shard(
     results: Iterator,
     on_error: str,
     progress: Progress,
+    stores_flow: bool,
 ) -> tuple[Path, list[int], list[dict], bool]:
     """Write one shard under its temporary name; returns (tmp path, kept ids, skipped records, has flow)."""
     height, width = frame_size
@@ -333,13 +343,8 @@ def _write_shard(
                     track_times=False,
                     **parse_compression(codecs["masks"]),
                 )
-            # Optional ground-truth flow (synthetic sets): stored when every video of the shard has it.
             flow = None
-            if (
-                SPLIT_HAS_MASKS[split]
-                and plan.videos
-                and all((folder / FLOW_FILE_NAME).is_file() for _, folder in plan.videos)
-            ):
+            if stores_flow:  # decoded and compressed by the decoders, like the masks
                 flow = shard.create_dataset(
                     "flow",
                     shape=(planned, NUM_FRAMES - 1, 2, height, width),
@@ -349,7 +354,6 @@ def _write_shard(
                     track_times=False,
                     **parse_compression(codecs["masks"]),  # mostly zeros (background), like masks
                 )
-            folders = dict(plan.videos)
             for video_id, _ in plan.videos:
                 result = next(results)
                 if result[1] != video_id:
@@ -360,14 +364,16 @@ def _write_shard(
                         raise RawDataError(bad_path, reason)
                     skipped.append(asdict(SkippedVideo(split, video_id, bad_path, reason, plan.name)))
                 else:
-                    _, _, slot, frame_chunks, mask_chunks = result
-                    frame_view, mask_view = slot_views(decoder.slots, slot, split, frame_size)
+                    _, _, slot, chunks = result
+                    frame_view, mask_view, flow_view = slot_views(
+                        decoder.slots, slot, split, frame_size, decoder.with_flow
+                    )
                     row = len(kept_ids)
-                    _write_chunks(frames, row, frame_view, frame_chunks, codecs["frames"])
+                    _write_chunks(frames, row, frame_view, chunks["frames"], codecs["frames"])
                     if masks is not None:
-                        _write_chunks(masks, row, mask_view, mask_chunks, codecs["masks"])
+                        _write_chunks(masks, row, mask_view, chunks["masks"], codecs["masks"])
                     if flow is not None:
-                        flow[row] = read_flow(Path(folders[video_id]) / FLOW_FILE_NAME, frame_size)
+                        _write_chunks(flow, row, flow_view, chunks["flow"], codecs["masks"])
                     kept_ids.append(video_id)
                 progress.advance(1)
             if len(kept_ids) < planned:
@@ -468,8 +474,9 @@ def _pack_locked(
 
     journal = {"config": config, "shards": dict(records)}
     atomic_write_json(out / JOURNAL_NAME, journal, indent=1)
+    stores_flow = {plan.name: _stores_flow(plan) for plan in pending}
     tasks = [
-        (plan.split, vid, str(folder), size, codecs["frames"], codecs["masks"])
+        (plan.split, vid, str(folder), size, codecs["frames"], codecs["masks"], stores_flow[plan.name])
         for plan in pending
         for vid, folder in plan.videos
     ]
@@ -480,7 +487,7 @@ def _pack_locked(
             f"masks {codecs['masks']}, frame size {size[0]}x{size[1]}",
             quiet,
         )
-        decoder = Decoder(min(workers, len(tasks)), size)
+        decoder = Decoder(min(workers, len(tasks)), size, with_flow=any(stores_flow.values()))
         results = decoder.results(tasks)
 
         def finish_and_journal(
@@ -511,7 +518,9 @@ def _pack_locked(
         try:
             with Progress(len(tasks), "pack", unit="videos", enabled=not quiet) as progress:
                 for plan in pending:
-                    written = _write_shard(out, plan, size, codecs, decoder, results, on_error, progress)
+                    written = _write_shard(
+                        out, plan, size, codecs, decoder, results, on_error, progress, stores_flow[plan.name]
+                    )
                     finishing.append(finisher.submit(finish_and_journal, plan, *written))
         finally:
             results.close()

@@ -1,33 +1,41 @@
-"""The packer's decoders: ``workers`` processes read PNG folders straight into shared-memory slots
-(and deflate chunks themselves when gzip is chosen), so the writer only copies finished chunks."""
+"""The packer's decoders: ``workers`` processes read PNG folders (and mask.npy, and flow.npy where
+the shard stores flow) straight into shared-memory slots and compress the chunks themselves when
+the codec allows (gzip, lz4), so the single writer only writes finished chunks."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
-from .layout import NUM_FRAMES, SPLIT_HAS_MASKS, SPLIT_NUM_FRAMES, RawDataError, read_video
+from .layout import FLOW_FILE_NAME, NUM_FRAMES, SPLIT_HAS_MASKS, SPLIT_NUM_FRAMES, RawDataError, read_flow, read_video
 from .shard_files import chunk_encoder
 
 
-def _slot_bytes(size: tuple[int, int]) -> int:
+def _slot_bytes(size: tuple[int, int], with_flow: bool) -> int:
     height, width = size
-    return NUM_FRAMES * height * width * 4  # 22 RGB frames + 22 mask planes
+    flow = (NUM_FRAMES - 1) * 2 * height * width * 2 if with_flow else 0  # float16 (21, 2, H, W)
+    return NUM_FRAMES * height * width * 4 + flow  # 22 RGB frames + 22 mask planes (+ flow)
 
 
-def slot_views(slots: np.ndarray, slot: int, split: str, size: tuple[int, int]):
-    """(frames (T,H,W,3), masks (22,H,W) | None) views on one shared-memory slot."""
+def slot_views(slots: np.ndarray, slot: int, split: str, size: tuple[int, int], with_flow: bool = False):
+    """(frames (T,H,W,3), masks (22,H,W) | None, flow float16 (21,2,H,W) | None) views on one
+    shared-memory slot; ``flow`` only when ``with_flow`` (the slots were made with room for it)."""
     height, width = size
     buffer = slots[slot]
     num_frames = SPLIT_NUM_FRAMES[split]
     frames = buffer[: num_frames * height * width * 3].reshape(num_frames, height, width, 3)
-    masks = None
+    masks = flow = None
+    start = NUM_FRAMES * height * width * 3
     if SPLIT_HAS_MASKS[split]:
-        start = NUM_FRAMES * height * width * 3
         masks = buffer[start : start + NUM_FRAMES * height * width].reshape(NUM_FRAMES, height, width)
-    return frames, masks
+    if with_flow:
+        start += NUM_FRAMES * height * width
+        flow_bytes = buffer[start : start + (NUM_FRAMES - 1) * 2 * height * width * 2]
+        flow = flow_bytes.view(np.float16).reshape(NUM_FRAMES - 1, 2, height, width)
+    return frames, masks, flow
 
 
 _ENCODERS: dict = {}
@@ -51,21 +59,27 @@ def _init_decoder(shared, slot_count: int, slot_bytes: int) -> None:
 def _decode_into_slot(task, slots: np.ndarray | None = None):
     """Decode one video into its slot; compress chunks here when the codec allows (gzip, lz4).
 
-    Errors come back as values so the writer decides between stopping and skipping.
+    Flow (``with_flow``) is stored with the masks' codec. Errors come back as values so the
+    writer decides between stopping and skipping.
     """
-    split, video_id, folder, size, slot, frames_codec, masks_codec = task
+    split, video_id, folder, size, slot, frames_codec, masks_codec, with_flow = task
     slots = _DECODER_SLOTS if slots is None else slots
-    frames, masks = slot_views(slots, slot, split, size)
+    frames, masks, flow = slot_views(slots, slot, split, size, with_flow)
     try:
         read_video(folder, split, size, frames_out=frames, masks_out=masks)
+        if flow is not None:
+            read_flow(Path(folder) / FLOW_FILE_NAME, size, out=flow)
     except RawDataError as error:
         return ("error", video_id, str(error.path), error.reason)
-    frame_chunks = mask_chunks = None
+    chunks = {"frames": None, "masks": None, "flow": None}
     if (encode := _encoder(frames_codec)) is not None:
-        frame_chunks = [encode(frame) for frame in frames]
-    if masks is not None and (encode := _encoder(masks_codec)) is not None:
-        mask_chunks = [encode(plane) for plane in masks]
-    return ("ok", video_id, slot, frame_chunks, mask_chunks)
+        chunks["frames"] = [encode(frame) for frame in frames]
+    if (encode := _encoder(masks_codec)) is not None:
+        if masks is not None:
+            chunks["masks"] = [encode(plane) for plane in masks]
+        if flow is not None:
+            chunks["flow"] = [encode(pair.view(np.uint8)) for pair in flow]
+    return ("ok", video_id, slot, chunks)
 
 
 class Decoder:
@@ -75,10 +89,11 @@ class Decoder:
     the next result, i.e. once it has finished with the video in that slot.
     """
 
-    def __init__(self, workers: int, size: tuple[int, int]):
+    def __init__(self, workers: int, size: tuple[int, int], with_flow: bool = False):
         self.workers = workers
+        self.with_flow = with_flow  # slots have room for flow (some task asks for it)
         self.slot_count = max(2, workers * 3)
-        slot_bytes = _slot_bytes(size)
+        slot_bytes = _slot_bytes(size, with_flow)
         self.pool = None
         if workers == 0:
             self.slots = np.empty((self.slot_count, slot_bytes), dtype=np.uint8)

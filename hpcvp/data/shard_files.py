@@ -12,8 +12,10 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import h5py
+if TYPE_CHECKING:
+    import h5py
 
 HASH_BLOCK = 8 << 20  # staging copies in blocks this big
 HASH_READ = 1 << 20  # sha256_file reads into one buffer this big (stays in L2)
@@ -169,5 +171,7 @@ def open_h5(path: os.PathLike | str, mode: str = "r", **kwargs) -> h5py.File:
     """h5py.File with HDF5 file locking off: POSIX locks are broken or slow on Lustre/GPFS/NFS.
 
     Registers hdf5plugin's filters first, so Blosc/LZ4 datasets read in every process."""
+    import h5py  # here, not at the top: the packer's decoder processes import this module without it
+
     _hdf5plugin()
     return h5py.File(path, mode, locking=False, **kwargs)

@@ -395,15 +395,14 @@ def micro_batch_split(cfg: SimVPConfig, device: torch.device, props=None) -> Sim
     """With ``train.auto_micro_batch`` on CUDA: split the per-GPU batch into micro-batches that
     fit the card (hpcvp.train.fastpath.simvp_micro_batches), keeping the effective batch, and
     print the split. ``props`` stands in for ``torch.cuda.get_device_properties`` in tests."""
-    from hpcvp.train.fastpath import device_fast_path, resolve_amp, simvp_micro_batches
+    from hpcvp.train.fastpath import effective_fast_path, simvp_micro_batches
 
     train = cfg.train
     if not train.auto_micro_batch or torch.device(device).type != "cuda":
         return cfg
     props = props if props is not None else torch.cuda.get_device_properties(device)
-    amp = resolve_amp(train.amp, torch.device(device), props)
-    compiled = device_fast_path(device, props).compile if train.compile is None else train.compile
-    plan = simvp_micro_batches(train.batch_size, train.grad_accum, amp, compiled, props)
+    fast = effective_fast_path(train, device, props)
+    plan = simvp_micro_batches(train.batch_size, train.grad_accum, fast.amp, fast.compile, props)
     print(f"[hpcvp simvp] {props.name}: {plan.why}", flush=True)
     return dataclasses.replace(
         cfg, train=dataclasses.replace(train, batch_size=plan.batch_size, grad_accum=plan.grad_accum)

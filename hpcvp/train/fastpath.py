@@ -86,6 +86,19 @@ def resolve_amp(amp: str, device: torch.device, props=None, cpuinfo: str | None 
     return amp
 
 
+def effective_fast_path(cfg, device: torch.device | str, props=None, cpuinfo: str | None = None) -> FastPath:
+    """What a run with TrainConfig ``cfg`` uses on ``device``: its amp (``resolve_amp``), and
+    channels_last / compile from the device's fast path where ``cfg`` leaves them ``None``. The
+    Trainer calls this; tests pass ``props`` / ``cpuinfo`` to stand in for a card or a CPU."""
+    fast = device_fast_path(device, props, cpuinfo)
+    return FastPath(
+        resolve_amp(cfg.amp, torch.device(device), props, cpuinfo),
+        fast.channels_last if cfg.channels_last is None else bool(cfg.channels_last),
+        fast.compile if cfg.compile is None else bool(cfg.compile),
+        fast.why,
+    )
+
+
 def compile_pays_back(
     compile_s: float, eager_step_s: float, compiled_step_s: float, max_steps: int, fraction: float = 0.02
 ) -> bool:

@@ -31,7 +31,7 @@ from hpcvp.progress import TrainProgress
 from . import dist as hdist
 from .checkpoint import Checkpoint, Checkpointer
 from .config import TrainConfig
-from .fastpath import CompiledWithFallback, device_fast_path, resolve_amp
+from .fastpath import CompiledWithFallback, effective_fast_path
 from .loader import make_loader
 from .optim import build_optimizer, build_scheduler
 from .rng import TAG_LOADER, TAG_STEP, RngState, mix_seed, seed_everything, seed_globals
@@ -222,9 +222,8 @@ class Trainer:
         if cfg.sync_batchnorm and env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(env.device)
-        fast = device_fast_path(env.device)
-        channels_last = fast.channels_last if cfg.channels_last is None else cfg.channels_last
-        use_compile = fast.compile if cfg.compile is None else cfg.compile
+        fast = effective_fast_path(cfg, env.device)
+        amp, channels_last, use_compile = fast.amp, fast.channels_last, fast.compile
         if channels_last:
             model.to(memory_format=torch.channels_last)
         self.module = model
@@ -244,7 +243,6 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
-        amp = resolve_amp(cfg.amp, env.device)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=(amp == "fp16"))
         self.fast_path = {"amp": amp, "channels_last": channels_last, "compile": use_compile}
