@@ -291,8 +291,8 @@ def test_tools_script_runs_from_a_clone(tmp_path):
 
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_the_built_in_sets_labelled_splits_show_every_class(default_dataset_dir, split):
-    """The competition's macro Jaccard counts a class missing from the val masks as 0: with too few
-    val videos the demo's scores would be capped below 1 (hpcvp.data.default sizes the set)."""
+    """The competition's macro Jaccard scores a class missing from the val masks 0 once it is
+    predicted anywhere: with too few val videos the demo's scores are capped (hpcvp.data.default)."""
     from hpcvp.data.datasets import FrameDataset
 
     frames = FrameDataset(default_dataset_dir, split, mask_source="true", masks=True)
