@@ -37,6 +37,7 @@ from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import flow_image
 from hpcvp.models.raft import PRESETS as RAFT_PRESETS
 from hpcvp.models.raft import (
+    UPSAMPLES,
     VARIANTS,
     backward_warp,
     build_raft,
@@ -59,6 +60,11 @@ class RaftSettings:
     num_flow_updates: int = 12
     weights_path: str = ""  # a local torchvision RAFT state dict to start from ("" = random init)
     input_scale: int = 1  # RAFT runs on frames enlarged this many times (2 helps at 80x120; see BENCHMARKS.md)
+    # variant: torchvision's upsampling of the 1/8-resolution flow (small: bilinear, large: learned
+    # convex); convex: raft_small gets the learned convex upsampler too, initialised as bilinear
+    # (bilinear smears object motion onto the static pixels around objects; BENCHMARKS.md).
+    # A raft_small weights file still loads (the upsampler then starts as bilinear).
+    upsample: str = "variant"
 
 
 @dataclass
@@ -97,6 +103,8 @@ class RaftConfig:
             raise ConfigError(f"loss={self.loss!r}: expected one of {LOSSES}")
         if self.photometric not in ("census", "ssim_l1"):
             raise ConfigError(f"photometric={self.photometric!r}: expected census or ssim_l1")
+        if self.model.upsample not in UPSAMPLES:
+            raise ConfigError(f"model.upsample={self.model.upsample!r}: expected one of {UPSAMPLES}")
         if self.model.input_scale < 1:
             raise ConfigError("model.input_scale must be >= 1")
         if self.model.num_flow_updates < 1:
@@ -114,7 +122,7 @@ def build_raft_model(
     cfg: RaftConfig, frame_size: tuple[int, int] | None = None, with_weights: bool = False
 ) -> nn.Module:
     weights = cfg.model.weights_path if (with_weights and cfg.model.weights_path) else None
-    return set_input_scale(build_raft(cfg.model.variant, weights), cfg.model.input_scale)
+    return set_input_scale(build_raft(cfg.model.variant, weights, cfg.model.upsample), cfg.model.input_scale)
 
 
 def flow_between(model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor, num_flow_updates: int) -> torch.Tensor:
