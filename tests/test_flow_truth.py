@@ -89,3 +89,30 @@ def test_supervised_raft_beats_zero_flow_on_a_tiny_set(synthetic_packed):
     epe = float(end_point_error(flow, batch["flow"]).mean())
     zero = float(batch["flow"].norm(dim=1).mean())
     assert epe < 0.8 * zero, f"EPE {epe:.3f} vs zero-flow EPE {zero:.3f}"
+
+
+def test_moving_weight_schedule_goes_from_moving_weight_to_final_and_resumes(synthetic_packed):
+    from hpcvp.config_overrides import ConfigError
+    from hpcvp.stages.raft import RaftTask
+    from hpcvp.stages.registry import build_config
+    from hpcvp.train.dist import single_process_env
+
+    env = single_process_env()
+    constant = RaftTask(build_config("raft", "tiny", ["loss=supervised", "moving_weight=4"]), synthetic_packed, env)
+    constant.after_step(None, 7, env)
+    assert constant.moving_weight() == 4.0  # moving_weight_final < 0: constant (the default)
+    cfg = build_config(
+        "raft", "tiny", ["loss=supervised", "moving_weight=4", "moving_weight_final=0", "train.max_steps=11"]
+    )
+    task = RaftTask(cfg, synthetic_packed, env)
+    weights = []
+    for step in (0, 5, 10):
+        task.after_step(None, step, env)  # steps done before the step being trained
+        weights.append(task.moving_weight())
+    assert weights == pytest.approx([4.0, 2.0, 0.0])
+    # the schedule survives a restart: the steps done travel with the checkpoint
+    resumed = RaftTask(cfg, synthetic_packed, env)
+    resumed.load_extra_state(task.extra_state())
+    assert resumed.moving_weight() == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="moving_weight"):
+        build_config("raft", "tiny", ["moving_weight=-1"])

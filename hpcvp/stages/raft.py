@@ -91,6 +91,12 @@ class RaftConfig:
     # Supervised pixels that move (true flow != 0) weigh 1 + moving_weight: on these sets ~90 % of
     # the pixels are static floor, and a plain mean first teaches RAFT to predict no motion.
     moving_weight: float = 4.0  # 0 = RAFT's plain loss; 0 learned no motion in 300 steps, 4 and 10 did
+    # The weight then goes linearly from moving_weight (step 0) to moving_weight_final (the last
+    # step); < 0 = constant. The weight is a curriculum to escape the no-motion solution; it also
+    # moves the L1 loss's optimum (a weighted median) toward motion wherever a pixel might belong to
+    # an object, smearing motion onto the static pixels around objects. Ending at 0 ends on RAFT's
+    # plain loss, whose optimum is the all-pixel EPE's.
+    moving_weight_final: float = -1.0
     eval_split: str = "val"
     eval_max_pairs: int = 0  # 0 = every consecutive pair of the split
     eval_batch_size: int = 16
@@ -105,6 +111,8 @@ class RaftConfig:
             raise ConfigError(f"photometric={self.photometric!r}: expected census or ssim_l1")
         if self.model.upsample not in UPSAMPLES:
             raise ConfigError(f"model.upsample={self.model.upsample!r}: expected one of {UPSAMPLES}")
+        if self.moving_weight < 0:
+            raise ConfigError(f"moving_weight={self.moving_weight}: expected >= 0")
         if self.model.input_scale < 1:
             raise ConfigError("model.input_scale must be >= 1")
         if self.model.num_flow_updates < 1:
@@ -262,6 +270,25 @@ class RaftTask:
         self.env = env
         self.frame_size = load_manifest(self.data_dir).frame_size
         self._eval_dataset: Dataset | None = None
+        self.steps_done = 0  # optimizer steps completed (after_step; restored from checkpoints)
+
+    def after_step(self, model: nn.Module, step: int, env) -> None:
+        self.steps_done = step
+
+    def extra_state(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_extra_state(self, state) -> None:
+        if isinstance(state, dict):
+            self.steps_done = int(state.get("steps_done", 0))
+
+    def moving_weight(self) -> float:
+        """The supervised loss's moving-pixel weight at the step being trained (see moving_weight_final)."""
+        start, final = self.cfg.moving_weight, self.cfg.moving_weight_final
+        if final < 0:
+            return start
+        progress = min(1.0, self.steps_done / max(1, self.cfg.train.max_steps - 1))
+        return start + (final - start) * progress
 
     def build_model(self) -> nn.Module:
         return build_raft_model(self.cfg, self.frame_size, with_weights=True)
@@ -288,9 +315,12 @@ class RaftTask:
         if self.cfg.loss == "supervised":  # one direction: the ground truth is the flow t -> t+1
             target = batch["flow"].to(device, non_blocking=True).float()
             flows = estimate_flow(model, f0, f1, updates)
-            loss = supervised_flow_loss(flows, target, self.cfg.gamma, self.cfg.moving_weight)
+            loss = supervised_flow_loss(flows, target, self.cfg.gamma, self.moving_weight())
             epe = end_point_error(flows[-1].detach(), target).mean()
-            return loss, {"supervised": loss.detach(), "train_epe": epe}
+            logs = {"supervised": loss.detach(), "train_epe": epe}
+            if self.cfg.moving_weight_final >= 0:
+                logs["moving_weight"] = torch.tensor(self.moving_weight())
+            return loss, logs
         image_a, image_b = torch.cat([f0, f1]), torch.cat([f1, f0])
         flows = estimate_flow(model, image_a, image_b, updates)
         loss, logs = self_supervised_flow_loss(
@@ -306,7 +336,7 @@ class RaftTask:
         )
         if self.cfg.loss == "self+supervised":
             target = batch["flow"].to(device, non_blocking=True).float()
-            supervised = supervised_flow_loss(flows, target, self.cfg.gamma, self.cfg.moving_weight)
+            supervised = supervised_flow_loss(flows, target, self.cfg.gamma, self.moving_weight())
             loss = loss + self.cfg.supervised_weight * supervised
             logs["supervised"] = supervised.detach()
             logs["train_epe"] = end_point_error(flows[-1][: target.shape[0]].detach(), target).mean()
