@@ -98,9 +98,11 @@ def test_moving_weight_schedule_goes_from_moving_weight_to_final_and_resumes(syn
     from hpcvp.train.dist import single_process_env
 
     env = single_process_env()
-    constant = RaftTask(build_config("raft", "tiny", ["loss=supervised", "moving_weight=4"]), synthetic_packed, env)
+    overrides = ["loss=supervised", "moving_weight=4", "moving_weight_final=-1"]
+    constant = RaftTask(build_config("raft", "tiny", overrides), synthetic_packed, env)
     constant.after_step(None, 7, env)
-    assert constant.moving_weight() == 4.0  # moving_weight_final < 0: constant (the default)
+    assert constant.moving_weight() == 4.0  # moving_weight_final < 0: constant
+    assert build_config("raft", "tiny", []).moving_weight_final == 0.0  # the default ends on the plain loss
     cfg = build_config(
         "raft", "tiny", ["loss=supervised", "moving_weight=4", "moving_weight_final=0", "train.max_steps=11"]
     )

@@ -10,7 +10,12 @@ gamma^(N-1-k) as in the RAFT paper. Both directions are computed in one batch (t
 synthetic sets carry (``hpcvp.data.synthetic`` writes it, the packer stores it); only videos that
 have it are trained on. On the synthetic sets the self-supervised loss learned no motion in the
 quality benchmark's budget (flow under half a pixel everywhere, so nearest-neighbour warping
-returned the input mask: BENCHMARKS.md), the supervised one did.
+returned the input mask: BENCHMARKS.md), the supervised one did. Moving pixels weigh more at
+first (``moving_weight``, a curriculum out of the no-motion solution), the weight falling linearly
+to ``moving_weight_final`` (default 0: the run ends on RAFT's plain loss, whose optimum is the
+all-pixel EPE's; a constant weight smears object motion onto the static pixels around objects).
+``train_crop`` trains on random windows (cheaper steps), ``model.upsample=convex`` gives raft_small
+a learned convex upsampler.
 
 Evaluation warps the true mask of frame t to t+1 with the flow from t+1 to t (nearest) and scores
 Jaccard against the true mask of t+1 (and copying mask t, for reference); where the set has
@@ -63,7 +68,8 @@ class RaftSettings:
     # variant: torchvision's upsampling of the 1/8-resolution flow (small: bilinear, large: learned
     # convex); convex: raft_small gets the learned convex upsampler too, initialised as bilinear
     # (bilinear smears object motion onto the static pixels around objects; BENCHMARKS.md).
-    # A raft_small weights file still loads (the upsampler then starts as bilinear).
+    # A raft_small weights file still loads (the upsampler then starts as bilinear). Measured at the
+    # quality benchmark's budget: no better than bilinear, and ~25 % more time per step.
     upsample: str = "variant"
 
 
@@ -96,7 +102,7 @@ class RaftConfig:
     # moves the L1 loss's optimum (a weighted median) toward motion wherever a pixel might belong to
     # an object, smearing motion onto the static pixels around objects. Ending at 0 ends on RAFT's
     # plain loss, whose optimum is the all-pixel EPE's.
-    moving_weight_final: float = -1.0
+    moving_weight_final: float = 0.0  # measured: 4 -> 0 beat a constant 4 (BENCHMARKS.md, 2026-12-04 b)
     # "HxW": train on a random HxW crop of every pair (frames and flow alike; RAFT's own recipe):
     # cheaper steps, so more of them in a time budget. "" = whole frames. Evaluation uses whole frames.
     train_crop: str = ""
