@@ -89,3 +89,59 @@ def test_supervised_raft_beats_zero_flow_on_a_tiny_set(synthetic_packed):
     epe = float(end_point_error(flow, batch["flow"]).mean())
     zero = float(batch["flow"].norm(dim=1).mean())
     assert epe < 0.8 * zero, f"EPE {epe:.3f} vs zero-flow EPE {zero:.3f}"
+
+
+def test_moving_weight_schedule_goes_from_moving_weight_to_final_and_resumes(synthetic_packed):
+    from hpcvp.config_overrides import ConfigError
+    from hpcvp.stages.raft import RaftTask
+    from hpcvp.stages.registry import build_config
+    from hpcvp.train.dist import single_process_env
+
+    env = single_process_env()
+    overrides = ["loss=supervised", "moving_weight=4", "moving_weight_final=-1"]
+    constant = RaftTask(build_config("raft", "tiny", overrides), synthetic_packed, env)
+    constant.after_step(None, 7, env)
+    assert constant.moving_weight() == 4.0  # moving_weight_final < 0: constant
+    assert build_config("raft", "tiny", []).moving_weight_final == 0.0  # the default ends on the plain loss
+    cfg = build_config(
+        "raft", "tiny", ["loss=supervised", "moving_weight=4", "moving_weight_final=0", "train.max_steps=11"]
+    )
+    task = RaftTask(cfg, synthetic_packed, env)
+    weights = []
+    for step in (0, 5, 10):
+        task.after_step(None, step, env)  # steps done before the step being trained
+        weights.append(task.moving_weight())
+    assert weights == pytest.approx([4.0, 2.0, 0.0])
+    # the schedule survives a restart: the steps done travel with the checkpoint
+    resumed = RaftTask(cfg, synthetic_packed, env)
+    resumed.load_extra_state(task.extra_state())
+    assert resumed.moving_weight() == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="moving_weight"):
+        build_config("raft", "tiny", ["moving_weight=-1"])
+
+
+def test_train_crop_takes_one_window_of_frames_and_flow(synthetic_packed):
+    from hpcvp.config_overrides import ConfigError
+    from hpcvp.stages.raft import RaftTask, random_crop
+    from hpcvp.stages.registry import build_config
+    from hpcvp.train.dist import single_process_env
+
+    torch.manual_seed(0)
+    frames = torch.arange(2 * 3 * 40 * 60, dtype=torch.float32).view(2, 3, 40, 60)
+    flow = frames[:, :2] * 2
+    cropped_frames, cropped_flow = random_crop([frames, flow], (16, 24))
+    assert cropped_frames.shape == (2, 3, 16, 24) and cropped_flow.shape == (2, 2, 16, 24)
+    assert torch.equal(cropped_flow, cropped_frames[:, :2] * 2)  # the same window of both
+    for i in range(2):  # a window of the sample's own pixels
+        top, left = divmod(int(cropped_frames[i, 0, 0, 0]) - i * 3 * 40 * 60, 60)
+        assert torch.equal(cropped_frames[i], frames[i, :, top : top + 16, left : left + 24])
+    assert random_crop([frames], (64, 64))[0] is frames  # larger than the frames: whole frames
+
+    cfg = build_config("raft", "tiny", ["loss=supervised", "train_splits=train", "train_crop=32x48"])
+    task = RaftTask(cfg, synthetic_packed, single_process_env())
+    batch = default_collate([task.train_dataset()[i] for i in range(2)])
+    loss, logs = task.loss(task.build_model().train(), batch, torch.device("cpu"))
+    assert torch.isfinite(loss) and "train_epe" in logs
+    for bad in ("64", "4x64", "axb"):
+        with pytest.raises(ConfigError, match="train_crop"):
+            build_config("raft", "tiny", [f"train_crop={bad}"])

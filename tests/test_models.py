@@ -326,6 +326,55 @@ def test_raft_state_dict_round_trip(tmp_path):
     build_raft("small", weights_path=nested)
 
 
+def test_raft_small_convex_upsampler_starts_bilinear_and_loads_raft_small_weights(tmp_path):
+    from torchvision.models.optical_flow import raft_small
+    from torchvision.models.optical_flow._utils import upsample_flow
+
+    from hpcvp.models.raft import bilinear_mask_predictor
+
+    # At initialisation the convex combination equals bilinear interpolation between cell centres
+    # (away from the border, where torchvision's convex upsampler pads with zero flow).
+    head = bilinear_mask_predictor(96)
+    coarse = torch.randn(2, 2, 6, 7)
+    up = upsample_flow(coarse, head(torch.randn(2, 96, 6, 7)))
+    bilinear = 8 * F.interpolate(coarse, scale_factor=8, mode="bilinear", align_corners=False)
+    assert up.shape == bilinear.shape
+    assert (up - bilinear)[..., 8:-8, 8:-8].abs().max() < 0.02 * bilinear.abs().max()
+
+    # A torchvision raft_small file (no upsampler weights) loads into the convex model: every
+    # other weight comes from the file, the upsampler keeps its initialisation.
+    reference = raft_small(weights=None).eval()
+    path = tmp_path / "raft_small_local.pth"
+    torch.save(reference.state_dict(), path)
+    convex = build_raft("small", weights_path=path, upsample="convex").eval()
+    state = convex.state_dict()
+    assert any(k.startswith("mask_predictor.") for k in state)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert torch.equal(state["mask_predictor.conv.weight"], torch.zeros_like(state["mask_predictor.conv.weight"]))
+    image0, image1 = torch.rand(1, 3, 128, 128) * 2 - 1, torch.rand(1, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        expected = reference(image0, image1, num_flow_updates=2)[-1]
+        got = convex(image0, image1, num_flow_updates=2)[-1]
+    assert got.shape == expected.shape
+    # same coarse flow; torchvision's bilinear aligns corners, the convex one cell centres
+    assert (got - expected)[..., 16:-16, 16:-16].abs().mean() < 0.1 * expected.abs().mean() + 1e-3
+    # The convex model's own checkpoint round-trips exactly (upsampler included).
+    own = tmp_path / "convex.pth"
+    with torch.no_grad():
+        convex.mask_predictor.conv.weight.normal_()
+    torch.save(convex.state_dict(), own)
+    again = build_raft("small", weights_path=own, upsample="convex")
+    assert torch.equal(again.mask_predictor.conv.weight, convex.mask_predictor.conv.weight)
+    # ... and a plain raft_small refuses it (unexpected upsampler keys), naming the file.
+    with pytest.raises(RaftWeightsError, match="convex.pth.*unexpected.*mask_predictor"):
+        build_raft("small", weights_path=own)
+    # raft_large already upsamples convexly and loads strictly as before.
+    assert build_raft("large", upsample="convex").mask_predictor is not None
+    with pytest.raises(ValueError, match="upsampling"):
+        build_raft("small", upsample="nearest")
+
+
 def test_raft_bad_weight_files_name_the_file(tmp_path):
     missing = tmp_path / "nope.pth"
     with pytest.raises(FileNotFoundError, match="nope.pth"):

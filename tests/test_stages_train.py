@@ -187,6 +187,15 @@ def test_raft_trains_self_supervised_and_loads_a_saved_state_dict(raft_run, data
     from hpcvp.models.raft import input_scale
 
     assert input_scale(model) == 2
+    from hpcvp.config_overrides import ConfigError
+
+    # nor does raft_small's convex upsampler need weights from the file (it starts as bilinear)
+    cfg = build_config("raft", "tiny", [f"model.weights_path={weights}", "model.upsample=convex"])
+    model = RaftTask(cfg, data_dir, single_process_env()).build_model()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert model.mask_predictor is not None
+    with pytest.raises(ConfigError, match="model.upsample"):
+        build_config("raft", "tiny", ["model.upsample=nearest"])
 
 
 def test_slot_trains_and_names_slots(data_dir, runs, seg_run):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.optical_flow import raft_large, raft_small
+from torchvision.models.optical_flow.raft import MaskPredictor
 
 # variant -> build_raft(variant); num_flow_updates -> refinement iterations of each forward pass
 # (RAFT trains with 12). Both variants are torchvision's published configurations.
@@ -25,6 +26,13 @@ PRESETS = {
     "full": {"variant": "large", "num_flow_updates": 12},
 }
 VARIANTS = {"small": raft_small, "large": raft_large}
+# How the 1/8-resolution flow is brought to full resolution. "variant": as torchvision publishes
+# the variant (raft_small bilinear, raft_large a learned convex combination of the 3x3 coarse
+# neighbours); "convex": raft_small too gets raft_large's learned convex upsampler, initialised to
+# reproduce bilinear upsampling (so it starts where plain raft_small starts and learns sharp motion
+# boundaries; bilinear smears an object's motion over the static pixels around it).
+UPSAMPLES = ("variant", "convex")
+MASK_PREDICTOR_PREFIX = "mask_predictor."
 
 RAFT_MULTIPLE = 8
 RAFT_MIN_SIZE = 128
@@ -57,8 +65,10 @@ def _extract_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
     return cleaned
 
 
-def load_raft_weights(model: nn.Module, weights_path: str | os.PathLike) -> None:
-    """Load a local state dict file into ``model``; every key and shape must match."""
+def load_raft_weights(model: nn.Module, weights_path: str | os.PathLike, allow_missing_prefix: str = "") -> None:
+    """Load a local state dict file into ``model``; every key and shape must match, except that keys
+    of the model starting with ``allow_missing_prefix`` (when given) may be absent from the file
+    (they keep the model's values: a raft_small file loaded into raft_small with a convex upsampler)."""
     path = Path(weights_path)
     if not path.is_file():
         raise FileNotFoundError(f"RAFT weights file not found: {path}")
@@ -69,6 +79,8 @@ def load_raft_weights(model: nn.Module, weights_path: str | os.PathLike) -> None
     state = _extract_state_dict(obj, path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
+    kept = [k for k in missing if allow_missing_prefix and k.startswith(allow_missing_prefix)]
+    missing = [k for k in missing if k not in kept]
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(
         f"{k} (file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})"
@@ -84,16 +96,49 @@ def load_raft_weights(model: nn.Module, weights_path: str | os.PathLike) -> None
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatches, e.g. {mismatched[:3]}")
         raise RaftWeightsError(f"{path} does not match this RAFT model: " + "; ".join(parts))
+    model_state = model.state_dict()
+    state.update({k: model_state[k] for k in kept})
     model.load_state_dict(state, strict=True)
 
 
-def build_raft(variant: str = "small", weights_path: str | os.PathLike | None = None) -> nn.Module:
-    """torchvision ``raft_small``/``raft_large`` built without downloads; loads ``weights_path`` when given."""
+def bilinear_mask_predictor(hidden_size: int, factor: int = 8) -> MaskPredictor:
+    """raft_large's convex-upsampling mask head for a hidden state of ``hidden_size`` channels,
+    initialised so that its convex combination of the 3x3 coarse neighbours equals bilinear
+    interpolation between cell centres: the last convolution's weights are zero and its bias holds
+    the log of the bilinear weights (floored at 1e-3; the softmax renormalises)."""
+    head = MaskPredictor(in_channels=hidden_size, hidden_size=256, multiplier=0.25)
+    sub = (torch.arange(factor, dtype=torch.float64) + 0.5) / factor - 0.5  # sub-pixel offset from the centre
+    # 1-D weights of the neighbours at offsets -1, 0, +1 for each sub-pixel position
+    w1d = torch.stack([(-sub).clamp_min(0), 1 - sub.abs(), sub.clamp_min(0)])  # (3, factor)
+    # mask layout (see torchvision's upsample_flow): channel = k * factor^2 + a * factor + b with
+    # neighbour k = 3 * dy + dx and sub-pixel (row a, column b)
+    weights = w1d[:, None, :, None] * w1d[None, :, None, :]  # (dy, dx, a, b)
+    logits = weights.reshape(9 * factor * factor).clamp_min(1e-3).log() / head.multiplier
+    with torch.no_grad():
+        head.conv.weight.zero_()
+        head.conv.bias.copy_(logits.float())
+    return head
+
+
+def build_raft(
+    variant: str = "small", weights_path: str | os.PathLike | None = None, upsample: str = "variant"
+) -> nn.Module:
+    """torchvision ``raft_small``/``raft_large`` built without downloads; loads ``weights_path`` when given.
+
+    ``upsample="convex"`` gives raft_small raft_large's learned convex upsampler (see UPSAMPLES);
+    a plain raft_small weights file still loads (the upsampler keeps its bilinear initialisation).
+    raft_large always upsamples convexly."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown RAFT variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    model = VARIANTS[variant](weights=None, progress=False)
+    if upsample not in UPSAMPLES:
+        raise ValueError(f"unknown RAFT upsampling {upsample!r}; choose one of {UPSAMPLES}")
+    kwargs = {}
+    added_head = variant == "small" and upsample == "convex"
+    if added_head:
+        kwargs["mask_predictor"] = bilinear_mask_predictor(hidden_size=96)  # raft_small's hidden state
+    model = VARIANTS[variant](weights=None, progress=False, **kwargs)
     if weights_path is not None:
-        load_raft_weights(model, weights_path)
+        load_raft_weights(model, weights_path, allow_missing_prefix=MASK_PREDICTOR_PREFIX if added_head else "")
     return model
 
 

@@ -10,7 +10,12 @@ gamma^(N-1-k) as in the RAFT paper. Both directions are computed in one batch (t
 synthetic sets carry (``hpcvp.data.synthetic`` writes it, the packer stores it); only videos that
 have it are trained on. On the synthetic sets the self-supervised loss learned no motion in the
 quality benchmark's budget (flow under half a pixel everywhere, so nearest-neighbour warping
-returned the input mask: BENCHMARKS.md), the supervised one did.
+returned the input mask: BENCHMARKS.md), the supervised one did. Moving pixels weigh more at
+first (``moving_weight``, a curriculum out of the no-motion solution), the weight falling linearly
+to ``moving_weight_final`` (default 0: the run ends on RAFT's plain loss, whose optimum is the
+all-pixel EPE's; a constant weight smears object motion onto the static pixels around objects).
+``train_crop`` trains on random windows (cheaper steps), ``model.upsample=convex`` gives raft_small
+a learned convex upsampler.
 
 Evaluation warps the true mask of frame t to t+1 with the flow from t+1 to t (nearest) and scores
 Jaccard against the true mask of t+1 (and copying mask t, for reference); where the set has
@@ -37,6 +42,7 @@ from hpcvp.eval.jaccard import ConfusionMatrix
 from hpcvp.eval.pictures import flow_image
 from hpcvp.models.raft import PRESETS as RAFT_PRESETS
 from hpcvp.models.raft import (
+    UPSAMPLES,
     VARIANTS,
     backward_warp,
     build_raft,
@@ -59,6 +65,12 @@ class RaftSettings:
     num_flow_updates: int = 12
     weights_path: str = ""  # a local torchvision RAFT state dict to start from ("" = random init)
     input_scale: int = 1  # RAFT runs on frames enlarged this many times (2 helps at 80x120; see BENCHMARKS.md)
+    # variant: torchvision's upsampling of the 1/8-resolution flow (small: bilinear, large: learned
+    # convex); convex: raft_small gets the learned convex upsampler too, initialised as bilinear
+    # (bilinear smears object motion onto the static pixels around objects; BENCHMARKS.md).
+    # A raft_small weights file still loads (the upsampler then starts as bilinear). Measured at the
+    # quality benchmark's budget: no better than bilinear, and ~25 % more time per step.
+    upsample: str = "variant"
 
 
 @dataclass
@@ -85,6 +97,15 @@ class RaftConfig:
     # Supervised pixels that move (true flow != 0) weigh 1 + moving_weight: on these sets ~90 % of
     # the pixels are static floor, and a plain mean first teaches RAFT to predict no motion.
     moving_weight: float = 4.0  # 0 = RAFT's plain loss; 0 learned no motion in 300 steps, 4 and 10 did
+    # The weight then goes linearly from moving_weight (step 0) to moving_weight_final (the last
+    # step); < 0 = constant. The weight is a curriculum to escape the no-motion solution; it also
+    # moves the L1 loss's optimum (a weighted median) toward motion wherever a pixel might belong to
+    # an object, smearing motion onto the static pixels around objects. Ending at 0 ends on RAFT's
+    # plain loss, whose optimum is the all-pixel EPE's.
+    moving_weight_final: float = 0.0  # measured: 4 -> 0 beat a constant 4 (BENCHMARKS.md, 2026-12-04 b)
+    # "HxW": train on a random HxW crop of every pair (frames and flow alike; RAFT's own recipe):
+    # cheaper steps, so more of them in a time budget. "" = whole frames. Evaluation uses whole frames.
+    train_crop: str = ""
     eval_split: str = "val"
     eval_max_pairs: int = 0  # 0 = every consecutive pair of the split
     eval_batch_size: int = 16
@@ -97,6 +118,12 @@ class RaftConfig:
             raise ConfigError(f"loss={self.loss!r}: expected one of {LOSSES}")
         if self.photometric not in ("census", "ssim_l1"):
             raise ConfigError(f"photometric={self.photometric!r}: expected census or ssim_l1")
+        if self.model.upsample not in UPSAMPLES:
+            raise ConfigError(f"model.upsample={self.model.upsample!r}: expected one of {UPSAMPLES}")
+        if self.moving_weight < 0:
+            raise ConfigError(f"moving_weight={self.moving_weight}: expected >= 0")
+        if self.train_crop:
+            parse_crop(self.train_crop)
         if self.model.input_scale < 1:
             raise ConfigError("model.input_scale must be >= 1")
         if self.model.num_flow_updates < 1:
@@ -110,11 +137,40 @@ class RaftConfig:
             raise ConfigError(f"model.weights_path={self.model.weights_path}: file not found")
 
 
+def parse_crop(text: str) -> tuple[int, int]:
+    """ "HxW" -> (H, W), both >= 8."""
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"train_crop={text!r}: expected HxW, e.g. 64x64") from None
+    if height < 8 or width < 8:
+        raise ConfigError(f"train_crop={text!r}: height and width must be >= 8")
+    return height, width
+
+
+def random_crop(tensors: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """The same random HxW window of every (B, C, H, W) tensor, drawn per sample (a window larger
+    than the frames is clipped to them)."""
+    height, width = tensors[0].shape[-2:]
+    crop_h, crop_w = min(size[0], height), min(size[1], width)
+    if (crop_h, crop_w) == (height, width):
+        return tensors
+    batch = tensors[0].shape[0]
+    tops = torch.randint(0, height - crop_h + 1, (batch,)).tolist()
+    lefts = torch.randint(0, width - crop_w + 1, (batch,)).tolist()
+    return [
+        torch.stack(
+            [t[i, :, top : top + crop_h, left : left + crop_w] for i, (top, left) in enumerate(zip(tops, lefts))]
+        )
+        for t in tensors
+    ]
+
+
 def build_raft_model(
     cfg: RaftConfig, frame_size: tuple[int, int] | None = None, with_weights: bool = False
 ) -> nn.Module:
     weights = cfg.model.weights_path if (with_weights and cfg.model.weights_path) else None
-    return set_input_scale(build_raft(cfg.model.variant, weights), cfg.model.input_scale)
+    return set_input_scale(build_raft(cfg.model.variant, weights, cfg.model.upsample), cfg.model.input_scale)
 
 
 def flow_between(model: nn.Module, frame_a: torch.Tensor, frame_b: torch.Tensor, num_flow_updates: int) -> torch.Tensor:
@@ -254,6 +310,25 @@ class RaftTask:
         self.env = env
         self.frame_size = load_manifest(self.data_dir).frame_size
         self._eval_dataset: Dataset | None = None
+        self.steps_done = 0  # optimizer steps completed (after_step; restored from checkpoints)
+
+    def after_step(self, model: nn.Module, step: int, env) -> None:
+        self.steps_done = step
+
+    def extra_state(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_extra_state(self, state) -> None:
+        if isinstance(state, dict):
+            self.steps_done = int(state.get("steps_done", 0))
+
+    def moving_weight(self) -> float:
+        """The supervised loss's moving-pixel weight at the step being trained (see moving_weight_final)."""
+        start, final = self.cfg.moving_weight, self.cfg.moving_weight_final
+        if final < 0:
+            return start
+        progress = min(1.0, self.steps_done / max(1, self.cfg.train.max_steps - 1))
+        return start + (final - start) * progress
 
     def build_model(self) -> nn.Module:
         return build_raft_model(self.cfg, self.frame_size, with_weights=True)
@@ -276,13 +351,20 @@ class RaftTask:
     def loss(self, model: nn.Module, batch: dict, device: torch.device):
         f0 = frames_to_float(batch["frame0"].to(device, non_blocking=True))
         f1 = frames_to_float(batch["frame1"].to(device, non_blocking=True))
+        target = batch["flow"].to(device, non_blocking=True).float() if "flow" in batch else None
+        if self.cfg.train_crop:
+            parts = random_crop([f0, f1] + ([target] if target is not None else []), parse_crop(self.cfg.train_crop))
+            f0, f1 = parts[:2]
+            target = parts[2] if target is not None else None
         updates = self.cfg.model.num_flow_updates
         if self.cfg.loss == "supervised":  # one direction: the ground truth is the flow t -> t+1
-            target = batch["flow"].to(device, non_blocking=True).float()
             flows = estimate_flow(model, f0, f1, updates)
-            loss = supervised_flow_loss(flows, target, self.cfg.gamma, self.cfg.moving_weight)
+            loss = supervised_flow_loss(flows, target, self.cfg.gamma, self.moving_weight())
             epe = end_point_error(flows[-1].detach(), target).mean()
-            return loss, {"supervised": loss.detach(), "train_epe": epe}
+            logs = {"supervised": loss.detach(), "train_epe": epe}
+            if self.cfg.moving_weight_final >= 0:
+                logs["moving_weight"] = torch.tensor(self.moving_weight())
+            return loss, logs
         image_a, image_b = torch.cat([f0, f1]), torch.cat([f1, f0])
         flows = estimate_flow(model, image_a, image_b, updates)
         loss, logs = self_supervised_flow_loss(
@@ -297,8 +379,7 @@ class RaftTask:
             occlusion_min_valid=self.cfg.occlusion_min_valid,
         )
         if self.cfg.loss == "self+supervised":
-            target = batch["flow"].to(device, non_blocking=True).float()
-            supervised = supervised_flow_loss(flows, target, self.cfg.gamma, self.cfg.moving_weight)
+            supervised = supervised_flow_loss(flows, target, self.cfg.gamma, self.moving_weight())
             loss = loss + self.cfg.supervised_weight * supervised
             logs["supervised"] = supervised.detach()
             logs["train_epe"] = end_point_error(flows[-1][: target.shape[0]].detach(), target).mean()
