@@ -195,11 +195,7 @@ def test_readme_main_command_runs_the_whole_chain_locally(no_slurm, tmp_path, ca
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    os.environ.get("HPCVP_DEMO_THRESHOLDS") != "1",
-    reason="issue 13 item 1 is open: the demo preset reached U-Net 0.45 per-frame (target 0.85) in its one "
-    "measured run; set HPCVP_DEMO_THRESHOLDS=1 to check the thresholds",
-)
+@pytest.mark.timeout(2400)  # ~8 min on a quiet 2-core machine; a loaded one takes several times that
 def test_readme_main_command_learns(no_slurm, tmp_path):
     """README's main command exactly (`python jobs/launch.py --stage all --gpus 1`, no Slurm, no
     --data, demo preset) and the numbers README quotes: the U-Net's per-frame val Jaccard >= 0.85,

@@ -188,6 +188,12 @@ def _presets() -> dict[str, dict[str, Any]]:
         {
             "model.head": "factored",
             "object_share": 0.5,
+            # the CPU's fast path: bf16 autocast + channels_last where it has bf16 instructions (the
+            # U-Net's step 1.98x faster on the development VM), fp32 + channels_last elsewhere;
+            # no compile (minutes to compile, a few minutes to run)
+            "train.amp": "fast",
+            "train.channels_last": None,
+            "train.compile": False,
             "train.max_steps": 800,
             "train.batch_size": 16,
             "train.lr": 5e-3,

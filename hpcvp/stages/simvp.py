@@ -443,6 +443,10 @@ def _presets() -> dict[str, dict[str, Any]]:
     demo.update(
         {
             "loss": "ce+lovasz",
+            # fp32: with the CPU's bf16 fast path this run's loss turned NaN at step ~90 (BENCHMARKS.md)
+            "train.amp": "off",
+            "train.channels_last": False,
+            "train.compile": False,
             "train.max_steps": 150,
             "train.batch_size": 4,
             "train.lr": 2e-3,
