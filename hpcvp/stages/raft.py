@@ -52,7 +52,7 @@ from hpcvp.models.raft import (
 )
 from hpcvp.stages import evaluation, report
 from hpcvp.stages.losses import edge_aware_smoothness, masked_mean, photometric_loss
-from hpcvp.stages.spec import StageSpec, check_splits, train_and_eval_splits
+from hpcvp.stages.spec import StageSpec, StepCounter, check_splits, train_and_eval_splits
 from hpcvp.train.config import TrainConfig
 from hpcvp.train.dist import all_reduce_sum
 
@@ -303,24 +303,13 @@ def extrapolate_mask(mask: torch.Tensor, velocity: torch.Tensor, steps: float, m
     return out.reshape(batch, height, width)
 
 
-class RaftTask:
+class RaftTask(StepCounter):
     def __init__(self, cfg: RaftConfig, data_dir: Path, env):
         self.cfg = cfg
         self.data_dir = Path(data_dir)
         self.env = env
         self.frame_size = load_manifest(self.data_dir).frame_size
         self._eval_dataset: Dataset | None = None
-        self.steps_done = 0  # optimizer steps completed (after_step; restored from checkpoints)
-
-    def after_step(self, model: nn.Module, step: int, env) -> None:
-        self.steps_done = step
-
-    def extra_state(self) -> dict:
-        return {"steps_done": self.steps_done}
-
-    def load_extra_state(self, state) -> None:
-        if isinstance(state, dict):
-            self.steps_done = int(state.get("steps_done", 0))
 
     def moving_weight(self) -> float:
         """The supervised loss's moving-pixel weight at the step being trained (see moving_weight_final)."""

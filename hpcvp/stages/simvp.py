@@ -30,7 +30,7 @@ from hpcvp.models.simvp import PRESETS as SIMVP_PRESETS
 from hpcvp.models.simvp import TRANSLATORS, SimVP
 from hpcvp.stages import evaluation, report, runs
 from hpcvp.stages.losses import lovasz_softmax
-from hpcvp.stages.spec import StageSpec, check_splits, train_and_eval_splits
+from hpcvp.stages.spec import StageSpec, StepCounter, check_splits, train_and_eval_splits
 from hpcvp.train import dist as hdist
 from hpcvp.train.config import TrainConfig
 
@@ -186,24 +186,13 @@ def _frame_weights(cfg: SimVPConfig, frames: int, device) -> torch.Tensor:
     return weights / weights.sum()
 
 
-class SimVPTask:
+class SimVPTask(StepCounter):
     def __init__(self, cfg: SimVPConfig, data_dir: Path, env):
         self.cfg = cfg
         self.data_dir = Path(data_dir)
         self.env = env
         self.frame_size = load_manifest(self.data_dir).frame_size
         self._eval_dataset: Dataset | None = None
-        self.steps_done = 0  # optimizer steps completed (after_step; restored from checkpoints)
-
-    def after_step(self, model: nn.Module, step: int, env) -> None:
-        self.steps_done = step
-
-    def extra_state(self) -> dict:
-        return {"steps_done": self.steps_done}
-
-    def load_extra_state(self, state) -> None:
-        if isinstance(state, dict):
-            self.steps_done = int(state.get("steps_done", 0))
 
     @property
     def masks_mode(self) -> bool:

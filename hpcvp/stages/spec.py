@@ -106,3 +106,21 @@ class StageSpec:
 
     def default_run_dir(self, root: str | Path = DEFAULT_RUN_ROOT, run: str = DEFAULT_RUN_NAME) -> Path:
         return Path(root) / self.name / run
+
+
+class StepCounter:
+    """Mixin for a TrainTask whose loss follows a schedule over the run: ``steps_done`` counts the
+    optimizer steps completed (the Trainer's after_step) and travels in checkpoints, so a resumed
+    run continues the schedule where it stopped."""
+
+    steps_done: int = 0
+
+    def after_step(self, model, step: int, env) -> None:
+        self.steps_done = step
+
+    def extra_state(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_extra_state(self, state) -> None:
+        if isinstance(state, dict):
+            self.steps_done = int(state.get("steps_done", 0))
