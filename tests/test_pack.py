@@ -614,3 +614,36 @@ def test_read_flow_refuses_non_finite_values_into_a_slot(tmp_path, bad, dtype):
     else:
         with pytest.raises(RawDataError, match="non-finite"):
             read_flow(tmp_path / "flow.npy", TINY_SIZE, out=out)
+
+
+def test_a_bad_video_stops_two_decoders_promptly_every_time(tiny_raw, tmp_path):
+    """The stop path ends the decoder processes while they still hold unread replies (CI once hung
+    here for 15 minutes inside multiprocessing.Pool.terminate). Repeated, with videos still in
+    flight behind the bad one."""
+    raw = tiny_raw({"train": list(range(8))})
+    (raw / "train" / "video_2" / "image_5.png").write_bytes(b"not a png")
+    for attempt in range(5):
+        started = time.monotonic()
+        with pytest.raises(RawDataError) as caught:
+            pack_dataset(raw, tmp_path / f"stop{attempt}", frame_size=TINY_SIZE, workers=2, quiet=True)
+        assert caught.value.path.parent.name == "video_2"
+        # Generous: only a hang fails this (the polite path would wait for every process).
+        assert time.monotonic() - started < 60
+
+
+def test_a_killed_decoder_is_an_error_naming_it_not_a_hang(tiny_raw):
+    from hpcvp.data.pack_decode import Decoder, DecoderDied
+
+    raw = tiny_raw({"train": [0, 1, 2, 3]})
+    tasks = [("train", vid, str(raw / "train" / f"video_{vid}"), TINY_SIZE, "none", "lz4", False) for vid in range(4)]
+    decoder = Decoder(2, TINY_SIZE)
+    try:
+        victim = decoder.processes[1]  # as the kernel's OOM killer would
+        victim.kill()
+        victim.join()
+        results = decoder.results(tasks)
+        with pytest.raises(DecoderDied, match=rf"hpcvp-pack-decoder-1 \(pid {victim.pid}\).*exit code -9"):
+            list(results)
+    finally:
+        decoder.close()
+    assert decoder.processes == []

@@ -56,9 +56,10 @@ def _launch(run_dir: Path, launcher: str, extra_args=(), stdout_rank0=False):
     port, job_id = _free_port_for_slurm()
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
     base["PYTHONPATH"] = str(REPO) + os.pathsep + base.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "hpcvp.train.toy", "--run-dir", str(run_dir), *extra_args]
+    cmd = [sys.executable, "-m", "hpcvp.train.toy", "--run-dir", str(run_dir)]
     for k, v in CFG.items():
         cmd += ["--set", f"{k}={v}"]
+    cmd += list(extra_args)  # after CFG: a --set here wins
     procs = []
     for rank in range(2):
         env = dict(base)
@@ -161,6 +162,23 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     assert sorted(p.name for p in run.pictures.iterdir()) == ["curves.png"] + [
         f"eval_{s:08d}.json" for s in (7, 14, 21, 28)
     ]
+
+
+@pytest.mark.parametrize("log_every", [1, 9])
+def test_a_nan_loss_on_one_rank_stops_every_rank_without_saving(tmp_path, log_every):
+    """Rank 1's loss is NaN at step 5. Every rank raises, together: at the metrics line of step 5
+    (log_every=1: the window's mean is all-reduced), or at the save due at step 8 (log_every=9:
+    only rank 1's own window holds the NaN, and the check before the save is a collective)."""
+    run = RunDir(tmp_path / "nan")
+    procs = _launch(
+        run.path, "torchrun", ["--nan-at", "5:1", "--set", f"log_every={log_every}", "--set", "eval_every=0"]
+    )
+    stopped_at = 5 if log_every == 1 else 8
+    for proc in procs:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 1, (out, err)
+        assert "NonFiniteLossError" in err and f"step {stopped_at}:" in err, err[-3000:]
+    assert latest_step(run) == 4  # the save at step 4; nothing with the broken weights
 
 
 def _slurm_available() -> bool:

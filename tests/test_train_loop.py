@@ -12,6 +12,7 @@ from hpcvp.progress import TrainProgress
 from hpcvp.train import (
     EXIT_REQUEUE,
     IdentityMismatchError,
+    NonFiniteLossError,
     RunDir,
     TrainConfig,
     Trainer,
@@ -236,3 +237,26 @@ def test_truncate_metrics_drops_later_and_torn_lines(tmp_path):
     assert run.truncate_metrics(2) == 2
     assert [r["step"] for r in run.read_metrics()] == [1, 2]
     assert run.metrics_path.read_text().endswith("\n")
+
+
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_a_nan_loss_stops_the_run_without_saving_broken_weights(tmp_path, log_every):
+    """NaN at step 8: with metrics lines every step the line of step 8 stops the run; with lines
+    every 5 steps the save due at step 9 (save_every_steps=3) finds it first. Either way no
+    checkpoint at or after step 8 exists, and the error names the run, the step and the way out."""
+    run = RunDir(tmp_path / "toy" / "nan")
+    with pytest.raises(NonFiniteLossError) as caught:
+        _fit(run, ToyTask(nan_at=(8, None)), log_every=log_every, save_every_steps=3)
+    message = str(caught.value)
+    stopped_at = 8 if log_every == 1 else 9
+    assert f"step {stopped_at}:" in message and str(run.path) in message and "train.amp=off" in message
+    assert latest_step(run) == 6
+    ckpt = load_latest(run.checkpoints)
+    assert all(torch.isfinite(v).all() for v in ckpt.state["model"].values() if v.is_floating_point())
+
+
+def test_a_nan_loss_with_nonfinite_warn_trains_on(tmp_path):
+    run = RunDir(tmp_path / "toy" / "nan-warn")
+    result = _fit(run, ToyTask(nan_at=(8, None)), nonfinite_loss="warn")
+    assert (result.status, result.step) == ("completed", 20)
+    assert math.isnan(next(r for r in run.read_metrics() if r["step"] == 8)["loss"])

@@ -4,7 +4,7 @@ the codec allows (gzip, lz4), so the single writer only writes finished chunks."
 
 from __future__ import annotations
 
-from collections import deque
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,11 +82,32 @@ def _decode_into_slot(task, slots: np.ndarray | None = None):
     return ("ok", video_id, slot, chunks)
 
 
+def _decoder_main(connection, shared, slot_count: int, slot_bytes: int) -> None:
+    """A decoder process: decode the tasks that arrive on ``connection`` in order, reply to each;
+    ``None`` ends it. Its pipe is its own, so killing it never leaves a lock held for another."""
+    _init_decoder(shared, slot_count, slot_bytes)
+    while (task := connection.recv()) is not None:
+        try:
+            reply = ("done", _decode_into_slot(task))
+        except BaseException as error:  # anything unexpected: the writer raises it with the traceback
+            import traceback
+
+            reply = ("failed", f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
+        connection.send(reply)
+
+
+class DecoderDied(RuntimeError):
+    """A decoder process ended without answering (killed, out of memory, crashed)."""
+
+
 class Decoder:
     """Decodes tasks in order with ``workers`` processes (0: in this process) into ``slots``.
 
     At most ``slot_count`` videos are in flight; a slot is reused only after the writer asked for
-    the next result, i.e. once it has finished with the video in that slot.
+    the next result, i.e. once it has finished with the video in that slot. Task ``i`` goes to
+    process ``i % workers`` over that process's own pipe and its reply is read in task order, so
+    order needs no bookkeeping. (Not ``multiprocessing.Pool``: its ``terminate()`` can deadlock on
+    the shared task queue's lock, and it waits forever for a worker that was killed.)
     """
 
     def __init__(self, workers: int, size: tuple[int, int], with_flow: bool = False):
@@ -94,35 +115,91 @@ class Decoder:
         self.with_flow = with_flow  # slots have room for flow (some task asks for it)
         self.slot_count = max(2, workers * 3)
         slot_bytes = _slot_bytes(size, with_flow)
-        self.pool = None
+        self.processes: list = []
+        self.connections: list = []
+        self._unanswered = 0
         if workers == 0:
             self.slots = np.empty((self.slot_count, slot_bytes), dtype=np.uint8)
-        else:
-            import multiprocessing
+            return
+        import multiprocessing
 
-            # spawn: the caller may hold threads (torch, h5py) that make fork unsafe.
-            context = multiprocessing.get_context("spawn")
-            shared = context.RawArray("B", self.slot_count * slot_bytes)
-            self.slots = np.frombuffer(shared, dtype=np.uint8).reshape(self.slot_count, slot_bytes)
-            self.pool = context.Pool(workers, initializer=_init_decoder, initargs=(shared, self.slot_count, slot_bytes))
+        # spawn: the caller may hold threads (torch, h5py) that make fork unsafe.
+        context = multiprocessing.get_context("spawn")
+        shared = context.RawArray("B", self.slot_count * slot_bytes)
+        self.slots = np.frombuffer(shared, dtype=np.uint8).reshape(self.slot_count, slot_bytes)
+        try:
+            for index in range(workers):
+                ours, theirs = context.Pipe(duplex=True)
+                process = context.Process(
+                    target=_decoder_main,
+                    args=(theirs, shared, self.slot_count, slot_bytes),
+                    name=f"hpcvp-pack-decoder-{index}",
+                    daemon=True,
+                )
+                process.start()
+                theirs.close()
+                self.processes.append(process)
+                self.connections.append(ours)
+        except BaseException:
+            self.close()
+            raise
+
+    def _died(self, worker: int) -> DecoderDied:
+        process = self.processes[worker]
+        process.join(timeout=1)
+        return DecoderDied(
+            f"pack decoder process {process.name} (pid {process.pid}) ended without answering "
+            f"(exit code {process.exitcode}): killed, or out of memory? Pack again: finished shards are kept"
+        )
+
+    def _send(self, task_index: int, task) -> None:
+        worker = task_index % self.workers
+        try:
+            self.connections[worker].send(task)
+        except (BrokenPipeError, ConnectionResetError):
+            raise self._died(worker) from None
+        self._unanswered += 1
+
+    def _receive(self, task_index: int):
+        worker = task_index % self.workers
+        try:
+            kind, value = self.connections[worker].recv()
+        except (EOFError, ConnectionResetError):
+            raise self._died(worker) from None
+        self._unanswered -= 1
+        if kind == "failed":
+            raise RuntimeError(f"pack decoder process {self.processes[worker].name} failed: {value}")
+        return value
 
     def results(self, tasks: list) -> Iterator:
-        if self.pool is None:
+        if self.workers == 0:
             for index, task in enumerate(tasks):
                 yield _decode_into_slot((*task[:4], index % self.slot_count, *task[4:]), self.slots)
             return
-        pending: deque = deque()
-        next_task = 0
-        while next_task < len(tasks) or pending:
-            while next_task < len(tasks) and len(pending) < self.slot_count:
-                task = tasks[next_task]
-                slot_task = (*task[:4], next_task % self.slot_count, *task[4:])
-                pending.append(self.pool.apply_async(_decode_into_slot, (slot_task,)))
-                next_task += 1
-            yield pending.popleft().get()
+        sent = received = 0
+        while received < len(tasks):
+            while sent < len(tasks) and sent - received < self.slot_count:
+                task = tasks[sent]
+                self._send(sent, (*task[:4], sent % self.slot_count, *task[4:]))
+                sent += 1
+            result = self._receive(received)
+            received += 1
+            yield result
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        """End the processes: politely when every reply was read, at once otherwise (an error
+        stopped the writer; a process may be blocked sending a reply nobody will read)."""
+        polite = self._unanswered == 0
+        for connection in self.connections:
+            if polite:
+                with contextlib.suppress(OSError):
+                    connection.send(None)
+        for process in self.processes:
+            if polite:
+                process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+            process.join()
+        for connection in self.connections:
+            connection.close()
+        self.processes, self.connections = [], []

@@ -29,7 +29,7 @@ from .dist import (
     teardown,
 )
 from .loader import make_loader
-from .loop import FitResult, IdentityMismatchError, Trainer, TrainTask, move_to_device
+from .loop import FitResult, IdentityMismatchError, NonFiniteLossError, Trainer, TrainTask, move_to_device
 from .rundir import RunDir
 from .sampler import ResumableDistributedSampler
 from .signals import EXIT_REQUEUE, PreemptionFlag
@@ -42,6 +42,7 @@ __all__ = [
     "DistEnv",
     "FitResult",
     "IdentityMismatchError",
+    "NonFiniteLossError",
     "PreemptionFlag",
     "ResumableDistributedSampler",
     "RunDir",

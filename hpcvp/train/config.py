@@ -19,6 +19,7 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AMP_MODES = ("auto", "fast", "bf16", "fp16", "off")
 PROGRESS_MODES = ("auto", "bar", "plain", "off")
+NONFINITE_MODES = ("stop", "warn")
 
 
 @dataclass
@@ -64,6 +65,9 @@ class TrainConfig:
     wandb_project: str = "hpcvp"  # the W&B project; the run is named <stage>/<run name>
     preempt_signal: str = "USR2"  # plus SIGTERM; never USR1 (NCCL uses it)
     dist_timeout_minutes: float = 30.0
+    # a NaN/inf training loss: stop (every rank raises, no checkpoint of the broken weights is
+    # written, the job ends FAILED) or warn and train on
+    nonfinite_loss: str = "stop"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +102,8 @@ class TrainConfig:
             raise bad("amp", f"choose one of {AMP_MODES}")
         if self.progress not in PROGRESS_MODES:
             raise bad("progress", f"choose one of {PROGRESS_MODES}")
+        if self.nonfinite_loss not in NONFINITE_MODES:
+            raise bad("nonfinite_loss", f"choose one of {NONFINITE_MODES}")
         try:
             parse_signal(self.preempt_signal)
         except ValueError as exc:

@@ -57,6 +57,7 @@ _HARMLESS_KEYS = {
     "wandb_project",
     "preempt_signal",
     "dist_timeout_minutes",
+    "nonfinite_loss",
     "compile",
     "compile_backend",
 }
@@ -101,6 +102,10 @@ class FitResult:
     def exit_code(self) -> int:
         """Process exit status for the worker: EXIT_REQUEUE when preempted, else 0."""
         return EXIT_REQUEUE if self.status == "preempted" else 0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf (``train.nonfinite_loss=stop``); raised on every rank."""
 
 
 class IdentityMismatchError(ValueError):
@@ -407,8 +412,33 @@ class Trainer:
             self.run.truncate_metrics(self.step - 1 if self._pending is not None else self.step)
 
     def _save(self, step: int) -> None:
+        self._check_window_finite(step)  # never a checkpoint of weights a NaN step has broken
         self.checkpointer.save(step)  # every rank waits for rank 0's write (none runs on alone)
         self._last_save_time = time.monotonic()
+
+    def _check_window_finite(self, step: int) -> None:
+        """Before a save: the losses since the last metrics line were finite on every rank (one
+        small collective, only at saves; the lines themselves are checked in ``_log``)."""
+        if self.cfg.nonfinite_loss != "stop":
+            return
+        loss_sum = self._window.sums.get("loss")
+        local_bad = loss_sum is not None and not bool(torch.isfinite(torch.as_tensor(loss_sum)).all())
+        if hdist.max_over_ranks([int(local_bad)], group=hdist.control_group())[0]:
+            self._nonfinite(step, f"a training loss since step {step - self._window.steps + 1} is not finite")
+
+    def _nonfinite(self, step: int, what: str) -> None:
+        if self.cfg.nonfinite_loss == "warn":
+            log.warning("step %d: %s (train.nonfinite_loss=warn: training on)", step, what)
+            return
+        last = self.checkpointer.last_path
+        message = (
+            f"{self.run.path}: step {step}: {what}; stopped without saving "
+            f"({'the last checkpoint, ' + str(last) + ', is kept' if last else 'no checkpoint was written'}). "
+            "Usual causes: a learning rate too high (train.lr), reduced precision (try train.amp=off), "
+            "no gradient clipping (train.clip_grad). train.nonfinite_loss=warn trains on regardless."
+        )
+        log.error(message)
+        raise NonFiniteLossError(message)
 
     def _identity(self) -> dict:
         """The task's model/data identity plus the training set's length: the saved sampler
@@ -443,6 +473,9 @@ class Trainer:
         rate = steps * self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size / elapsed if steps else None
         self._window.steps = 0
         self._window_t0 = now
+        loss = means.get("loss")  # all-reduced: every rank sees the same value and acts alike
+        if loss is not None and not math.isfinite(loss):
+            self._nonfinite(step, f"the mean training loss of steps {step - steps + 1}-{step} is {loss}")
         if not self.env.is_main:
             return None
         record: dict[str, Any] = {"step": step, "epoch": self.sampler.epoch, "lr": self._lr}
@@ -450,10 +483,7 @@ class Trainer:
         if self._grad_norm is not None:
             record["grad_norm"] = float(self._grad_norm)
         record["samples_per_s"] = rate
-        loss = means.get("loss")
         self._progress.update(step, loss, rate)
-        if loss is not None and not math.isfinite(loss):
-            log.warning("step %d: loss is %s", step, loss)
         if not write:
             return record
         self._write_record(record, eval_metrics)
