@@ -328,9 +328,11 @@ INTERRUPTIONS = {
     "batch-usr2": [["scancel", "--batch", "--signal=USR2"]],
     # TERM to the tasks only; the job stays RUNNING, so rank 0 requeues it.
     "term": [["scancel", "--signal=TERM"]],
-    # Preemption with PreemptMode=REQUEUE: TERM to every process, the batch shell included
-    # (--full), then the scheduler requeues the job (rank 0 sees it is no longer RUNNING).
-    "preempt-term": [["scancel", "--full", "--signal=TERM"], ["scontrol", "requeue"]],
+    # Preemption with PreemptMode=REQUEUE and a GraceTime: Slurm TERMs the job's tasks, then
+    # requeues the job (rank 0 sees it is no longer RUNNING). Not --full: an srun that gets TERM
+    # itself SIGKILLs its tasks at once (srun(1), "forcing job termination"), which Slurm's
+    # preemption does not do and no job can survive (README, "sbatch templates").
+    "preempt-term": [["scancel", "--signal=TERM"], ["scontrol", "requeue"]],
     # A cancel ends the job (CANCELLED, after every rank saved); the user launches the run again.
     "cancel": [["scancel"]],
 }

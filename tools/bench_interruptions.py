@@ -11,7 +11,7 @@ Graceful stops (every rank saves at the next step boundary):
   requeue        scontrol requeue
   batch-usr2     scancel --batch --signal=USR2 (what --signal=B:USR2@S does before the time limit)
   term           scancel --signal=TERM (to the tasks; the job stays RUNNING, rank 0 requeues)
-  preempt-term   scancel --full --signal=TERM, then scontrol requeue (PreemptMode=REQUEUE)
+  preempt-term   scancel --signal=TERM (the tasks), then scontrol requeue (PreemptMode=REQUEUE)
   cancel         scancel; then the same launch.py --run again
 Hard stops (nothing saved; back to the last periodic checkpoint):
   kill9-rank     kill -9 of rank 1's python process; then launch.py again if the job ended
@@ -44,7 +44,7 @@ GRACEFUL = {
     "requeue": [["scontrol", "requeue"]],
     "batch-usr2": [["scancel", "--batch", "--signal=USR2"]],
     "term": [["scancel", "--signal=TERM"]],
-    "preempt-term": [["scancel", "--full", "--signal=TERM"], ["scontrol", "requeue"]],
+    "preempt-term": [["scancel", "--signal=TERM"], ["scontrol", "requeue"]],
     "cancel": [["scancel"]],
 }
 # scancel --signal=KILL is listed with the hard stops, but Slurm turns it into a cancel: TERM first,
