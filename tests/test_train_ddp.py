@@ -164,21 +164,23 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("log_every", [1, 9])
-def test_a_nan_loss_on_one_rank_stops_every_rank_without_saving(tmp_path, log_every):
-    """Rank 1's loss is NaN at step 5. Every rank raises, together: at the metrics line of step 5
-    (log_every=1: the window's mean is all-reduced), or at the save due at step 8 (log_every=9:
-    only rank 1's own window holds the NaN, and the check before the save is a collective)."""
-    run = RunDir(tmp_path / "nan")
-    procs = _launch(
-        run.path, "torchrun", ["--nan-at", "5:1", "--set", f"log_every={log_every}", "--set", "eval_every=0"]
-    )
-    stopped_at = 5 if log_every == 1 else 8
-    for proc in procs:
+def test_nan_gradients_on_one_rank_are_skipped_or_stop_every_rank_together(tmp_path):
+    """Rank 1's loss is NaN at step 5 only: DDP averages the NaN into both ranks' gradients, both
+    skip that step and finish with equal, finite weights. NaN from step 5 on: both ranks stop at
+    step 9 (five skipped in a row) with the error, and the last checkpoint is step 8's."""
+    once = RunDir(tmp_path / "once")
+    for code, res in _finish(_launch(once.path, "torchrun", ["--nan-at", "5:1"])):
+        assert (code, res["status"], res["step"]) == (0, "completed", 28)
+    assert [r["step"] for r in once.read_metrics() if r.get("skipped_steps")] == [5]
+    state = load_latest(once.checkpoints).state
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    always = RunDir(tmp_path / "always")
+    for proc in _launch(always.path, "torchrun", ["--nan-at", "5-1000:1", "--set", "eval_every=0"]):
         out, err = proc.communicate(timeout=240)
         assert proc.returncode == 1, (out, err)
-        assert "NonFiniteLossError" in err and f"step {stopped_at}:" in err, err[-3000:]
-    assert latest_step(run) == 4  # the save at step 4; nothing with the broken weights
+        assert "NonFiniteLossError" in err and "step 9:" in err, err[-3000:]
+    assert latest_step(always) == 8
 
 
 def _slurm_available() -> bool:

@@ -239,24 +239,39 @@ def test_truncate_metrics_drops_later_and_torn_lines(tmp_path):
     assert run.metrics_path.read_text().endswith("\n")
 
 
+def test_a_nan_step_is_skipped_and_the_run_goes_on(tmp_path, caplog):
+    """One NaN loss (step 8): its optimizer step is skipped (weights unchanged, no NaN spreads
+    through AdamW and clipping), its line says so, and the run completes with finite weights."""
+    run = RunDir(tmp_path / "toy" / "nan-once")
+    with caplog.at_level("WARNING", logger="hpcvp.train"):
+        result = _fit(run, ToyTask(nan_at=(8, 8, None)))
+    assert (result.status, result.step) == ("completed", 20)
+    rows = {r["step"]: r for r in run.read_metrics()}
+    assert rows[8].get("skipped_steps") == 1 and "loss" not in rows[8]
+    assert all("skipped_steps" not in r for step, r in rows.items() if step != 8)
+    assert all(math.isfinite(r["loss"]) for step, r in rows.items() if step != 8)
+    assert "step 8: gradients are not finite" in caplog.text
+    state = load_latest(run.checkpoints).state
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("log_every", [1, 5])
-def test_a_nan_loss_stops_the_run_without_saving_broken_weights(tmp_path, log_every):
-    """NaN at step 8: with metrics lines every step the line of step 8 stops the run; with lines
-    every 5 steps the save due at step 9 (save_every_steps=3) finds it first. Either way no
-    checkpoint at or after step 8 exists, and the error names the run, the step and the way out."""
+def test_a_loss_that_stays_nan_stops_the_run_without_saving_broken_weights(tmp_path, log_every):
+    """NaN from step 8 on: steps 8-12 are skipped, and the fifth in a row stops the run with an
+    error naming the run, the step and the way out. The save at step 9 holds unbroken weights."""
     run = RunDir(tmp_path / "toy" / "nan")
     with pytest.raises(NonFiniteLossError) as caught:
-        _fit(run, ToyTask(nan_at=(8, None)), log_every=log_every, save_every_steps=3)
+        _fit(run, ToyTask(nan_at=(8, 10_000, None)), log_every=log_every, save_every_steps=3)
     message = str(caught.value)
-    stopped_at = 8 if log_every == 1 else 9
-    assert f"step {stopped_at}:" in message and str(run.path) in message and "train.amp=off" in message
-    assert latest_step(run) == 6
-    ckpt = load_latest(run.checkpoints)
-    assert all(torch.isfinite(v).all() for v in ckpt.state["model"].values() if v.is_floating_point())
+    assert "step 12:" in message and "5 steps in a row" in message
+    assert str(run.path) in message and "train.amp=off" in message
+    assert latest_step(run) == 9
+    state = load_latest(run.checkpoints).state
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_a_nan_loss_with_nonfinite_warn_trains_on(tmp_path):
     run = RunDir(tmp_path / "toy" / "nan-warn")
-    result = _fit(run, ToyTask(nan_at=(8, None)), nonfinite_loss="warn")
+    result = _fit(run, ToyTask(nan_at=(8, 10_000, None)), nonfinite_loss="warn")
     assert (result.status, result.step) == ("completed", 20)
-    assert math.isnan(next(r for r in run.read_metrics() if r["step"] == 8)["loss"])
+    assert sum(r.get("skipped_steps", 0) for r in run.read_metrics()) == 13

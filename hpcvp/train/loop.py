@@ -104,6 +104,11 @@ class FitResult:
         return EXIT_REQUEUE if self.status == "preempted" else 0
 
 
+# Steps in a row whose gradients are not finite before the run stops (train.nonfinite_loss=stop):
+# a rare overflow is skipped, a run whose every step overflows has diverged.
+MAX_SKIPPED_IN_ROW = 5
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf (``train.nonfinite_loss=stop``); raised on every rank."""
 
@@ -197,6 +202,7 @@ class Trainer:
         self.device = env.device
         self.step = 0
         self._resumed_from: int | None = None
+        self._skipped_in_row = 0  # optimizer steps skipped for non-finite gradients, in a row
         self._window = MetricsWindow()
         self._window_t0 = 0.0
         self._grad_norm: Tensor | None = None
@@ -349,6 +355,7 @@ class Trainer:
         cfg = self.cfg
         accum = cfg.grad_accum
         cuda = self.device.type == "cuda"
+        micro_logs = []
         for micro in range(accum):
             batch = self._next_batch()
             # everything random in this micro-step is a function of (seed, rank, step, micro)
@@ -358,16 +365,46 @@ class Trainer:
                 with self._autocast():
                     loss, logs = self.task.loss(self.train_model, batch, self.device)
                 self.scaler.scale(loss / accum).backward()
-            self._window.add(loss, logs)
+            micro_logs.append((loss, logs))
         if cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if not self.scaler.is_enabled() and not self._gradients_finite():
+            # fp32/bf16 have no GradScaler to skip a step whose gradients overflowed: one NaN
+            # gradient would make every weight NaN (clipping multiplies by norm 0 * inf)
+            self._skip_step(step)
+        else:
+            self._skipped_in_row = 0
+            for loss, logs in micro_logs:
+                self._window.add(loss, logs)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self._lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        self.scheduler.step()  # also after a skipped step: the schedule follows the step count
         self.optimizer.zero_grad(set_to_none=True)
         self._window.steps += 1
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite (the same answer on every rank: DDP averaged them).
+        One device-to-host read per step; the clipped norm is reused when there is one."""
+        norm = self._grad_norm if self.cfg.clip_grad > 0 else None
+        if norm is None:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if not grads:
+                return True
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        return bool(torch.isfinite(norm))
+
+    def _skip_step(self, step: int) -> None:
+        self._skipped_in_row += 1
+        self._window.skipped += 1
+        what = f"gradients are not finite (norm {float(self._grad_norm) if self._grad_norm is not None else 'nan/inf'})"
+        if self._skipped_in_row >= MAX_SKIPPED_IN_ROW:
+            self._nonfinite(step, f"{what} for {self._skipped_in_row} steps in a row (each optimizer step skipped)")
+        if self.env.is_main:
+            log.warning(
+                "step %d: %s: optimizer step skipped, weights unchanged (%d in a row)", step, what, self._skipped_in_row
+            )
 
     # ------------------------------------------------------------------ resume / save
     def _check_resume(self, ckpt: Checkpoint) -> None:
@@ -472,6 +509,7 @@ class Trainer:
         steps = self._window.steps
         rate = steps * self.cfg.batch_size * self.cfg.grad_accum * self.env.world_size / elapsed if steps else None
         self._window.steps = 0
+        skipped, self._window.skipped = self._window.skipped, 0
         self._window_t0 = now
         loss = means.get("loss")  # all-reduced: every rank sees the same value and acts alike
         if loss is not None and not math.isfinite(loss):
@@ -482,6 +520,8 @@ class Trainer:
         record.update(means)
         if self._grad_norm is not None:
             record["grad_norm"] = float(self._grad_norm)
+        if skipped:
+            record["skipped_steps"] = skipped  # since the last line; the same on every rank
         record["samples_per_s"] = rate
         self._progress.update(step, loss, rate)
         if not write:

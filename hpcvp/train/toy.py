@@ -99,7 +99,7 @@ class ToyTask:
         batch_norm: bool = True,
         dropout: float = 0.2,
         step_sleep_s: float = 0.0,
-        nan_at: tuple[int, int | None] | None = None,
+        nan_at: tuple[int, int, int | None] | None = None,
     ):
         self.width = width
         self.dim = dim
@@ -111,7 +111,7 @@ class ToyTask:
         self.batch_norm = batch_norm
         self.dropout = dropout
         self.step_sleep_s = step_sleep_s  # slows steps so a test can signal from outside
-        self.nan_at = nan_at  # (step, rank or None for all): that step's loss is NaN there
+        self.nan_at = nan_at  # (first step, last step, rank or None for all): those losses are NaN
         self.seen_steps = 0
 
     def build_model(self) -> nn.Module:
@@ -124,9 +124,9 @@ class ToyTask:
         x, y = batch["x"].to(device), batch["y"].to(device)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        if self.nan_at is not None and self.nan_at[0] == self.seen_steps + 1:
+        if self.nan_at is not None and self.nan_at[0] <= self.seen_steps + 1 <= self.nan_at[1]:
             rank = dist.get_rank() if dist.is_initialized() else 0
-            if self.nan_at[1] in (None, rank):
+            if self.nan_at[2] in (None, rank):
                 loss = loss * float("nan")
         return loss, {"acc": (logits.argmax(1) == y).float().mean()}
 
@@ -185,11 +185,13 @@ def _parse_signal_at(text: str, rank: str, name: str) -> dict[int, tuple[int | N
     return {int(s): (which, signum) for s in text.split(",") if s.strip()}
 
 
-def _parse_nan_at(text: str) -> tuple[int, int | None] | None:
+def _parse_nan_at(text: str) -> tuple[int, int, int | None] | None:
+    """"FIRST[-LAST][:RANK]" -> (first, last, rank or None)."""
     if not text:
         return None
-    step, _, rank = text.partition(":")
-    return int(step), (int(rank) if rank else None)
+    steps, _, rank = text.partition(":")
+    first, _, last = steps.partition("-")
+    return int(first), int(last or first), (int(rank) if rank else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-batch-norm", action="store_true")
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--step-sleep-s", type=float, default=0.0)
-    parser.add_argument("--nan-at", default="", metavar="STEP[:RANK]", help="make that step's loss NaN")
+    parser.add_argument("--nan-at", default="", metavar="FIRST[-LAST][:RANK]", help="NaN losses")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override (repeatable)"

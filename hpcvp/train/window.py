@@ -18,6 +18,7 @@ class MetricsWindow:
         self.sums: dict[str, Any] = {}
         self.micro = 0
         self.steps = 0
+        self.skipped = 0  # optimizer steps skipped (non-finite gradients): their logs are not summed
 
     def add(self, loss: Tensor, logs: dict[str, Any] | None) -> None:
         items = dict(logs or {})
@@ -30,11 +31,17 @@ class MetricsWindow:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's partial sums, exactly (float64 -> python float is lossless)."""
-        return {"sums": {k: float(v) for k, v in self.sums.items()}, "micro": self.micro, "steps": self.steps}
+        return {
+            "sums": {k: float(v) for k, v in self.sums.items()},
+            "micro": self.micro,
+            "steps": self.steps,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sums = dict(state["sums"])
         self.micro = int(state["micro"])
+        self.skipped = int(state.get("skipped", 0))  # absent in checkpoints of older releases
 
     def reduce(self, env: Any, device: torch.device) -> dict[str, float]:
         """Mean over ranks and micro-batches of the window's logs (a collective); empties it."""
