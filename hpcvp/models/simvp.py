@@ -147,10 +147,21 @@ class GatedLargeKernelAttention(nn.Module):
         self.to_gate_value = nn.Conv2d(channels, 2 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
+    def _dilated_conv(self, x: torch.Tensor) -> torch.Tensor:
+        # PyTorch's CPU kernel for a depthwise *dilated* conv in bf16 returns a wrong weight
+        # gradient for channels_last tensors (torch 2.14: ~140 % off, often inf; NCHW, fp32 or no
+        # dilation are right; tests/test_models.py). Under CPU autocast this one cheap conv runs in
+        # fp32 (an NCHW input alone is not enough: the gradient arriving in channels_last still
+        # picks the broken kernel).
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.dilated(x.float()).to(x.dtype)
+        return self.dilated(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.act(self.proj_in(x))
-        context = self.to_gate_value(self.dilated(self.local(x)))
+        context = self.to_gate_value(self._dilated_conv(self.local(x)))
         gate, value = context.chunk(2, dim=1)
         x = torch.sigmoid(gate) * value
         return self.proj_out(x) + shortcut
