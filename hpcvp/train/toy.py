@@ -186,7 +186,7 @@ def _parse_signal_at(text: str, rank: str, name: str) -> dict[int, tuple[int | N
 
 
 def _parse_nan_at(text: str) -> tuple[int, int, int | None] | None:
-    """"FIRST[-LAST][:RANK]" -> (first, last, rank or None)."""
+    """ "FIRST[-LAST][:RANK]" -> (first, last, rank or None)."""
     if not text:
         return None
     steps, _, rank = text.partition(":")
