@@ -45,6 +45,21 @@ INFERENCE_RESERVE_S = 150.0  # pseudo-label + predict (measured, reported)
 # fp32 elsewhere. RAFT stays fp32.
 FAST_PATH = ["train.amp=fast", "train.channels_last=none"]
 
+# SimVP at 80x120 on a CPU, both modes: the demo preset's size.
+SIMVP_SMALL = [
+    "model.hid_S=16",
+    "model.hid_T=64",
+    "model.N_S=2",
+    "model.N_T=4",
+    "model.mlp_ratio=4",
+    "train.batch_size=4",
+    "train.lr=2e-3",
+    "train.weight_decay=1e-4",
+    *FAST_PATH,
+    "eval_max_videos=0",
+    "eval_batch_size=8",
+]
+
 # Model and training settings for 80x120 on a CPU: small versions of the full presets.
 STAGE_SETTINGS = {
     "seg": [
@@ -63,33 +78,13 @@ STAGE_SETTINGS = {
         "train_splits=train,unlabeled",
         "mask_source=any",
         "loss=ce",
-        "model.hid_S=16",
-        "model.hid_T=64",
-        "model.N_S=2",
-        "model.N_T=4",
-        "model.mlp_ratio=4",
-        "train.batch_size=4",
-        "train.lr=2e-3",
-        "train.weight_decay=1e-4",
-        *FAST_PATH,
-        "eval_max_videos=0",
-        "eval_batch_size=8",
+        *SIMVP_SMALL,
     ],
     "simvp_frames": [
         "mode=frames",
         "train_splits=train,unlabeled",
         "model.residual=true",
-        "model.hid_S=16",
-        "model.hid_T=64",
-        "model.N_S=2",
-        "model.N_T=4",
-        "model.mlp_ratio=4",
-        "train.batch_size=4",
-        "train.lr=2e-3",
-        "train.weight_decay=1e-4",
-        *FAST_PATH,
-        "eval_max_videos=0",
-        "eval_batch_size=8",
+        *SIMVP_SMALL,
     ],
     # RAFT supervised by the synthetic set's ground-truth flow (train videos have it), on frames
     # enlarged 2x: self-supervised from scratch learned no motion at this budget (BENCHMARKS.md).
