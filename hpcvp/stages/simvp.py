@@ -96,7 +96,8 @@ class SimVPConfig:
             raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
         losses = MASK_LOSSES if self.mode == "masks" else FRAME_LOSSES
         if self.loss and self.loss not in losses:
-            hint = " (the demo preset's loss is for masks: add --set loss=mse)" if self.preset == "demo" else ""
+            from_preset = self.preset in ("demo", "full") and self.loss in MASK_LOSSES
+            hint = f" (the {self.preset} preset's loss is for masks: add --set loss=mse)" if from_preset else ""
             raise ConfigError(f"loss={self.loss!r}: mode {self.mode} takes one of {losses}{hint}")
         if self.model.translator not in TRANSLATORS:
             raise ConfigError(f"model.translator={self.model.translator!r}: expected one of {TRANSLATORS}")
@@ -458,6 +459,9 @@ def _presets() -> dict[str, dict[str, Any]]:
             "train.lr": 1e-3,
             "train.eval_every": 2000,
             "train.num_workers": 6,
+            # Lovász-softmax on frame 22 beside the cross-entropy: +0.035 on pipeline (a) in
+            # tools/bench_quality.py's ablation, +0.033 in the demo (BENCHMARKS.md)
+            "loss": "ce+lovasz",
             # the device's fast path (hpcvp.train.fastpath): bf16 + channels_last + compile on
             # CUDA cc >= 8, fp16 + GradScaler on V100/RTX 8000, bf16 + channels_last on CPUs with bf16
             "train.amp": "fast",
