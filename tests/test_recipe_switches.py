@@ -58,7 +58,8 @@ def test_lovasz_from_selects_the_loss_by_step():
     assert [replace.mask_loss_terms(s) for s in (5, 6)] == [("ce",), ("lovasz",)]
     default = SimVPConfig(loss="ce+lovasz", train=TrainConfig(max_steps=10))  # lovasz_from=0: as before
     assert default.mask_loss_terms(1) == ("ce", "lovasz")
-    assert SimVPConfig().mask_loss_terms(1) == ("ce",)
+    assert SimVPConfig(preset="full").mask_loss_terms(1) == ("ce", "lovasz")  # the full/demo default
+    assert SimVPConfig(preset="tiny").mask_loss_terms(1) == ("ce",)
     with pytest.raises(ConfigError, match="lovasz_from"):
         SimVPConfig(loss="ce", lovasz_from=0.5).validate()
 
@@ -82,7 +83,7 @@ def test_lovasz_from_in_the_task_loss_follows_the_trainer_steps():
 
 
 def test_last_frame_weight_weights_frame_22():
-    cfg = SimVPConfig(last_frame_weight=5.0)
+    cfg = SimVPConfig(last_frame_weight=5.0, loss="ce")
     w = _frame_weights(cfg, NUM_INPUT_FRAMES, "cpu")
     assert torch.isclose(w.sum(), torch.tensor(1.0))
     assert torch.allclose(w[:-1], torch.full((10,), 1 / 15)) and torch.isclose(w[-1], torch.tensor(5 / 15))

@@ -72,11 +72,11 @@ def test_stage_validation_rejects_bad_values():
         build_config("simvp", "tiny", ["mode=frames", "loss=lovasz"])
     with pytest.raises(ConfigError, match="train_splits"):
         build_config("seg", "tiny", ["train_splits=train,test"])
-    for preset in ("demo", "full"):  # their loss is ce+lovasz, for masks
-        with pytest.raises(ConfigError, match=f"{preset} preset's loss is for masks: add --set loss=mse"):
-            build_config("simvp", preset, ["mode=frames"])
-        assert build_config("simvp", preset, ["mode=frames", "loss=mse"]).loss_name == "mse"
-    assert build_config("simvp", "full").loss_name == "ce+lovasz"
+    for preset in ("demo", "full"):  # masks: cross-entropy + Lovász by default; frames: MSE
+        assert build_config("simvp", preset, ["mode=masks"]).loss_name == "ce+lovasz"
+        assert build_config("simvp", preset, ["mode=frames"]).loss_name == "mse"
+        assert build_config("simvp", preset, ["mode=masks", "loss=ce"]).loss_name == "ce"
+    assert build_config("simvp", "tiny", ["mode=masks"]).loss_name == "ce"
     with pytest.raises(ConfigError, match="object_share=1.0"):
         build_config("seg", "tiny", ["object_share=1.0"])
     with pytest.raises(ConfigError, match="pipelines"):

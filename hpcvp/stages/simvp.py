@@ -72,7 +72,9 @@ class SimVPConfig:
     )
     train_splits: str = "train"  # masks mode: "train,unlabeled" with mask_source=any after pseudo-labelling
     mask_source: str = "true"  # true | pseudo | any
-    loss: str = ""  # masks: ce | lovasz | ce+lovasz; frames: mse | mse+l1; "" = ce / mse
+    # masks: ce | lovasz | ce+lovasz; frames: mse | mse+l1. "" = the mode's default: mse for frames;
+    # for masks ce+lovasz with the demo and full presets (BENCHMARKS.md: the ablation), ce otherwise
+    loss: str = ""
     lovasz_weight: float = 1.0
     lovasz_frames: str = "last"  # last (frame 22, the scored one) | all
     last_frame_weight: float = 1.0  # extra weight of frame 22 in the per-frame loss (1 = uniform)
@@ -96,9 +98,7 @@ class SimVPConfig:
             raise ConfigError(f"mode={self.mode!r}: expected one of {MODES}")
         losses = MASK_LOSSES if self.mode == "masks" else FRAME_LOSSES
         if self.loss and self.loss not in losses:
-            from_preset = self.preset in ("demo", "full") and self.loss in MASK_LOSSES
-            hint = f" (the {self.preset} preset's loss is for masks: add --set loss=mse)" if from_preset else ""
-            raise ConfigError(f"loss={self.loss!r}: mode {self.mode} takes one of {losses}{hint}")
+            raise ConfigError(f"loss={self.loss!r}: mode {self.mode} takes one of {losses}")
         if self.model.translator not in TRANSLATORS:
             raise ConfigError(f"model.translator={self.model.translator!r}: expected one of {TRANSLATORS}")
         if self.mask_source not in ("true", "pseudo", "any"):
@@ -115,7 +115,12 @@ class SimVPConfig:
 
     @property
     def loss_name(self) -> str:
-        return self.loss or ("ce" if self.mode == "masks" else "mse")
+        if self.loss:
+            return self.loss
+        if self.mode == "masks":
+            # a preset's value would break mode=frames with that preset, so the default lives here
+            return "ce+lovasz" if self.preset in ("demo", "full") else "ce"
+        return "mse"
 
     def mask_loss_terms(self, step: int) -> tuple[str, ...]:
         """The masks-mode loss terms used at optimizer step ``step`` (1-based): cross-entropy
@@ -432,7 +437,6 @@ def _presets() -> dict[str, dict[str, Any]]:
     demo = {f"model.{k}": v for k, v in SIMVP_PRESETS["demo"].items()}
     demo.update(
         {
-            "loss": "ce+lovasz",
             # the device's fast path (bf16 + channels_last on CPUs with AMX: 2x the fp32 step here);
             # a step whose gradients overflow is skipped by the trainer (BENCHMARKS.md)
             "train.amp": "fast",
@@ -459,9 +463,6 @@ def _presets() -> dict[str, dict[str, Any]]:
             "train.lr": 1e-3,
             "train.eval_every": 2000,
             "train.num_workers": 6,
-            # Lovász-softmax on frame 22 beside the cross-entropy: +0.035 on pipeline (a) in
-            # tools/bench_quality.py's ablation, +0.033 in the demo (BENCHMARKS.md)
-            "loss": "ce+lovasz",
             # the device's fast path (hpcvp.train.fastpath): bf16 + channels_last + compile on
             # CUDA cc >= 8, fp16 + GradScaler on V100/RTX 8000, bf16 + channels_last on CPUs with bf16
             "train.amp": "fast",
