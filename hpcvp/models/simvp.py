@@ -381,3 +381,30 @@ class SimVP(nn.Module):
         first = first.reshape(batch * self.out_frames, hid, *first.shape[-2:])
         out = self.decoder(hidden, first)
         return out.reshape(batch, self.out_frames, self.out_channels, height, width)
+
+
+def channels_last_gradient_gaps(device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float]:
+    """Per parameter of a demo-sized mask SimVP: the relative difference between its gradient in
+    bf16 autocast with channels_last and in bf16 autocast NCHW, on ``device`` (inf where the
+    channels_last gradient is not finite). A check of the device's kernels (a CPU kernel got the
+    dilated conv's wrong; see GatedLargeKernelAttention): a test and tools/gpu_check.sh use it."""
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SimVP(11, 11, 49, 49, height=80, width=120, hid_S=16, hid_T=64, N_S=2, N_T=4).to(device)
+    masks = torch.randint(0, 49, (4, 11, 80, 120), generator=generator).to(device)
+    target = torch.randint(0, 49, (4, 11, 80, 120), generator=generator).to(device)
+    grads = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        model.zero_grad(set_to_none=True)
+        model.to(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(masks)
+        F.cross_entropy(logits.float().transpose(1, 2), target).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    gaps = {}
+    for name, reference in grads[0].items():
+        got = grads[1][name]
+        finite = bool(torch.isfinite(got).all())
+        gaps[name] = ((got - reference).norm() / reference.norm().clamp_min(1e-12)).item() if finite else math.inf
+    return gaps

@@ -392,7 +392,7 @@ class Trainer:
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             if not grads:
                 return True
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            norm = torch.nn.utils.get_total_norm(grads)
         return bool(torch.isfinite(norm))
 
     def _skip_step(self, step: int) -> None:
