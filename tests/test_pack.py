@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -21,14 +22,14 @@ from test_layout import BAD_INPUTS
 
 from hpcvp.data import StagingError, add_pseudo_masks, load_manifest, pack_dataset, stage_to_local, verify_dataset
 from hpcvp.data.layout import NUM_FRAMES, RawDataError, list_videos, read_video
-from hpcvp.data.manifest import FORMAT_VERSION
+from hpcvp.data.manifest import FORMAT_VERSION, ManifestError
 from hpcvp.data.pack import JOURNAL_NAME, OUTPUT_LOCK_NAME
 from hpcvp.data.pack_cli import main as pack_main
-from hpcvp.data.shard_files import open_h5, sha256_file
+from hpcvp.data.shard_files import file_checksum, open_h5
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted(out.glob("*.h5"))}
+    return {p.name: file_checksum(p) for p in sorted(out.glob("*.h5"))}
 
 
 def subprocess_env() -> dict:
@@ -59,7 +60,7 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
     for shard in manifest.shards:
         path = synthetic_packed / shard.path
         assert not Path(shard.path).is_absolute()
-        assert shard.bytes == path.stat().st_size and shard.sha256 == sha256_file(path)
+        assert shard.bytes == path.stat().st_size and shard.checksum == file_checksum(path)
         raw_videos = dict(list_videos(synthetic_raw, shard.split))
         with h5py.File(path, "r", locking=False) as handle:
             frames = handle["frames"]
@@ -247,11 +248,60 @@ def test_verify_names_a_corrupted_and_a_missing_shard(tiny_raw, tmp_path, capsys
     capsys.readouterr()
     assert pack_main(["--verify", str(out), "--quiet"]) == 1
     error = capsys.readouterr().err
-    assert f"BAD {corrupted}: sha256" in error
+    assert f"BAD {corrupted}: xxh3_128" in error
     assert f"BAD {out / 'unlabeled-000.h5'}: missing" in error
     assert "train-000.h5" not in error
     report = verify_dataset(out)
     assert [Path(p).name for p, _ in report.bad] == ["train-001.h5", "unlabeled-000.h5"]
+
+
+def _as_format_1(out: Path) -> None:
+    """Rewrite ``out``'s manifest as hpcvp before 2026-12-05 wrote it: format_version 1, each
+    entry's sha256 hex digest under "sha256" (no "checksum")."""
+    payload = json.loads((out / "manifest.json").read_text())
+    payload["format_version"] = 1
+    for entry in payload["shards"] + payload["pseudo_masks"]:
+        del entry["checksum"]
+        entry["sha256"] = hashlib.sha256((out / entry["path"]).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(payload))
+
+
+def test_a_format_1_manifest_with_sha256_is_read_verified_staged_and_upgraded(tiny_raw, tmp_path, capsys):
+    raw = tiny_raw({"train": [0, 1, 2], "unlabeled": [2000]})
+    out = tmp_path / "old"
+    pack_dataset(raw, out, shard_size=2, frame_size=TINY_SIZE, workers=0, quiet=True)
+    assert all(s.checksum.startswith("xxh3_128:") and len(s.checksum) == 9 + 32 for s in load_manifest(out).shards)
+    _as_format_1(out)
+    manifest = load_manifest(out)
+    assert manifest.format_version == 1
+    assert manifest.shards[0].checksum == "sha256:" + hashlib.sha256((out / "train-000.h5").read_bytes()).hexdigest()
+    assert verify_dataset(out).ok
+    staged = stage_to_local(out, tmp_path / "node")
+    assert shard_hashes(staged) == shard_hashes(out)
+    # a pseudo-mask shard added now: the manifest is written as format 2, the old entries keep sha256
+    add_pseudo_masks(out, "unlabeled", [2000], np.zeros((1, NUM_FRAMES, *TINY_SIZE), np.uint8), run="seg")
+    payload = json.loads((out / "manifest.json").read_text())
+    assert payload["format_version"] == FORMAT_VERSION == 2
+    assert payload["shards"][0]["checksum"].startswith("sha256:")
+    assert payload["pseudo_masks"][0]["checksum"].startswith("xxh3_128:")
+    assert verify_dataset(out).ok
+    # corruption is found under the old algorithm too, naming it
+    data = bytearray((out / "train-001.h5").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "train-001.h5").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert pack_main(["--verify", str(out), "--quiet"]) == 1
+    assert f"BAD {out / 'train-001.h5'}: sha256" in capsys.readouterr().err
+    # a version this hpcvp does not know, and a checksum it cannot check, are named
+    payload["format_version"] = 3
+    (out / "manifest.json").write_text(json.dumps(payload))
+    with pytest.raises(ManifestError, match="format_version 3 is not supported"):
+        load_manifest(out)
+    payload["format_version"] = 2
+    payload["shards"][0]["checksum"] = "md5:0123"
+    (out / "manifest.json").write_text(json.dumps(payload))
+    with pytest.raises(ManifestError, match="md5:0123"):
+        load_manifest(out)
 
 
 # ----------------------------------------------------------------------------- resume, reproducibility
@@ -368,7 +418,7 @@ def test_pack_killed_mid_way_resumes_byte_identical(tiny_raw, tmp_path):
     # the killed packer's lock file stays, naming it, but its flock died with it: no blocking below
     assert json.loads((out / OUTPUT_LOCK_NAME).read_text())["pid"] == process.pid
     kept = {name: (out / name).stat().st_ino for name in ("train-000.h5", "train-001.h5")}
-    assert sha256_file(out / "train-000.h5") == sha256_file(reference / "train-000.h5")
+    assert file_checksum(out / "train-000.h5") == file_checksum(reference / "train-000.h5")
 
     blocker.unlink()
     blocker.write_bytes(original)

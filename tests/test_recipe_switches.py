@@ -1,6 +1,6 @@
 """The mask-predictor recipe switches of issue 13 item 3, each shown to do what it says: the Lovász
 schedule (simvp lovasz_from), the scored-frame weight (simvp last_frame_weight), horizontal-flip
-TTA and checkpoint ensembles (predict tta_hflip / ensemble_last), and the pseudo-mask confidence
+TTA and checkpoint ensembles (predict tta_hflip / ensemble), and the pseudo-mask confidence
 filter (pseudo masks' stored confidence, simvp pseudo_min_confidence)."""
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def test_softmax_ensemble_averages_probabilities():
     assert torch.equal(out.argmax(2), expected.argmax(2))
 
 
-def test_ensemble_last_loads_the_newest_k_checkpoints(tmp_path):
+def test_ensemble_loads_the_newest_k_checkpoints_or_snapshots(tmp_path):
     from hpcvp.stages import runs
     from hpcvp.stages.simvp import build_simvp
     from hpcvp.train.checkpoint import save_checkpoint
@@ -167,9 +167,18 @@ def test_ensemble_last_loads_the_newest_k_checkpoints(tmp_path):
     with torch.no_grad():
         expected = (models[1](x.long()).softmax(2) + models[2](x.long()).softmax(2)) / 2
         assert torch.allclose(ens(x.long()).softmax(2), expected, atol=1e-5)
+    assert ens.steps == [20, 30]
     assert len(predict.load_checkpoint_ensemble(str(tmp_path), 5, torch.device("cpu")).members) == 3
-    with pytest.raises(ConfigError, match="ensemble_last"):
-        predict.PredictConfig(ensemble_last=0).validate()
+    with pytest.raises(ConfigError, match="ensemble"):
+        predict.PredictConfig(ensemble=0).validate()
+    # a run that kept snapshots (train.snapshots=2 of max_steps=30: steps 15 and 30): those, not the newest
+    snap = tmp_path / "snap"
+    cfg.train.max_steps, cfg.train.snapshots = 30, 2
+    runs.save_stage_config(snap, "simvp", cfg, {"frame_size": list(size)})
+    for step in (15, 25, 28, 30):
+        state = {"model": models[0].state_dict(), "step": step}
+        save_checkpoint(snap / "checkpoints", step, state, keep_last=2, keep_steps=cfg.train.snapshot_steps())
+    assert predict.load_checkpoint_ensemble(str(snap), 3, torch.device("cpu")).steps == [15, 30]
 
 
 # ------------------------------------------------------------------------------ 4. pseudo-mask confidence

@@ -5,7 +5,8 @@ A packed dataset directory holds ``manifest.json`` and shards ``<split>-<k:03d>.
 (train/val) chunked one frame per chunk, optionally ``flow`` float16 (N, 21, 2, H, W) (synthetic
 train/val: ground-truth flow of frame t to t+1; the shard entry says ``has_flow``), and
 ``video_ids`` int64 (N,). The manifest lists every
-shard with its size and sha256, the pseudo-mask shards added later, the videos the packer skipped
+shard with its size and checksum (``"xxh3_128:<hex>"``; format_version 1 recorded ``sha256``), the
+pseudo-mask shards added later, the videos the packer skipped
 (``--on-error skip``) and the raw folders it ignored (misnamed, or an empty split folder).
 """
 
@@ -20,9 +21,12 @@ from pathlib import Path
 from hpcvp.atomic import atomic_write_json
 
 from .layout import SPLITS
+from .shard_files import split_checksum
 
 FORMAT_NAME = "hpcvp-shards"
-FORMAT_VERSION = 1
+# 2: shard checksums as "<algorithm>:<hex>" under "checksum" (xxh3_128). 1: "sha256" (still read).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".manifest.lock"  # serialises manifest rewrites (packer's last step, pseudo-mask adds)
 SHARD_NAME_PATTERN = re.compile(r"^(train|val|unlabeled|hidden)-(\d{3,})\.h5$")
@@ -42,7 +46,7 @@ class ShardEntry:
     path: str  # relative to the dataset directory
     video_ids: tuple[int, ...]
     bytes: int
-    sha256: str
+    checksum: str  # "<algorithm>:<hex>", see shard_files.CHECKSUM
     has_masks: bool
     num_frames: int
     has_flow: bool = False  # optional ``flow`` dataset (synthetic sets' ground-truth flow)
@@ -54,7 +58,7 @@ class PseudoMaskEntry:
     path: str
     video_ids: tuple[int, ...]
     bytes: int
-    sha256: str
+    checksum: str
     run: str
     num_frames: int
 
@@ -87,6 +91,7 @@ class Manifest:
     skipped: list[SkippedVideo] = field(default_factory=list)
     ignored: list[IgnoredEntry] = field(default_factory=list)
     source: str | None = None
+    # the version it was read as; it is always written as FORMAT_VERSION (entries carry "checksum")
     format_version: int = FORMAT_VERSION
 
     def shards_for(self, split: str) -> list[ShardEntry]:
@@ -127,7 +132,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {
             "format": FORMAT_NAME,
-            "format_version": self.format_version,
+            "format_version": FORMAT_VERSION,
             "frame_size": list(self.frame_size),
             "compression": dict(self.compression),
             "source": self.source,
@@ -159,10 +164,10 @@ def load_manifest(data_dir: os.PathLike | str) -> Manifest:
         raise ManifestError(f"{path}: unreadable manifest ({error})") from None
     if payload.get("format") != FORMAT_NAME:
         raise ManifestError(f"{path}: not an hpcvp manifest (format={payload.get('format')!r})")
-    if payload.get("format_version") != FORMAT_VERSION:
+    if payload.get("format_version") not in READABLE_VERSIONS:
         raise ManifestError(
             f"{path}: format_version {payload.get('format_version')} is not supported "
-            f"(this hpcvp reads {FORMAT_VERSION}); re-pack the data"
+            f"(this hpcvp reads {', '.join(map(str, READABLE_VERSIONS))}); re-pack the data with this hpcvp"
         )
     try:
         return Manifest(
@@ -174,9 +179,18 @@ def load_manifest(data_dir: os.PathLike | str) -> Manifest:
             skipped=[SkippedVideo(**s) for s in payload.get("skipped", [])],
             ignored=[IgnoredEntry(**i) for i in payload.get("ignored", [])],
             source=payload.get("source"),
+            format_version=int(payload["format_version"]),
         )
     except (KeyError, TypeError, ValueError, IndexError) as error:
         raise ManifestError(f"{path}: malformed manifest ({error!r})") from None
+
+
+def checksum_from_json(payload: dict) -> str:
+    """A shard entry's checksum: ``checksum`` (format 2), or format 1's ``sha256`` hex digest."""
+    if "checksum" in payload:
+        split_checksum(payload["checksum"])  # ValueError (-> malformed manifest) for anything else
+        return payload["checksum"]
+    return f"sha256:{payload['sha256']}"
 
 
 def shard_from_json(payload: dict) -> ShardEntry:
@@ -185,7 +199,7 @@ def shard_from_json(payload: dict) -> ShardEntry:
         path=payload["path"],
         video_ids=tuple(int(v) for v in payload["video_ids"]),
         bytes=int(payload["bytes"]),
-        sha256=payload["sha256"],
+        checksum=checksum_from_json(payload),
         has_masks=bool(payload["has_masks"]),
         num_frames=int(payload["num_frames"]),
         has_flow=bool(payload.get("has_flow", False)),
@@ -198,7 +212,7 @@ def pseudo_from_json(payload: dict) -> PseudoMaskEntry:
         path=payload["path"],
         video_ids=tuple(int(v) for v in payload["video_ids"]),
         bytes=int(payload["bytes"]),
-        sha256=payload["sha256"],
+        checksum=checksum_from_json(payload),
         run=payload["run"],
         num_frames=int(payload["num_frames"]),
     )

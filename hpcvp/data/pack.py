@@ -61,6 +61,7 @@ from .manifest import (
     PseudoMaskEntry,
     ShardEntry,
     SkippedVideo,
+    checksum_from_json,
     load_manifest,
     shard_from_json,
     write_manifest,
@@ -296,7 +297,7 @@ def _completed_records(out: Path, config: dict) -> dict[str, dict]:
 def _record_is_valid(out: Path, plan: _ShardPlan, record: dict | None) -> bool:
     if record is None or record["planned_ids"] != plan.planned_ids:
         return False
-    return check_file(out / plan.name, record["entry"]["bytes"], record["entry"]["sha256"]) is None
+    return check_file(out / plan.name, record["entry"]["bytes"], checksum_from_json(record["entry"])) is None
 
 
 def _write_shard(
@@ -556,7 +557,7 @@ def _pack_locked(
 
 def _check_manifest_matches(out: Path, manifest: Manifest) -> None:
     """The last step before success: the manifest on disk is the one written, and every file it
-    lists has its recorded size. The sha256 of each shard of this pack was taken from the bytes
+    lists has its recorded size. The checksum of each shard of this pack was taken from the bytes
     renamed into place (or re-checked when a shard was kept), under the output lock."""
     problems = []
     try:

@@ -13,7 +13,7 @@ from hpcvp.atomic import atomic_write_bytes, temporary_name
 from hpcvp.progress import Progress
 
 from .manifest import MANIFEST_NAME, load_manifest, manifest_path
-from .shard_files import HASH_BLOCK, check_file, file_lock
+from .shard_files import HASH_BLOCK, check_file, file_lock, new_hasher, split_checksum
 
 
 class StagingError(RuntimeError):
@@ -38,7 +38,7 @@ def stage_to_local(
     """Copy a packed dataset to node-local disk, checking every shard against the manifest.
 
     The copy goes to ``<dest_root or $SLURM_TMPDIR or $TMPDIR>/hpcvp-data/<name>-<key>`` (the key
-    hashes the manifest and ``splits``); shards already there with the manifest's size and sha256
+    hashes the manifest and ``splits``); shards already there with the manifest's size and checksum
     are not copied again. ``splits`` limits the copy (and the staged manifest) to those splits, e.g.
     a segmentation stage needs train and val only. Ranks on one node may call this together: a lock
     serialises them and the later ones find the copy done. Returns the staged directory.
@@ -68,7 +68,7 @@ def stage_to_local(
         with Progress(len(entries), "stage", unit="shards", enabled=not quiet) as progress:
             for entry in entries:
                 target = dest / entry.path
-                if check_file(target, entry.bytes, entry.sha256) is not None:
+                if check_file(target, entry.bytes, entry.checksum) is not None:
                     _copy_checked(data_dir / entry.path, target, entry)
                 progress.advance(1)
         if not staged_manifest.exists() or staged_manifest.read_bytes() != manifest_bytes:
@@ -79,17 +79,18 @@ def stage_to_local(
 def _copy_checked(source: Path, target: Path, entry) -> None:
     """Copy ``source`` to ``target`` hashing the bytes on the way; refuse a mismatch with the manifest."""
     tmp = temporary_name(target)
-    digest = hashlib.sha256()
+    algorithm, expected = split_checksum(entry.checksum)
+    digest = new_hasher(algorithm)
     try:
         with open(source, "rb") as reader, open(tmp, "wb") as writer:
             while block := reader.read(HASH_BLOCK):
                 digest.update(block)
                 writer.write(block)
         copied = tmp.stat().st_size
-        if copied != entry.bytes or digest.hexdigest() != entry.sha256:
+        if copied != entry.bytes or digest.hexdigest() != expected:
             raise StagingError(
                 f"{source}: does not match the manifest (bytes {copied} vs {entry.bytes}, "
-                f"sha256 {digest.hexdigest()[:16]}... vs {entry.sha256[:16]}...); run --verify and re-pack"
+                f"{algorithm} {digest.hexdigest()[:16]}... vs {expected[:16]}...); run --verify and re-pack"
             )
         os.replace(tmp, target)
     except FileNotFoundError:

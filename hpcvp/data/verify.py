@@ -23,7 +23,7 @@ class VerifyReport:
 
 
 def verify_dataset(data_dir: os.PathLike | str, quiet: bool = True) -> VerifyReport:
-    """Re-hash every shard (and pseudo-mask shard) and compare size and sha256 with the manifest."""
+    """Re-hash every shard (and pseudo-mask shard) and compare size and checksum with the manifest."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     entries = [*manifest.shards, *manifest.pseudo_masks]
@@ -32,7 +32,7 @@ def verify_dataset(data_dir: os.PathLike | str, quiet: bool = True) -> VerifyRep
         for entry in entries:
             path = data_dir / entry.path
             report.checked.append(str(path))
-            problem = check_file(path, entry.bytes, entry.sha256)
+            problem = check_file(path, entry.bytes, entry.checksum)
             if problem:
                 report.bad.append((str(path), problem))
             progress.advance(1)

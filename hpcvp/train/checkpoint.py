@@ -157,8 +157,10 @@ def save_checkpoint(
     ranks: list | None = None,
     extra: Any = None,
     keep_last: int = 3,
+    keep_steps: frozenset[int] = frozenset(),
 ) -> Path:
-    """Atomically write checkpoint ``step`` and prune all but the newest ``keep_last``.
+    """Atomically write checkpoint ``step`` and prune all but the newest ``keep_last`` (checkpoints
+    whose step is in ``keep_steps`` are never pruned and do not count toward ``keep_last``).
 
     Single writer: call on one process (the trainer calls it on rank 0 with every rank's RNG
     state gathered into ``ranks``).  Returns the final directory.
@@ -192,8 +194,8 @@ def save_checkpoint(
         _remove_dir(final, "replaced")
     os.rename(tmp, final)
     fsync_dir(root)
-    complete = list_checkpoints(root)
-    for _, old in complete[: max(0, len(complete) - keep_last)]:
+    prunable = [(s, path) for s, path in list_checkpoints(root) if s not in keep_steps]
+    for _, old in prunable[: max(0, len(prunable) - keep_last)]:
         _remove_dir(old, "deleting")
     return final
 
@@ -360,6 +362,7 @@ class Checkpointer:
         flat: tuple[str, ...] = (),
         keep_last: int = 3,
         validate: Callable[[Checkpoint], None] | None = None,
+        keep_steps: frozenset[int] = frozenset(),
     ):
         self.root = Path(checkpoints_dir)
         self.env = env
@@ -368,6 +371,7 @@ class Checkpointer:
         self.extra = extra
         self.flat = tuple(flat)
         self.keep_last = keep_last
+        self.keep_steps = frozenset(keep_steps)
         self.validate = validate
         self.last_step: int | None = None  # step of the checkpoint last written or loaded
         self.last_path: str | None = None
@@ -405,7 +409,9 @@ class Checkpointer:
             try:
                 extra = self.extra.state_dict() if self.extra is not None else None
                 ranks_arg = ranks if self.rank_parts else None
-                path = save_checkpoint(self.root, step, self.state(step), ranks_arg, extra, self.keep_last)
+                path = save_checkpoint(
+                    self.root, step, self.state(step), ranks_arg, extra, self.keep_last, self.keep_steps
+                )
                 result = (None, str(path))
             except Exception as exc:
                 log.exception("checkpoint save at step %d failed", step)

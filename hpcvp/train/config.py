@@ -54,6 +54,9 @@ class TrainConfig:
     save_every_steps: int = 500  # 0 disables step-based saves
     save_every_minutes: float = 10.0  # 0 disables time-based saves (rank 0's clock decides)
     keep_last: int = 3  # complete checkpoints kept (>= 2 so a corrupt latest has a fallback)
+    # K > 0: also save at 1/K, 2/K, ..., K/K of max_steps and never prune those checkpoints
+    # (predict's checkpoint ensemble averages them: weights far apart in the run differ most)
+    snapshots: int = 0
     seed: int = 0
     shuffle: bool = True
     seed_samples: bool = True  # reseed RNGs per sample from (seed, epoch, index)
@@ -72,6 +75,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def snapshot_steps(self) -> frozenset[int]:
+        """The steps whose checkpoints ``snapshots`` keeps: round(i * max_steps / K), i = 1..K."""
+        k = int(self.snapshots)
+        return frozenset(max(1, round(i * self.max_steps / k)) for i in range(1, k + 1)) if k > 0 else frozenset()
+
     def validate(self) -> None:
         def bad(key: str, why: str) -> ValueError:
             return ValueError(f"TrainConfig.{key}={getattr(self, key)!r}: {why}")
@@ -79,7 +87,7 @@ class TrainConfig:
         for key in ("max_steps", "batch_size", "grad_accum", "prefetch_factor"):
             if int(getattr(self, key)) < 1:
                 raise bad(key, "must be >= 1")
-        for key in ("eval_every", "save_every_steps", "num_workers", "log_every"):
+        for key in ("eval_every", "save_every_steps", "num_workers", "log_every", "snapshots"):
             if int(getattr(self, key)) < 0:
                 raise bad(key, "must be >= 0")
         if self.log_every < 1:

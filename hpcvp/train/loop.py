@@ -49,6 +49,7 @@ _HARMLESS_KEYS = {
     "save_every_steps",
     "save_every_minutes",
     "keep_last",
+    "snapshots",
     "num_workers",
     "prefetch_factor",
     "log_every",
@@ -324,6 +325,7 @@ class Trainer:
             flat=("trainer", "sampler"),
             keep_last=cfg.keep_last,
             validate=self._check_resume,
+            keep_steps=cfg.snapshot_steps(),
         )
 
     def _autocast(self):
@@ -644,6 +646,7 @@ class Trainer:
         if self.step >= cfg.max_steps:
             return self._result("completed", f"checkpoint already at step {self.step}")
         minutes = cfg.save_every_minutes * 60.0
+        snapshot_steps = cfg.snapshot_steps()
         while self.step < cfg.max_steps:
             self._train_step(self.step + 1)
             self.step += 1
@@ -667,6 +670,7 @@ class Trainer:
                     return self._stop_for_signal(signum, log_due=False)
             if log_due:
                 self._log(step, eval_metrics)
-            if last or time_due or (cfg.save_every_steps and step % cfg.save_every_steps == 0):
+            step_due = (cfg.save_every_steps and step % cfg.save_every_steps == 0) or step in snapshot_steps
+            if last or time_due or step_due:
                 self._save(step)
         return self._result("completed", f"max_steps={cfg.max_steps} reached")
