@@ -25,7 +25,7 @@ from hpcvp.data.layout import NUM_FRAMES, RawDataError, list_videos, read_video
 from hpcvp.data.manifest import FORMAT_VERSION, ManifestError
 from hpcvp.data.pack import JOURNAL_NAME, OUTPUT_LOCK_NAME
 from hpcvp.data.pack_cli import main as pack_main
-from hpcvp.data.shard_files import file_checksum, open_h5
+from hpcvp.data.shard_files import file_checksum, filtered, open_h5
 
 
 def shard_hashes(out: Path) -> dict[str, str]:
@@ -47,7 +47,7 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
     assert payload["format"] == "hpcvp-shards" and payload["format_version"] == FORMAT_VERSION
     # frame size comes from the generator's hpcvp_synthetic.json (40x60), not the 160x240 default
     assert manifest.frame_size == TINY_SIZE == tuple(payload["frame_size"])
-    assert payload["compression"] == {"frames": "none", "masks": "lz4"}
+    assert payload["compression"] == {"frames": "none", "masks": "none"}
     names = [shard.path for shard in manifest.shards]
     assert names == ["train-000.h5", "train-001.h5", "val-000.h5", "unlabeled-000.h5", "hidden-000.h5"]
     assert payload["totals"]["videos"] == 16 and payload["totals"]["shards"] == 5
@@ -70,7 +70,7 @@ def test_pack_writes_shards_manifest_and_exact_contents(synthetic_raw, synthetic
             assert list(handle["video_ids"][:]) == list(shard.video_ids)
             assert ("masks" in handle) == shard.has_masks == (shard.split in ("train", "val"))
             if shard.has_masks:
-                assert handle["masks"].id.get_create_plist().get_filter(0)[0] == LZ4_FILTER_ID
+                assert not filtered(handle["masks"])  # raw by default
                 assert handle["masks"].chunks == (1, 1, *TINY_SIZE)
                 assert handle["masks"].shape == (len(shard.video_ids), NUM_FRAMES, *TINY_SIZE)
             for row, video_id in enumerate(shard.video_ids):
@@ -603,9 +603,9 @@ def _add_flow(raw: Path, split: str, video_id: int, value: np.ndarray | None = N
     [("lz4", 0), ("lz4", 2), ("gzip:1", 1), ("none", 1), ("blosc:lz4:5:bit", 1)],
 )
 def test_flow_is_decoded_and_compressed_by_the_decoders_and_reads_back_exactly(tiny_raw, tmp_path, codec, workers):
-    """lz4 and gzip: the decoder processes compress the flow chunks (write_direct_chunk in the
-    writer); none: the slot's bytes as they are; blosc: HDF5's filter in the writer. Shard 0 has
-    flow for every video, shard 1 lacks one flow.npy and so stores none."""
+    """Flow takes the masks' codec, LZ4 when masks are raw (none): lz4 and gzip chunks are made by
+    the decoder processes (write_direct_chunk in the writer); blosc: HDF5's filter in the writer.
+    Shard 0 has flow for every video, shard 1 lacks one flow.npy and so stores none."""
     raw = tiny_raw({"train": [0, 1, 2, 3]})
     flows = {video_id: _add_flow(raw, "train", video_id) for video_id in (0, 1, 2)}
     manifest = pack_dataset(
@@ -615,6 +615,7 @@ def test_flow_is_decoded_and_compressed_by_the_decoders_and_reads_back_exactly(t
     assert verify_dataset(tmp_path / "out").ok
     with open_h5(tmp_path / "out" / "train-000.h5", "r") as handle:
         assert handle["flow"].dtype == np.float16 and handle["flow"].chunks == (1, 1, 2, *TINY_SIZE)
+        assert filtered(handle["flow"]) and filtered(handle["masks"]) == (codec != "none")
         for row, video_id in enumerate((0, 1)):
             np.testing.assert_array_equal(handle["flow"][row], flows[video_id])
             frames, masks = tiny_video_arrays(video_id, "train")
@@ -685,7 +686,7 @@ def test_a_killed_decoder_is_an_error_naming_it_not_a_hang(tiny_raw):
     from hpcvp.data.pack_decode import Decoder, DecoderDied
 
     raw = tiny_raw({"train": [0, 1, 2, 3]})
-    tasks = [("train", vid, str(raw / "train" / f"video_{vid}"), TINY_SIZE, "none", "lz4", False) for vid in range(4)]
+    tasks = [("train", vid, str(raw / "train" / f"video_{vid}"), TINY_SIZE, "none", "none", None) for vid in range(4)]
     decoder = Decoder(2, TINY_SIZE)
     try:
         victim = decoder.processes[1]  # as the kernel's OOM killer would

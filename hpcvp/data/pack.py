@@ -80,11 +80,23 @@ JOURNAL_NAME = ".pack-journal.json"
 OUTPUT_LOCK_NAME = ".pack.lock"
 DEFAULT_SHARD_SIZE = 250
 # Chosen from tools/bench_data.py (BENCHMARKS.md): uncompressed frames read ~5x faster than lzf or
-# gzip (page cache -> array with one preadv). Masks are mostly background: hdf5plugin's LZ4 filter
-# stores them ~24x smaller than raw (~1.9x gzip:1's size: 0.46 GB for 13,000 videos) and inflates
-# ~3.5x faster than gzip:1; the decoder processes do the compressing (shard_files.chunk_encoder).
+# gzip (page cache -> array with one preadv). Train/val masks are stored raw too: they read fastest
+# (1.3x LZ4's mask clips/s), the decoders spend no CPU compressing them (with 2 decoders on 2 cores
+# LZ4 cost 0.1 s per 100 videos, what kept the pack below 0.85x a decode-only pass), and they add
+# 0.84 MB per labelled video: 1.7 GB for the 2,000 labelled videos, ~4 % of a full pack's 38 GB.
 DEFAULT_COMPRESSION = "none"
-DEFAULT_MASK_COMPRESSION = "lz4"
+DEFAULT_MASK_COMPRESSION = "none"
+# Pseudo-masks (13,000 unlabelled videos) stay small: hdf5plugin's LZ4 filter stores them ~24x smaller
+# than raw (~1.9x gzip:1's size: 0.46 GB for 13,000 videos) and inflates ~3.5x faster than gzip:1.
+PSEUDO_MASK_COMPRESSION = "lz4"
+
+
+def flow_compression(mask_compression: str) -> str:
+    """The codec of a shard's ground-truth flow (synthetic sets): the masks' codec, LZ4 when masks
+    are stored raw (float16 flow is mostly zeros; raw it would be 3.2 MB per video at 160x240)."""
+    return "lz4" if mask_compression == "none" else mask_compression
+
+
 # A shard's temporary file: ours is ``.<shard>.tmp-<pid>``; ``<shard>.tmp`` is an older packer's.
 SHARD_TMP_PATTERN = re.compile(r"^\.?(train|val|unlabeled|hidden)-\d{3,}\.h5\.tmp(?:-\d+)?$")
 
@@ -353,7 +365,7 @@ def _write_shard(
                     dtype=np.float16,
                     chunks=(1, 1, 2, height, width),
                     track_times=False,
-                    **parse_compression(codecs["masks"]),  # mostly zeros (background), like masks
+                    **parse_compression(flow_compression(codecs["masks"])),
                 )
             for video_id, _ in plan.videos:
                 result = next(results)
@@ -374,7 +386,7 @@ def _write_shard(
                     if masks is not None:
                         _write_chunks(masks, row, mask_view, chunks["masks"], codecs["masks"])
                     if flow is not None:
-                        _write_chunks(flow, row, flow_view, chunks["flow"], codecs["masks"])
+                        _write_chunks(flow, row, flow_view, chunks["flow"], flow_compression(codecs["masks"]))
                     kept_ids.append(video_id)
                 progress.advance(1)
             if len(kept_ids) < planned:
@@ -477,7 +489,15 @@ def _pack_locked(
     atomic_write_json(out / JOURNAL_NAME, journal, indent=1)
     stores_flow = {plan.name: _stores_flow(plan) for plan in pending}
     tasks = [
-        (plan.split, vid, str(folder), size, codecs["frames"], codecs["masks"], stores_flow[plan.name])
+        (
+            plan.split,
+            vid,
+            str(folder),
+            size,
+            codecs["frames"],
+            codecs["masks"],
+            flow_compression(codecs["masks"]) if stores_flow[plan.name] else None,
+        )
         for plan in pending
         for vid, folder in plan.videos
     ]

@@ -59,12 +59,12 @@ def _init_decoder(shared, slot_count: int, slot_bytes: int) -> None:
 def _decode_into_slot(task, slots: np.ndarray | None = None):
     """Decode one video into its slot; compress chunks here when the codec allows (gzip, lz4).
 
-    Flow (``with_flow``) is stored with the masks' codec. Errors come back as values so the
-    writer decides between stopping and skipping.
+    ``flow_codec`` (None: the shard stores no flow) is the flow's codec (pack.flow_compression).
+    Errors come back as values so the writer decides between stopping and skipping.
     """
-    split, video_id, folder, size, slot, frames_codec, masks_codec, with_flow = task
+    split, video_id, folder, size, slot, frames_codec, masks_codec, flow_codec = task
     slots = _DECODER_SLOTS if slots is None else slots
-    frames, masks, flow = slot_views(slots, slot, split, size, with_flow)
+    frames, masks, flow = slot_views(slots, slot, split, size, flow_codec is not None)
     try:
         read_video(folder, split, size, frames_out=frames, masks_out=masks)
         if flow is not None:
@@ -74,11 +74,10 @@ def _decode_into_slot(task, slots: np.ndarray | None = None):
     chunks = {"frames": None, "masks": None, "flow": None}
     if (encode := _encoder(frames_codec)) is not None:
         chunks["frames"] = [encode(frame) for frame in frames]
-    if (encode := _encoder(masks_codec)) is not None:
-        if masks is not None:
-            chunks["masks"] = [encode(plane) for plane in masks]
-        if flow is not None:
-            chunks["flow"] = [encode(pair.view(np.uint8)) for pair in flow]
+    if masks is not None and (encode := _encoder(masks_codec)) is not None:
+        chunks["masks"] = [encode(plane) for plane in masks]
+    if flow is not None and (encode := _encoder(flow_codec)) is not None:
+        chunks["flow"] = [encode(pair.view(np.uint8)) for pair in flow]
     return ("ok", video_id, slot, chunks)
 
 

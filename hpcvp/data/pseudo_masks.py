@@ -22,7 +22,7 @@ from .manifest import (
     load_manifest,
     write_manifest,
 )
-from .pack import DEFAULT_MASK_COMPRESSION, DEFAULT_SHARD_SIZE
+from .pack import DEFAULT_SHARD_SIZE, PSEUDO_MASK_COMPRESSION
 from .shard_files import file_lock, open_h5, parse_compression, publish_shard
 
 
@@ -39,7 +39,7 @@ def add_pseudo_masks(
     run: str,
     *,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    compression: str = DEFAULT_MASK_COMPRESSION,
+    compression: str = PSEUDO_MASK_COMPRESSION,
     confidence: Sequence[float] | None = None,
 ) -> list[PseudoMaskEntry]:
     """Store predicted masks for packed videos as mask-only shards and list them in the manifest.
