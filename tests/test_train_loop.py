@@ -256,12 +256,13 @@ def test_truncate_metrics_drops_later_and_torn_lines(tmp_path):
     assert run.metrics_path.read_text().endswith("\n")
 
 
-def test_a_nan_step_is_skipped_and_the_run_goes_on(tmp_path, caplog):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_nan_step_is_skipped_and_the_run_goes_on(tmp_path, caplog, num_workers):
     """One NaN loss (step 8): its optimizer step is skipped (weights unchanged, no NaN spreads
     through AdamW and clipping), its line says so, and the run completes with finite weights."""
     run = RunDir(tmp_path / "toy" / "nan-once")
     with caplog.at_level("WARNING", logger="hpcvp.train"):
-        result = _fit(run, ToyTask(nan_at=(8, 8, None)))
+        result = _fit(run, ToyTask(nan_at=(8, 8, None)), num_workers=num_workers)
     assert (result.status, result.step) == ("completed", 20)
     rows = {r["step"]: r for r in run.read_metrics()}
     assert rows[8].get("skipped_steps") == 1 and "loss" not in rows[8]
@@ -270,6 +271,19 @@ def test_a_nan_step_is_skipped_and_the_run_goes_on(tmp_path, caplog):
     assert "step 8: gradients are not finite" in caplog.text
     state = load_latest(run.checkpoints).state
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_run_with_a_skipped_step_resumes_exactly_with_workers(tmp_path):
+    """NaN at step 8 (skipped), SIGTERM at step 10, resumed, 2 DataLoader workers: the same
+    weights, optimizer state and metrics lines as the uninterrupted run with the same NaN."""
+    ref = RunDir(tmp_path / "toy" / "skip-ref")
+    _fit(ref, ToyTask(nan_at=(8, 8, None)), num_workers=2)
+    run = RunDir(tmp_path / "toy" / "skip-resumed")
+    stopped = _fit(run, ToyTask(nan_at=(8, 8, None), signal_at={10: (None, 15)}), num_workers=2)
+    assert (stopped.status, stopped.step) == ("preempted", 10)
+    assert _fit(run, ToyTask(nan_at=(8, 8, None)), num_workers=2).status == "completed"
+    _assert_same_training(ref, run)
+    assert {r["step"]: r.get("skipped_steps") for r in run.read_metrics()}[8] == 1
 
 
 @pytest.mark.parametrize("log_every", [1, 5])
