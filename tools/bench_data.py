@@ -418,15 +418,16 @@ def main(argv=None) -> int:
         save_in_ram_masks(default_masks, reference_path)
     in_ram = InRamMasks(reference_path)
     cached_masks = ClipDataset(default_dir, "train", frames=False, masks=True, mask_cache=True)
-    gzip_dir = packed.get("gzip:1", (None,))[0]
     e_candidates = {
         "in_ram_int64": (worker_items(in_ram), len(in_ram)),
         "shards_default": (worker_items(default_masks), len(default_masks)),
         "shared_cache_u8": (worker_items(cached_masks), len(cached_masks)),
     }
-    if gzip_dir is not None:
-        gzip_masks = ClipDataset(gzip_dir, "train", frames=False, masks=True)
-        e_candidates["shards_gzip1"] = (worker_items(gzip_masks), len(gzip_masks))
+    for key, codec in (("shards_gzip1", "gzip:1"), ("shards_lz4", "lz4")):
+        codec_dir = packed.get(codec, (None,))[0]
+        if codec_dir is not None:
+            codec_masks = ClipDataset(codec_dir, "train", frames=False, masks=True)
+            e_candidates[key] = (worker_items(codec_masks), len(codec_masks))
     e_collated = interleaved_rates(e_candidates, args.seconds * len(e_candidates), args.rounds)
     e_items = interleaved_rates(
         {
@@ -544,7 +545,8 @@ def main(argv=None) -> int:
     labels_e = {
         "in_ram_int64": "public in-RAM loader: int64 tensor, one slice per item",
         "shards_default": f"shards, default masks {DEFAULT_MASK_COMPRESSION}",
-        "shards_gzip1": "shards, masks gzip:1 (the previous default)",
+        "shards_lz4": "shards, masks lz4 (the default until 2026-12-04; pseudo-masks' codec)",
+        "shards_gzip1": "shards, masks gzip:1 (the default before that)",
         "shared_cache_u8": "shared-RAM uint8 cache (`mask_cache=True`)",
     }
     for key, label in labels_e.items():
