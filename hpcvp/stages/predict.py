@@ -78,12 +78,13 @@ class PredictConfig:
     extrapolation_steps: float = 11.0  # frame 11 -> frame 22
     num_pictures: int = 4
     # Pipelines (a)/(a*): average the SimVP's softmax on the horizontally flipped input masks
-    # (prediction flipped back) with the plain one (quality benchmark: +0.008 on (a)).
+    # (prediction flipped back) with the plain one (quality benchmark: +0.005 to +0.008 on (a)).
     tta_hflip: bool = True
     # Pipelines (a)/(a*): average the softmax of K checkpoints of simvp_masks_run: its newest K
-    # snapshots when it kept some (train.snapshots; the simvp presets keep 1/3, 2/3 and the end),
-    # else its newest K checkpoints; 1 = the newest checkpoint only (benchmark: +0.014 on (a)).
-    ensemble: int = 3
+    # snapshots when it kept some (train.snapshots), else its newest K checkpoints; 1 = the newest
+    # checkpoint only. Off by default: with snapshots at 1/3, 2/3 and the end it gave +0.014 on (a)
+    # with cross-entropy and -0.010 with ce+lovasz (BENCHMARKS.md, quality).
+    ensemble: int = 1
 
     def validate(self) -> None:
         wanted = self.pipeline_list()

@@ -443,7 +443,6 @@ def _presets() -> dict[str, dict[str, Any]]:
             "train.channels_last": None,
             "train.compile": False,
             "train.max_steps": 150,
-            "train.snapshots": 3,  # predict's checkpoint ensemble
             "train.batch_size": 4,
             "train.lr": 2e-3,
             "train.weight_decay": 1e-4,
@@ -460,7 +459,6 @@ def _presets() -> dict[str, dict[str, Any]]:
     full.update(
         {
             "train.max_steps": 30000,
-            "train.snapshots": 3,  # predict's checkpoint ensemble: steps 10k, 20k, 30k
             "train.batch_size": 16,
             "train.lr": 1e-3,
             "train.eval_every": 2000,
