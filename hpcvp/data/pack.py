@@ -83,11 +83,11 @@ DEFAULT_SHARD_SIZE = 250
 # gzip (page cache -> array with one preadv). Train/val masks are stored raw too: they read fastest
 # (1.3x LZ4's mask clips/s), the decoders spend no CPU compressing them (with 2 decoders on 2 cores
 # LZ4 cost 0.1 s per 100 videos, what kept the pack below 0.85x a decode-only pass), and they add
-# 0.84 MB per labelled video: 1.7 GB for the 2,000 labelled videos, ~4 % of a full pack's 38 GB.
+# 0.84 MB per labelled video: 1.7 GB for the 2,000 labelled videos, ~4 % of a full pack's 40 GB.
 DEFAULT_COMPRESSION = "none"
 DEFAULT_MASK_COMPRESSION = "none"
 # Pseudo-masks (13,000 unlabelled videos) stay small: hdf5plugin's LZ4 filter stores them ~24x smaller
-# than raw (~1.9x gzip:1's size: 0.46 GB for 13,000 videos) and inflates ~3.5x faster than gzip:1.
+# than raw (~1.8x gzip:1's size: 0.44 GB for 13,000 videos) and inflates ~3.5x faster than gzip:1.
 PSEUDO_MASK_COMPRESSION = "lz4"
 
 
