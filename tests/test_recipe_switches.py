@@ -110,11 +110,11 @@ class _OneHotLast(nn.Module):
 
 
 class _Shift(nn.Module):
-    """Not flip-equivariant: shifts the last mask one pixel to the right (a 'motion')."""
+    """Not flip-equivariant: shifts the last mask one pixel right and one down (a 'motion')."""
 
     def forward(self, x):
         onehot = F.one_hot(x[:, -1].long(), NUM_CLASSES).movedim(-1, 1).float() * 3
-        return torch.roll(onehot, 1, dims=-1).unsqueeze(1).expand(-1, NUM_INPUT_FRAMES, -1, -1, -1)
+        return torch.roll(onehot, (1, 1), dims=(-2, -1)).unsqueeze(1).expand(-1, NUM_INPUT_FRAMES, -1, -1, -1)
 
 
 def test_tta_hflip_equivariant_model_keeps_its_argmax():
@@ -132,6 +132,13 @@ def test_tta_hflip_averages_plain_and_flipped_back_softmax():
     q = model(masks.flip(-1).long())[:, -1].softmax(1).flip(-1)
     assert not torch.allclose(p, q)
     assert torch.allclose(predict.mask22_probs(model, masks, hflip=True), (p + q) / 2, atol=1e-6)
+    # vflip: the height-flipped prediction flipped back joins the mean, alone or beside hflip
+    r = model(masks.flip(-2).long())[:, -1].softmax(1).flip(-2)
+    assert not torch.allclose(p, r) and not torch.allclose(q, r)
+    assert torch.allclose(predict.mask22_probs(model, masks, vflip=True), (p + r) / 2, atol=1e-6)
+    both = predict.mask22_probs(model, masks, hflip=True, vflip=True)
+    assert torch.allclose(both, (p + q + r) / 3, atol=1e-6)
+    assert torch.allclose(both.sum(1), torch.ones_like(both[:, 0]), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ 5. checkpoint ensemble

@@ -114,9 +114,9 @@ STAGE_OF = {
     "simvp_frames": ("simvp", "simvp/frames"),
     "raft": ("raft", "raft/default"),
 }
-# The predict defaults of the recipe: flip TTA (hpcvp's default too). The default SimVP masks run
+# The predict defaults of the recipe: flip TTA, horizontal and vertical (hpcvp's defaults too). The default SimVP masks run
 # keeps snapshots at 1/3, 2/3 and the end (train.snapshots) for the ensemble row of --ablate.
-PREDICT_RECIPE = ["tta_hflip=true"]
+PREDICT_RECIPE = ["tta_hflip=true", "tta_vflip=true"]
 ENSEMBLE_CHECKPOINTS = 3
 # --ablate: (name, what it changes against the default, simvp masks overrides or None = the default
 # run, predict overrides). "{q20}" = the 20th percentile of the pseudo-masks' stored confidence, so
@@ -126,7 +126,8 @@ ABLATIONS = [
     ("lovasz as a fine-tune only", "lovasz_from=0.8", ["lovasz_from=0.8"], []),
     ("scored-frame weight", "last_frame_weight=4", ["last_frame_weight=4"], []),
     ("pseudo-mask confidence filter", "pseudo_min_confidence={q20}", ["pseudo_min_confidence={q20}"], []),
-    ("no flip TTA", "predict tta_hflip=false", None, ["tta_hflip=false"]),
+    ("no flip TTA", "predict tta_hflip=false tta_vflip=false", None, ["tta_hflip=false", "tta_vflip=false"]),
+    ("horizontal flip TTA only", "predict tta_vflip=false", None, ["tta_vflip=false"]),
     ("checkpoint ensemble", "predict ensemble=3", None, ["ensemble=3"]),
 ]
 COMMON = ["train.num_workers=0", "train.save_every_steps=0", "train.save_every_minutes=0", "train.progress=plain"]
