@@ -114,10 +114,12 @@ STAGE_OF = {
     "simvp_frames": ("simvp", "simvp/frames"),
     "raft": ("raft", "raft/default"),
 }
-# The predict defaults of the recipe: flip TTA, horizontal and vertical (hpcvp's defaults too). The default SimVP masks run
-# keeps snapshots at 1/3, 2/3 and the end (train.snapshots) for the ensemble row of --ablate.
+# The predict defaults of the recipe: flip TTA, horizontal and vertical (hpcvp's defaults too,
+# pinned here so the benchmark's meaning does not move with them).
 PREDICT_RECIPE = ["tta_hflip=true", "tta_vflip=true"]
-ENSEMBLE_CHECKPOINTS = 3
+# Every SimVP masks run here keeps snapshots at 1/3, 2/3 and the end for the ensemble row of
+# --ablate (no effect on training).
+ENSEMBLE_SNAPSHOTS = ["train.snapshots=3"]
 # --ablate: (name, what it changes against the default, simvp masks overrides or None = the default
 # run, predict overrides). "{q20}" = the 20th percentile of the pseudo-masks' stored confidence, so
 # that the filter drops the least confident fifth of the pseudo-labelled videos.
@@ -196,11 +198,6 @@ def predict_a(data: Path, runs: Path, name: str, simvp_run: Path, overrides: lis
     return float("nan") if value is None else float(value)
 
 
-def ensemble_checkpoints(steps: int) -> list[str]:
-    """Keep the run's checkpoints at 1/3, 2/3 and the end for predict's ensemble (no effect on training)."""
-    return [f"train.snapshots={ENSEMBLE_CHECKPOINTS}"]
-
-
 def ablation_table(data: Path, runs: Path, steps: int, default_a: float) -> list[str]:
     """One row per recipe piece changed alone against the default run (see ABLATIONS)."""
     import numpy as np
@@ -225,7 +222,7 @@ def ablation_table(data: Path, runs: Path, steps: int, default_a: float) -> list
                 + COMMON
                 + simvp_overrides
                 + [f"train.max_steps={steps}", f"train.log_every={max(1, steps // 10)}"]
-                + ensemble_checkpoints(steps),
+                + ENSEMBLE_SNAPSHOTS,
             )
         value = predict_a(data, runs, f"ablate-{len(rows)}", simvp_run, predict_overrides)
         rows.append(
@@ -308,7 +305,7 @@ def main(argv=None) -> int:
         steps = max(10, int(0.9 * share / per_step))
         steps_of[key] = steps
         run_dir = runs / run_name
-        extra = ensemble_checkpoints(steps) if key == "simvp_masks" else []
+        extra = ENSEMBLE_SNAPSHOTS if key == "simvp_masks" else []
         worker(
             stage,
             data,

@@ -357,6 +357,7 @@ def _write_shard(
                     **parse_compression(codecs["masks"]),
                 )
             flow = None
+            flow_codec = flow_compression(codecs["masks"])
             if stores_flow:  # decoded and compressed by the decoders, like the masks
                 flow = shard.create_dataset(
                     "flow",
@@ -365,7 +366,7 @@ def _write_shard(
                     dtype=np.float16,
                     chunks=(1, 1, 2, height, width),
                     track_times=False,
-                    **parse_compression(flow_compression(codecs["masks"])),
+                    **parse_compression(flow_codec),
                 )
             for video_id, _ in plan.videos:
                 result = next(results)
@@ -386,7 +387,7 @@ def _write_shard(
                     if masks is not None:
                         _write_chunks(masks, row, mask_view, chunks["masks"], codecs["masks"])
                     if flow is not None:
-                        _write_chunks(flow, row, flow_view, chunks["flow"], flow_compression(codecs["masks"]))
+                        _write_chunks(flow, row, flow_view, chunks["flow"], flow_codec)
                     kept_ids.append(video_id)
                 progress.advance(1)
             if len(kept_ids) < planned:
@@ -488,6 +489,7 @@ def _pack_locked(
     journal = {"config": config, "shards": dict(records)}
     atomic_write_json(out / JOURNAL_NAME, journal, indent=1)
     stores_flow = {plan.name: _stores_flow(plan) for plan in pending}
+    flow_codec = flow_compression(codecs["masks"])
     tasks = [
         (
             plan.split,
@@ -496,7 +498,7 @@ def _pack_locked(
             size,
             codecs["frames"],
             codecs["masks"],
-            flow_compression(codecs["masks"]) if stores_flow[plan.name] else None,
+            flow_codec if stores_flow[plan.name] else None,
         )
         for plan in pending
         for vid, folder in plan.videos

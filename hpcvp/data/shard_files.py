@@ -177,10 +177,10 @@ def check_file(path: Path, size: int, checksum: str) -> str | None:
         return "missing"
     if actual_size != size:
         return f"size {actual_size} bytes, manifest says {size}"
-    algorithm, _ = split_checksum(checksum)
-    actual = file_checksum(path, algorithm)
-    if actual != checksum:
-        return f"{algorithm} {actual.partition(':')[2][:16]}... does not match the manifest's {checksum.partition(':')[2][:16]}..."
+    algorithm, expected = split_checksum(checksum)
+    _, actual = split_checksum(file_checksum(path, algorithm))
+    if actual != expected:
+        return f"{algorithm} {actual[:16]}... does not match the manifest's {expected[:16]}..."
     return None
 
 
