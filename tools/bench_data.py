@@ -155,6 +155,35 @@ def without_flow(raw: Path, split: str = "train") -> Path:
     return view
 
 
+def with_sensor_noise(raw: Path, split: str = "train", sigma: float = 1.5) -> Path:
+    """The competition files with frames the size of the real ones: each PNG re-encoded with
+    Gaussian noise (sigma 1.5 grey levels, fixed seed) under ``<raw>-noisy``, mask.npy hard-linked.
+
+    The synthetic renders are flat and compress to ~2.5 KB per frame; the course's rendered frames
+    carry render noise and weigh tens of KB, so inflating them is most of a real decode. At sigma
+    1.5 a 160x240 frame is ~50 KB."""
+    from PIL import Image
+
+    view = raw.parent / f"{raw.name}-noisy"
+    rng = np.random.default_rng(0)
+    for source in [raw / "hpcvp_synthetic.json", *sorted((raw / split).glob("video_*/*"))]:
+        if source.name == "flow.npy" or not source.is_file():
+            continue
+        target = view / source.relative_to(raw)
+        if target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.suffix != ".png":
+            os.link(source, target)
+            continue
+        frame = np.asarray(Image.open(source)).astype(np.float32)
+        noisy = np.clip(np.rint(frame + rng.normal(0.0, sigma, frame.shape)), 0, 255).astype(np.uint8)
+        partial = target.with_name(f".{target.name}.tmp")
+        Image.fromarray(noisy).save(partial, format="PNG")
+        partial.rename(target)
+    return view
+
+
 def interleaved_rates(candidates: dict, seconds: float, rounds: int) -> dict[str, float]:
     """Median calls/s of each ``name -> (function(i), count)``, measured in alternating rounds.
 
@@ -272,7 +301,12 @@ def main(argv=None) -> int:
         help="videos per shard in (a) (default: the packer's, 250: 100 videos make one shard, whose "
         "sha256 runs after the last write; in a full pack each shard's hash overlaps the next shard)",
     )
-    parser.add_argument("--sources", default="competition,flow", help="(a)'s raw sets: competition (no flow.npy), flow")
+    parser.add_argument(
+        "--sources",
+        default="competition,noisy,flow",
+        help="(a)'s raw sets: competition (no flow.npy), noisy (the same with ~50 KB noisy PNGs, the real "
+        "frames' size), flow (synthetic, + flow.npy)",
+    )
     args = parser.parse_args(argv)
 
     # here, not at the top: the decode-only passes' spawned processes re-import this file and
@@ -295,7 +329,11 @@ def main(argv=None) -> int:
     # count, alternating. Two sources: the competition's files (PNGs + mask.npy: what a user packs)
     # and the synthetic set as generated (+ flow.npy, which the packer stores and the decode reads).
     shard_size = args.shard_size or DEFAULT_SHARD_SIZE
-    all_sources = {"competition": ("competition files", without_flow), "flow": ("synthetic, + flow.npy", None)}
+    all_sources = {
+        "competition": ("competition files", without_flow),
+        "noisy": ("competition files, frames re-encoded with noise (~50 KB PNGs)", with_sensor_noise),
+        "flow": ("synthetic, + flow.npy", None),
+    }
     sources = {}
     for key in args.sources.split(","):
         label, view = all_sources[key.strip()]

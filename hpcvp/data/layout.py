@@ -17,6 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+try:
+    import pyspng
+except ImportError:  # no wheel for this platform (see setup.cfg): Pillow decodes every frame
+    pyspng = None
+
 NUM_CLASSES = 49  # 3 shapes x 2 materials x 8 colours + background (class 0)
 HEIGHT, WIDTH = 160, 240
 NUM_FRAMES = 22
@@ -125,73 +130,48 @@ def missing_files(folder: os.PathLike | str, split: str) -> list[Path]:
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The IHDR chunk comes first in every PNG: length 13, type, then width, height, depth, colour type.
+_IHDR_HEAD = struct.Struct(">8sI4sIIBB")
 _CHUNK_HEAD = struct.Struct(">I4s")
-_IHDR = struct.Struct(">IIBBBBB")
-# Pillow internals the fast path uses (stable since Pillow 2.x); without them, Image.open does it all.
-_FAST_PNG = all(
-    hasattr(owner, name) for owner, name in ((Image, "_getdecoder"), (Image, "_getencoder"), (Image.core, "new"))
-)
 
 
-def _decode_png_rgb8(data: bytes, path: Path, size: tuple[int, int], out: np.ndarray) -> bool:
-    """Decode an 8-bit, non-interlaced RGB PNG held in ``data`` into ``out`` with Pillow's own zlib
-    decoder, skipping ``Image.open``'s Python chunk parser (~30 % of a 160x240 frame's decode).
+def _is_rgb8_png(data: bytes, path: Path, size: tuple[int, int]) -> bool:
+    """True for an intact 8-bit RGB PNG of ``size`` (the competition's frames): those go to libspng.
 
-    Returns False (nothing written) for anything else (palette, grey, alpha, 16-bit, interlaced,
-    an unusual chunk layout): the caller then goes through ``Image.open``. Raises ``RawDataError``
-    for a size mismatch or a corrupt or truncated stream, like the ``Image.open`` path.
+    False for anything else (palette, grey, alpha, 16-bit, not a PNG): ``Image.open`` decodes it,
+    with Pillow's conversion rules. Raises ``RawDataError`` for an RGB8 PNG of another size, a
+    truncated chunk or a chunk whose CRC does not match: pyspng does not check CRCs, and a flipped
+    bit in the image data would otherwise decode to wrong pixels without an error.
     """
-    if not data.startswith(_PNG_SIGNATURE):
+    if len(data) < _IHDR_HEAD.size:
         return False
-    view = memoryview(data)
-    end_of_file = len(data)
-    pos = 8
-    header = None
-    idat: list[memoryview] = []
-    while pos + 12 <= end_of_file:
-        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
-        body = pos + 8
-        pos = body + length + 4
-        if pos > end_of_file:
-            raise RawDataError(path, "unreadable PNG (truncated chunk)")
-        if kind == b"IHDR" and length == 13:
-            if zlib.crc32(view[body - 4 : body + 13]) != int.from_bytes(view[body + 13 : body + 17], "big"):
-                raise RawDataError(path, "unreadable PNG (broken IHDR checksum)")
-            header = _IHDR.unpack_from(data, body)
-        elif kind == b"IDAT":
-            idat.append(view[body : body + length])
-        elif kind == b"IEND":
-            break
-    if header is None or not idat:
-        return False
-    width, height, depth, colour, _, _, interlace = header
-    if depth != 8 or colour != 2 or interlace != 0:
+    signature, length, kind, width, height, depth, colour = _IHDR_HEAD.unpack_from(data)
+    if signature != _PNG_SIGNATURE or length != 13 or kind != b"IHDR" or depth != 8 or colour != 2:
         return False
     if (height, width) != tuple(size):
         raise RawDataError(path, f"image is {height}x{width} (HxW), expected {size[0]}x{size[1]}")
-    image = Image.core.new("RGB", (width, height))
-    decoder = Image._getdecoder("RGB", "zip", "RGB")
-    decoder.setimage(image, (0, 0, width, height))
-    status, error = 0, 0
-    for part in idat:
-        status, error = decoder.decode(part)
-        if status < 0:
+    view = memoryview(data)
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            raise RawDataError(path, f"unreadable PNG (truncated {kind.decode('latin-1')} chunk)")
+        if zlib.crc32(view[pos + 4 : end]) != int.from_bytes(view[end : end + 4], "big"):
+            raise RawDataError(path, f"unreadable PNG (broken {kind.decode('latin-1')} chunk checksum)")
+        if kind == b"IEND":
             break
-    decoder.cleanup()
-    if error < 0 or status >= 0:
-        raise RawDataError(path, "unreadable PNG (corrupt or truncated image data)")
-    encoder = Image._getencoder("RGB", "raw", "RGB")
-    encoder.setimage(image, (0, 0, width, height))
-    _, _, pixels = encoder.encode(width * height * 3 + 64)  # one call: the whole frame, RGBX -> RGB
-    out.reshape(-1)[:] = np.frombuffer(pixels, dtype=np.uint8)
+        pos = end + 4
     return True
 
 
 def read_frame(path: Path, size: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
     """Decode one PNG into ``out`` (H, W, 3) uint8; alpha is dropped, grey is expanded.
 
-    8-bit RGB PNGs (the competition's) are decoded by ``_decode_png_rgb8`` straight from the file's
-    bytes; anything else through ``Image.open``.
+    8-bit RGB PNGs (the competition's) are decoded by libspng (``pyspng``: ~30 % less CPU per
+    160x240 frame than Pillow, BENCHMARKS.md) after every chunk's CRC is checked; anything else, and
+    every PNG where pyspng has no wheel, through ``Image.open``. Both decoders are lossless, so the
+    pixels are the same either way.
     """
     height, width = size
     if out is None:
@@ -203,7 +183,11 @@ def read_frame(path: Path, size: tuple[int, int], out: np.ndarray | None = None)
         raise RawDataError(path, "missing frame") from None
     except OSError as error:
         raise RawDataError(path, f"unreadable PNG ({error})") from None
-    if _FAST_PNG and out.flags.c_contiguous and _decode_png_rgb8(data, path, size, out):
+    if pyspng is not None and _is_rgb8_png(data, path, size):
+        try:
+            out[...] = pyspng.load(data, format="RGB")
+        except (RuntimeError, ValueError) as error:  # libspng's "could not decode image: <reason>"
+            raise RawDataError(path, f"unreadable PNG ({error})") from None
         return out
     try:
         with Image.open(io.BytesIO(data)) as image:
