@@ -112,27 +112,32 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     rng = random.Random(1337)
     ref = RunDir(tmp_path / "ref")
     run = RunDir(tmp_path / "run")
+    # the interrupted run reads with 2 DataLoader workers per rank and keeps snapshots at steps 14
+    # and 28; neither may change the training (the reference has neither)
+    users = ["--set", "num_workers=2", "--set", "snapshots=2"]
     # the reference runs while the first interrupted segment runs (4 processes at most)
     ref_procs = _launch(ref.path, "torchrun")
     # 1) every rank signalled, right after the save at step 4
-    first = _finish(_launch(run.path, "torchrun", ["--signal-at", "5"]))
+    first = _finish(_launch(run.path, "torchrun", [*users, "--signal-at", "5"]))
     _assert_stopped_together(first, 5, "SIGUSR2")
     for code, res in _finish(ref_procs):
         assert (code, res["status"], res["step"]) == (0, "completed", 28)
     # 2) only rank 1 signalled, at a save step (the save happens once)
     _assert_stopped_together(
-        _finish(_launch(run.path, "torchrun", ["--signal-at", "8", "--signal-rank", "1"])), 8, "SIGUSR2"
+        _finish(_launch(run.path, "torchrun", [*users, "--signal-at", "8", "--signal-rank", "1"])), 8, "SIGUSR2"
     )
     # 3) Slurm-style launch; only rank 0 gets SIGTERM at a random mid-epoch step
     mid = rng.choice([s for s in range(9, 20) if s % 4 and s % 6])
     _assert_stopped_together(
-        _finish(_launch(run.path, "slurm", ["--signal-at", str(mid), "--signal-rank", "0", "--signal", "TERM"])),
+        _finish(
+            _launch(run.path, "slurm", [*users, "--signal-at", str(mid), "--signal-rank", "0", "--signal", "TERM"])
+        ),
         mid,
         "SIGTERM",
     )
     assert latest_step(run) == mid
     # 4) a signal from outside, at a random moment, to rank 1 only
-    procs = _launch(run.path, "slurm", ["--step-sleep-s", "0.05"])
+    procs = _launch(run.path, "slurm", [*users, "--step-sleep-s", "0.05"])
     wait_for = mid + rng.randint(1, 4)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -148,10 +153,11 @@ def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     assert wait_for <= stopped < CFG["max_steps"]
     _assert_stopped_together(results, stopped, "SIGUSR2")
     # 5) to the end
-    for code, res in _finish(_launch(run.path, "torchrun")):
+    for code, res in _finish(_launch(run.path, "torchrun", users)):
         assert (code, res["status"], res["step"], res["resumed_from"]) == (0, "completed", 28, stopped)
 
     final = load_latest(run.checkpoints)
+    assert "step_00000014" in {p.name for p in run.checkpoints.iterdir()}  # the snapshot outlives pruning
     assert len(final.ranks) == 2  # every rank's RNG state, and they differ (per-rank seeding)
     assert not torch.equal(final.ranks[0]["rng"]["torch"], final.ranks[1]["rng"]["torch"])
     a, b = load_latest(ref.checkpoints).state, final.state

@@ -160,18 +160,23 @@ def test_time_based_saves_and_keep_last(tmp_path):
     assert [p.name for p in run2.checkpoints.iterdir()] == ["step_00000008"]  # the final one
 
 
-def test_snapshots_are_saved_at_fractions_of_the_run_and_never_pruned(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_snapshots_are_saved_at_fractions_of_the_run_and_never_pruned(tmp_path, num_workers):
     run = RunDir(tmp_path / "toy" / "snapshots")
     cfg = TrainConfig(**{**BASE, "snapshots": 3, "keep_last": 2})
     assert cfg.snapshot_steps() == {7, 13, 20}
     # a run stopped by a signal at step 9 and resumed keeps snapshot 7 beside the newest two
-    _fit(run, ToyTask(signal_at={9: (None, 12)}), snapshots=3, keep_last=2)
+    _fit(run, ToyTask(signal_at={9: (None, 12)}), snapshots=3, keep_last=2, num_workers=num_workers)
     names = [p.name for p in sorted(run.checkpoints.iterdir())]
     assert names == ["step_00000006", "step_00000007", "step_00000009"]
-    _fit(run, snapshots=3, keep_last=2)
+    _fit(run, snapshots=3, keep_last=2, num_workers=num_workers)
     names = [p.name for p in sorted(run.checkpoints.iterdir())]
     # saves at 12, 13 (snapshot), 18, 20 (end, snapshot): besides the snapshots the newest two, 12 and 18
     assert names == ["step_00000007", "step_00000012", "step_00000013", "step_00000018", "step_00000020"]
+    # the extra saves change nothing in the training: same weights as a plain uninterrupted run
+    ref = RunDir(tmp_path / "toy" / "plain")
+    _fit(ref, num_workers=num_workers)
+    _assert_same_training(ref, run)
     assert TrainConfig(max_steps=2, snapshots=3).snapshot_steps() == {1, 2}
     with pytest.raises(ValueError, match="snapshots"):
         TrainConfig(snapshots=-1)
