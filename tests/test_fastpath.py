@@ -34,21 +34,26 @@ A100_40 = card("NVIDIA A100-SXM4-40GB", 8, 0, 40)
 H200 = card("NVIDIA H200", 9, 0, 141)
 
 
-def test_defaults_by_device_type():
-    fast = device_fast_path("cuda", H200)
-    assert (fast.amp, fast.channels_last, fast.compile) == ("bf16", True, True)
+def test_defaults_by_device_type_and_model():
+    # cc >= 8: bf16, and per model what the H200 table shows
+    for model, layout_and_compile in [("unet", (True, False)), ("simvp", (False, True)), ("default", (False, False))]:
+        fast = device_fast_path("cuda", H200, model=model)
+        assert (fast.amp, fast.channels_last, fast.compile) == ("bf16", *layout_and_compile), model
+        assert model in fast.why
     assert device_fast_path("cuda", A100_40).amp == "bf16"
     for props in (V100, RTX8000):  # no bf16 on compute capability 7.x
-        fast = device_fast_path("cuda", props)
-        assert (fast.amp, fast.compile) == ("fp16", False) and "GradScaler" in fast.why
-    assert device_fast_path("cpu", cpuinfo="flags : avx512f amx_bf16").amp == "bf16"
+        fast = device_fast_path("cuda", props, model="unet")
+        assert (fast.amp, fast.channels_last, fast.compile) == ("fp16", True, False) and "GradScaler" in fast.why
+    assert device_fast_path("cpu", cpuinfo="flags : avx512f avx512_bf16 amx_bf16 amx_tile").amp == "bf16"
+    assert device_fast_path("cpu", cpuinfo="flags : avx512f avx512_bf16").amp == "off"  # measured 0.73x
     assert device_fast_path("cpu", cpuinfo="flags : avx2 fma").amp == "off"
     assert device_fast_path("cpu").compile is False and device_fast_path("cpu").channels_last
     assert resolve_amp("auto", torch.device("cuda"), V100) == "fp16"
     assert resolve_amp("auto", torch.device("cpu")) == "off"  # small CPU runs and tests keep fp32
-    assert resolve_amp("fast", torch.device("cpu"), cpuinfo="flags : avx512_bf16") == "bf16"
-    with pytest.raises(ValueError, match="fp16"):
-        resolve_amp("fp16", torch.device("cpu"))
+    assert resolve_amp("fast", torch.device("cpu"), cpuinfo="flags : amx_bf16") == "bf16"
+    assert resolve_amp("fp16", torch.device("cpu")) == "fp16"  # runs (slowly): the GradScaler path on CPU
+    with pytest.raises(ValueError, match="fast_path_model"):
+        TrainConfig(fast_path_model="resnet")
 
 
 def test_full_simvp_preset_leaves_the_fast_path_to_the_device():
@@ -139,10 +144,14 @@ def test_compile_pays_back_rule():
 
 
 @pytest.mark.parametrize(
-    "stage, overrides",
-    [("seg", []), ("simvp", ["mode=frames"]), ("simvp", ["mode=masks"])],
+    "stage, overrides, cuda_layout_and_compile",
+    [
+        ("seg", [], (True, False)),  # U-Net: channels_last + bf16 beat compile + bf16 on the H200
+        ("simvp", ["mode=frames"], (False, True)),  # SimVP: compile + bf16; channels_last gained nothing
+        ("simvp", ["mode=masks"], (False, True)),
+    ],
 )
-def test_full_presets_take_the_device_fast_path(monkeypatch, stage, overrides):
+def test_full_presets_take_the_device_fast_path(monkeypatch, stage, overrides, cuda_layout_and_compile):
     """The `full` presets of seg and SimVP (frames and masks) leave amp, channels_last and compile
     to the device: what the Trainer resolves on a simulated H200, A100, V100, RTX 8000 and CPUs."""
     import hpcvp.train.fastpath as fastpath
@@ -150,25 +159,28 @@ def test_full_presets_take_the_device_fast_path(monkeypatch, stage, overrides):
 
     train = build_config(stage, "full", overrides).train
     assert (train.amp, train.channels_last, train.compile) == ("fast", None, None)
+    channels_last, compile_ = cuda_layout_and_compile
     expected = [
-        (H200, ("bf16", True, True)),
-        (A100_40, ("bf16", True, True)),
-        (V100, ("fp16", True, False)),  # no bf16 on cc 7.x: fp16 + GradScaler
-        (RTX8000, ("fp16", True, False)),
+        (H200, ("bf16", channels_last, compile_)),
+        (A100_40, ("bf16", channels_last, compile_)),
+        (V100, ("fp16", channels_last, False)),  # no bf16 on cc 7.x: fp16 + GradScaler
+        (RTX8000, ("fp16", channels_last, False)),
     ]
     for props, settings in expected:
         # as on a GPU node: the Trainer asks torch.cuda for the card's properties
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, props=props: props)
         fast = fastpath.effective_fast_path(train, torch.device("cuda", 0))
         assert (fast.amp, fast.channels_last, fast.compile) == settings, props.name
-    bf16_cpu = fastpath.effective_fast_path(train, "cpu", cpuinfo="flags : avx512f avx512_bf16")
+        assert "set by the config" not in fast.why
+    bf16_cpu = fastpath.effective_fast_path(train, "cpu", cpuinfo="flags : avx512f avx512_bf16 amx_bf16")
     assert (bf16_cpu.amp, bf16_cpu.channels_last, bf16_cpu.compile) == ("bf16", True, False)
     plain_cpu = fastpath.effective_fast_path(train, "cpu", cpuinfo="flags : avx2 fma")
     assert (plain_cpu.amp, plain_cpu.channels_last, plain_cpu.compile) == ("off", True, False)
-    # explicit settings still win over the device's
+    # explicit settings still win over the device's, and the reason says so
     forced = build_config(stage, "full", [*overrides, "train.compile=false", "train.amp=off"]).train
     fast = fastpath.effective_fast_path(forced, "cuda", H200)
-    assert (fast.amp, fast.channels_last, fast.compile) == ("off", True, False)
+    assert (fast.amp, fast.channels_last, fast.compile) == ("off", channels_last, False)
+    assert fast.why.endswith("set by the config: amp, compile")
 
 
 def test_trainer_takes_the_device_fast_path_when_the_config_leaves_it(monkeypatch, tmp_path):

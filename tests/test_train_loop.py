@@ -218,14 +218,74 @@ def test_gradient_accumulation_matches_a_bigger_batch(tmp_path):
     assert (sa["epoch"], sa["position"]) == (sb["epoch"], sb["position"])
 
 
-def test_amp_and_compile_options(tmp_path):
-    with pytest.raises(ValueError, match="fp16"):
-        _fit(RunDir(tmp_path / "toy" / "fp16"), amp="fp16")
-    run = RunDir(tmp_path / "toy" / "compiled")
-    result = _fit(run, compile=True, compile_backend="eager", max_steps=3, channels_last=True, amp="bf16")
-    assert result.status == "completed"
-    keys = load_latest(run.checkpoints).state["model"].keys()
-    assert not [k for k in keys if "_orig_mod" in k or k.startswith("module.")]
+def test_compiled_run_saves_plain_keys_logs_its_compile_time_and_resumes_either_way(tmp_path, caplog):
+    """A run compiled with aot_eager (forward and backward graphs through AOTAutograd), stopped at
+    step 5 and resumed compiled or eager, ends bitwise equal to an uninterrupted eager run."""
+    ref = RunDir(tmp_path / "toy" / "eager")
+    assert _fit(ref, max_steps=12).status == "completed"
+    for resume_compiled in (True, False):
+        run = RunDir(tmp_path / "toy" / f"compiled-then-{resume_compiled}")
+        with caplog.at_level("INFO", logger="hpcvp.train"):
+            stopped = _fit(
+                run, ToyTask(signal_at={5: (None, 12)}), compile=True, compile_backend="aot_eager", max_steps=12
+            )
+        assert stopped.status == "preempted"
+        assert any("torch.compile: the first step took" in r.getMessage() for r in caplog.records)
+        keys = load_latest(run.checkpoints).state["model"].keys()
+        assert keys and not [k for k in keys if "_orig_mod" in k or k.startswith("module.")]
+        assert _fit(run, compile=resume_compiled, compile_backend="aot_eager", max_steps=12).status == "completed"
+        _assert_same_training(ref, run)
+    # and the other way: saved eager, resumed compiled
+    run = RunDir(tmp_path / "toy" / "eager-then-compiled")
+    assert _fit(run, ToyTask(signal_at={5: (None, 12)}), max_steps=12).status == "preempted"
+    assert _fit(run, compile=True, compile_backend="aot_eager", max_steps=12).status == "completed"
+    _assert_same_training(ref, run)
+
+
+class _BackwardFails(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("simulated backward compile failure")
+
+
+def test_a_backward_that_fails_to_compile_falls_back_to_eager_and_redoes_the_step(tmp_path, monkeypatch):
+    """torch.compile compiles the backward graph at the first backward: a failure there switches
+    to eager with one warning and redoes the step on the same batches (BatchNorm statistics
+    restored), so the run equals a plain eager one."""
+
+    def fake_compile(module, backend):
+        return lambda *args, **kwargs: _BackwardFails.apply(module(*args, **kwargs))
+
+    ref = RunDir(tmp_path / "toy" / "eager")
+    assert _fit(ref, max_steps=6).status == "completed"
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    run = RunDir(tmp_path / "toy" / "fallback")
+    with pytest.warns(UserWarning, match="simulated backward compile failure") as warned:
+        assert _fit(run, compile=True, max_steps=6).status == "completed"
+    assert len([w for w in warned if "torch.compile failed" in str(w.message)]) == 1
+    _assert_same_training(ref, run)
+
+
+def test_fp16_gradscaler_state_is_part_of_exact_resume(tmp_path):
+    """fp16 autocast + GradScaler (the V100/RTX 8000 path; on a CPU it runs, slowly). The NaN
+    loss at step 8 makes the scaler skip that step and halve its scale; a run stopped at step 10
+    must resume with the halved scale and end bitwise equal to an uninterrupted run."""
+    ref = RunDir(tmp_path / "toy" / "ref")
+    assert _fit(ref, ToyTask(nan_at=(8, 8, None)), amp="fp16", max_steps=14).status == "completed"
+    run = RunDir(tmp_path / "toy" / "run")
+    stopped = _fit(run, ToyTask(nan_at=(8, 8, None), signal_at={10: (None, 12)}), amp="fp16", max_steps=14)
+    assert stopped.status == "preempted"
+    scaler = load_latest(run.checkpoints).state["scaler"]
+    assert scaler["scale"] == 2.0**15  # 2**16 halved once, by the skipped step 8
+    assert _fit(run, ToyTask(nan_at=(8, 8, None)), amp="fp16", max_steps=14).status == "completed"
+    _assert_same_training(ref, run)
+    a, b = load_latest(ref.checkpoints).state, load_latest(run.checkpoints).state
+    assert a["scaler"] == b["scaler"] and not tree_differences(a["optimizer"], b["optimizer"])
+    assert _metrics(ref) == _metrics(run)
 
 
 def test_progress_plain_lines_when_not_a_tty():

@@ -40,7 +40,9 @@ class SegConfig:
     preset: str = "full"
     model: UNetSettings = field(default_factory=UNetSettings)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(max_steps=20000, batch_size=32, lr=1e-3, eval_every=2000)
+        default_factory=lambda: TrainConfig(
+            max_steps=20000, batch_size=32, lr=1e-3, eval_every=2000, fast_path_model="unet"
+        )
     )
     train_splits: str = "train"  # comma list; "train,unlabeled" with mask_source=any after pseudo-labelling
     mask_source: str = "true"  # true | pseudo | any (see hpcvp.data.datasets)

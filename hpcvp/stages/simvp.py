@@ -67,7 +67,7 @@ class SimVPConfig:
     model: SimVPSettings = field(default_factory=SimVPSettings)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            max_steps=30000, batch_size=16, lr=1e-3, schedule="onecycle", eval_every=2000
+            max_steps=30000, batch_size=16, lr=1e-3, schedule="onecycle", eval_every=2000, fast_path_model="simvp"
         )
     )
     train_splits: str = "train"  # masks mode: "train,unlabeled" with mask_source=any after pseudo-labelling

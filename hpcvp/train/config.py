@@ -46,6 +46,9 @@ class TrainConfig:
     channels_last: bool | None = False
     compile: bool | None = False  # a compile failure falls back to eager with one warning
     compile_backend: str = "inductor"
+    # which model's measurements pick channels_last / compile on CUDA (hpcvp.train.fastpath
+    # CUDA_FAST_PATHS: unet, simvp; default = bf16 only, what RAFT's row shows)
+    fast_path_model: str = "default"
     deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs are anyway
     sync_batchnorm: bool = False
     find_unused_parameters: bool = False
@@ -108,6 +111,10 @@ class TrainConfig:
             raise bad("schedule", f"choose one of {SCHEDULES}")
         if self.amp not in AMP_MODES:
             raise bad("amp", f"choose one of {AMP_MODES}")
+        from .fastpath import CUDA_FAST_PATHS
+
+        if self.fast_path_model not in CUDA_FAST_PATHS:
+            raise bad("fast_path_model", f"choose one of {tuple(CUDA_FAST_PATHS)}")
         if self.progress not in PROGRESS_MODES:
             raise bad("progress", f"choose one of {PROGRESS_MODES}")
         if self.nonfinite_loss not in NONFINITE_MODES:

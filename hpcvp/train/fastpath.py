@@ -3,14 +3,17 @@
 ``TrainConfig.channels_last`` / ``compile`` set to ``None`` and ``amp="auto"`` mean "what
 ``tools/bench_models.py`` shows for this device type" (BENCHMARKS.md):
 
-- CUDA, compute capability >= 8.0 (A100, H100/H200, L40S): bf16 autocast, channels_last and
-  torch.compile (SimVP-gSTA 1.8-1.97x its fp32 eager step on an H200, U-Net 2.2x with
-  channels_last + bf16).
-- CUDA 7.x (V100, RTX 8000: no bf16): fp16 autocast with a GradScaler, channels_last, no compile
-  (not measured on these cards yet).
-- CPU (``amp="fast"``; ``"auto"`` keeps fp32 on CPU): bf16 autocast where the CPU has AVX512-BF16
-  or AMX (SimVP-gSTA ~1.5x fp32 on the development VM), channels_last, no compile (minutes of
-  compilation on a few cores, repaid only after thousands of steps).
+- CUDA, compute capability >= 8.0 (A100, H100/H200, L40S): bf16 autocast, and per model
+  (``TrainConfig.fast_path_model``, from the H200 table in issue 14 / BENCHMARKS.md): U-Net
+  channels_last, eager (1,139 samples/s vs 1,073 compiled, 515 fp32); SimVP-gSTA torch.compile,
+  NCHW (122 / 112 samples/s compiled vs 65 with channels_last, 62 / 57 fp32); anything else
+  (RAFT: 151 vs 121 fp32; channels_last and compile not measured) bf16 only.
+- CUDA 7.x (V100, RTX 8000: no bf16): fp16 autocast with a GradScaler, the model's
+  channels_last choice, no compile (not measured on these cards yet).
+- CPU (``amp="fast"``; ``"auto"`` keeps fp32 on CPU): bf16 autocast where the CPU has AMX
+  (SimVP-gSTA fast path 2.3x fp32 on the development VM, which has AMX; bf16 on AVX512-BF16
+  without AMX was measured slower, 0.73x), channels_last, no compile (minutes of compilation on
+  a few cores, repaid only after thousands of steps).
 
 ``plan_micro_batches`` splits a per-GPU batch into ``grad_accum`` micro-batches so that the full
 SimVP fits a 32 GB V100 or a 40 GB A100, keeping the effective batch.
@@ -18,6 +21,7 @@ SimVP fits a 32 GB V100 or a 40 GB A100, keeping the effective batch.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -35,7 +39,8 @@ class FastPath:
 
 
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX): then bf16 autocast pays."""
+    """Whether the CPU has AMX tiles for bf16, where bf16 autocast pays (AVX512-BF16 alone does
+    not: 0.73x fp32 measured on such a CPU, issue 14)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as handle:
@@ -43,7 +48,7 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
         except OSError:
             return False
     flags = set(cpuinfo.split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return "amx_bf16" in flags
 
 
 def cpu_fast_path(cpuinfo: str | None = None) -> FastPath:
@@ -51,52 +56,76 @@ def cpu_fast_path(cpuinfo: str | None = None) -> FastPath:
     (BENCHMARKS.md): bf16 autocast where the CPU has bf16 instructions, channels_last, eager
     (compiling takes minutes on a few cores and does not pay back)."""
     if cpu_has_bf16(cpuinfo):
-        return FastPath("bf16", True, False, "CPU with AVX512-BF16/AMX: bf16 autocast, channels_last, eager")
-    return FastPath("off", True, False, "CPU without bf16 instructions: fp32, channels_last, eager")
+        return FastPath("bf16", True, False, "CPU with AMX: bf16 autocast, channels_last, eager")
+    return FastPath("off", True, False, "CPU without AMX: fp32, channels_last, eager")
 
 
-def device_fast_path(device: torch.device | str, props=None, cpuinfo: str | None = None) -> FastPath:
-    """The fast-path settings for ``device``; ``props`` stands in for
-    ``torch.cuda.get_device_properties`` (``major``, ``minor``, ``name``) in tests, ``cpuinfo``
-    for /proc/cpuinfo."""
+# Per model on CUDA: (channels_last, compile) on cc >= 8.0, from tools/bench_models.py's H200 rows.
+CUDA_FAST_PATHS = {
+    "unet": (True, False),  # channels_last + bf16 1,139 samples/s, compile + bf16 1,073
+    "simvp": (False, True),  # compile + bf16 122 / 112, channels_last + bf16 65 (no gain over bf16)
+    "default": (False, False),  # only bf16 measured (RAFT 151 vs 121 fp32)
+}
+
+
+def device_fast_path(
+    device: torch.device | str, props=None, cpuinfo: str | None = None, model: str = "default"
+) -> FastPath:
+    """The fast-path settings of ``model`` (a ``CUDA_FAST_PATHS`` key) on ``device``; ``props``
+    stands in for ``torch.cuda.get_device_properties`` (``major``, ``minor``, ``name``) in tests,
+    ``cpuinfo`` for /proc/cpuinfo."""
     device = torch.device(device)
     if device.type != "cuda":
         return cpu_fast_path(cpuinfo)
     if props is None:
         props = torch.cuda.get_device_properties(device)
-    cc = f"{props.major}.{props.minor}"
+    channels_last, compile_ = CUDA_FAST_PATHS[model]
+    layout = "channels_last" if channels_last else "NCHW"
+    cc = f"{props.name} (cc {props.major}.{props.minor}), {model} model"
     if props.major >= 8:
-        return FastPath("bf16", True, True, f"{props.name} (cc {cc}): bf16 autocast, channels_last, torch.compile")
+        how = "torch.compile" if compile_ else "eager"
+        return FastPath("bf16", channels_last, compile_, f"{cc}: bf16 autocast, {layout}, {how}")
     if props.major == 7:
-        return FastPath(
-            "fp16", True, False, f"{props.name} (cc {cc}): fp16 autocast + GradScaler (no bf16), channels_last"
-        )
-    return FastPath("off", False, False, f"{props.name} (cc {cc}): fp32")
+        return FastPath("fp16", channels_last, False, f"{cc}: fp16 autocast + GradScaler (no bf16), {layout}, eager")
+    return FastPath("off", False, False, f"{cc}: fp32")
 
 
 def resolve_amp(amp: str, device: torch.device, props=None, cpuinfo: str | None = None) -> str:
-    """``fast`` -> the device's fast path (bf16 on CPUs with bf16 instructions too); ``auto`` ->
-    the same on CUDA, fp32 on CPU (small runs and tests keep fp32 numerics); fp16 needs CUDA."""
+    """``fast`` -> the device's fast path (bf16 on CPUs with AMX too); ``auto`` -> the same on
+    CUDA, fp32 on CPU (small runs and tests keep fp32 numerics). ``fp16`` (autocast + GradScaler)
+    is what pays on CUDA 7.x; on a CPU it runs, slowly, which lets the GradScaler path be tested."""
     if amp == "fast" or (amp == "auto" and torch.device(device).type == "cuda"):
         amp = device_fast_path(device, props, cpuinfo).amp
     elif amp == "auto":
         amp = "off"
-    if amp == "fp16" and torch.device(device).type != "cuda":
-        raise ValueError("TrainConfig.amp='fp16' needs CUDA; use 'bf16' or 'off' on CPU")
     return amp
 
 
 def effective_fast_path(cfg, device: torch.device | str, props=None, cpuinfo: str | None = None) -> FastPath:
     """What a run with TrainConfig ``cfg`` uses on ``device``: its amp (``resolve_amp``), and
-    channels_last / compile from the device's fast path where ``cfg`` leaves them ``None``. The
+    channels_last / compile from the device's fast path for ``cfg.fast_path_model`` where ``cfg``
+    leaves them ``None``; ``why`` says which came from the device and which from the config. The
     Trainer calls this; tests pass ``props`` / ``cpuinfo`` to stand in for a card or a CPU."""
-    fast = device_fast_path(device, props, cpuinfo)
-    return FastPath(
+    fast = device_fast_path(device, props, cpuinfo, cfg.fast_path_model)
+    chosen = FastPath(
         resolve_amp(cfg.amp, torch.device(device), props, cpuinfo),
         fast.channels_last if cfg.channels_last is None else bool(cfg.channels_last),
         fast.compile if cfg.compile is None else bool(cfg.compile),
-        fast.why,
+        "",
     )
+    by_config = [
+        name
+        for name, set_by_config in (
+            ("amp", cfg.amp not in ("fast", "auto")),
+            ("channels_last", cfg.channels_last is not None),
+            ("compile", cfg.compile is not None),
+        )
+        if set_by_config
+    ]
+    why = f"device fast path: {fast.why}"
+    if by_config:
+        why += f"; set by the config: {', '.join(by_config)}"
+    return dataclasses.replace(chosen, why=why)
 
 
 def compile_pays_back(
@@ -126,9 +155,10 @@ class CompiledWithFallback(nn.Module):
         try:
             self._compiled = compiler(module, backend=backend)
         except Exception as error:
-            self._fall_back(error)
+            self.fall_back(error)
 
-    def _fall_back(self, error: BaseException) -> None:
+    def fall_back(self, error: BaseException) -> None:
+        """Train eagerly from now on (the Trainer calls this when the first backward fails to compile)."""
         self.compile_error = f"{type(error).__name__}: {error}"
         self._compiled = None
         warnings.warn(f"torch.compile failed, training eagerly instead ({self.compile_error[:300]})", stacklevel=3)
@@ -146,7 +176,7 @@ class CompiledWithFallback(nn.Module):
         try:
             out = self._compiled(*args, **kwargs)
         except Exception as error:
-            self._fall_back(error)
+            self.fall_back(error)
             return self.module(*args, **kwargs)
         self.compile_seconds = time.perf_counter() - start
         return out

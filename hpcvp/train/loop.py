@@ -61,6 +61,7 @@ _HARMLESS_KEYS = {
     "nonfinite_loss",
     "compile",
     "compile_backend",
+    "fast_path_model",
 }
 
 
@@ -108,6 +109,9 @@ class FitResult:
 # Steps in a row whose gradients are not finite before the run stops (train.nonfinite_loss=stop):
 # a rare overflow is skipped, a run whose every step overflows has diverged.
 MAX_SKIPPED_IN_ROW = 5
+# With fp16 the GradScaler halves its scale at each skipped step: 30 in a row take it from 2**16
+# to 2**-14, far past any calibration.
+MAX_SCALER_SKIPS_IN_ROW = 30
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -252,6 +256,7 @@ class Trainer:
         if use_compile:
             train_model = CompiledWithFallback(train_model, backend=cfg.compile_backend)
         self.train_model = train_model
+        self._compile_s: float | None = None  # the first compiled step's seconds (compilation included)
         self.optimizer = build_optimizer(model, cfg, env.device)
         self.scheduler = build_scheduler(self.optimizer, cfg)
 
@@ -260,7 +265,7 @@ class Trainer:
         self.fast_path = {"amp": amp, "channels_last": channels_last, "compile": use_compile}
         if env.is_main:
             log.info(
-                "%s: amp=%s%s, channels_last=%s, compile=%s (device fast path: %s)",
+                "%s: amp=%s%s, channels_last=%s, compile=%s (%s)",
                 env.device,
                 amp,
                 " + GradScaler" if amp == "fp16" else "",
@@ -355,19 +360,28 @@ class Trainer:
     def _train_step(self, step: int) -> None:
         """Optimizer step number ``step`` (1-based): grad_accum micro-batches, then update."""
         cfg = self.cfg
-        accum = cfg.grad_accum
-        cuda = self.device.type == "cuda"
-        micro_logs = []
-        for micro in range(accum):
-            batch = self._next_batch()
-            # everything random in this micro-step is a function of (seed, rank, step, micro)
-            seed_globals(mix_seed(TAG_STEP, cfg.seed, self.env.rank, step, micro), cuda=cuda)
-            sync = self.ddp.no_sync() if self.ddp is not None and micro < accum - 1 else contextlib.nullcontext()
-            with sync:
-                with self._autocast():
-                    loss, logs = self.task.loss(self.train_model, batch, self.device)
-                self.scaler.scale(loss / accum).backward()
-            micro_logs.append((loss, logs))
+        batches = [self._next_batch() for _ in range(cfg.grad_accum)]
+        model = self.train_model
+        if isinstance(model, CompiledWithFallback) and model.compiled and self._compile_s is None:
+            # the first compiled step compiles the forward and the backward graphs: time it, and
+            # if either fails to compile, train eagerly and redo the step on the same batches
+            start = time.perf_counter()
+            buffers = [buffer.detach().clone() for buffer in self.module.buffers()]  # BatchNorm statistics
+            try:
+                micro_logs = self._accumulate(step, batches)
+            except Exception as error:
+                model.fall_back(error)
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
+                        buffer.copy_(saved)
+                micro_logs = self._accumulate(step, batches)
+            self._compile_s = time.perf_counter() - start
+            if self.env.is_main:
+                how = "compilation included" if model.compiled else f"compile failed, eager: {model.compile_error}"
+                log.info("torch.compile: the first step took %.1f s (%s)", self._compile_s, how[:300])
+        else:
+            micro_logs = self._accumulate(step, batches)
         if cfg.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             self._grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.clip_grad)
@@ -375,16 +389,49 @@ class Trainer:
             # fp32/bf16 have no GradScaler to skip a step whose gradients overflowed: one NaN
             # gradient would make every weight NaN (clipping multiplies by norm 0 * inf)
             self._skip_step(step)
+        elif self.scaler.is_enabled():
+            # fp16: the GradScaler skips a step whose scaled gradients overflowed and halves its
+            # scale (routine while it calibrates); such a step's loss stays out of the metrics
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scaler.get_scale() < scale:
+                self._skipped_in_row += 1
+                self._window.skipped += 1
+                if self._skipped_in_row >= MAX_SCALER_SKIPS_IN_ROW:
+                    self._nonfinite(
+                        step,
+                        f"the GradScaler skipped {self._skipped_in_row} steps in a row (scale now {self.scaler.get_scale():g})",
+                    )
+            else:
+                self._skipped_in_row = 0
+                for loss, logs in micro_logs:
+                    self._window.add(loss, logs)
         else:
             self._skipped_in_row = 0
             for loss, logs in micro_logs:
                 self._window.add(loss, logs)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            self.optimizer.step()
         self._lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()  # also after a skipped step: the schedule follows the step count
         self.optimizer.zero_grad(set_to_none=True)
         self._window.steps += 1
+
+    def _accumulate(self, step: int, batches: list) -> list:
+        """Forward and backward of each micro-batch of step ``step``; gradients add up."""
+        cuda = self.device.type == "cuda"
+        accum = len(batches)
+        micro_logs = []
+        for micro, batch in enumerate(batches):
+            # everything random in this micro-step is a function of (seed, rank, step, micro)
+            seed_globals(mix_seed(TAG_STEP, self.cfg.seed, self.env.rank, step, micro), cuda=cuda)
+            sync = self.ddp.no_sync() if self.ddp is not None and micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    loss, logs = self.task.loss(self.train_model, batch, self.device)
+                self.scaler.scale(loss / accum).backward()
+            micro_logs.append((loss, logs))
+        return micro_logs
 
     def _gradients_finite(self) -> bool:
         """Whether every gradient is finite (the same answer on every rank: DDP averaged them).
