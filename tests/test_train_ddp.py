@@ -107,6 +107,38 @@ def _metrics(run):
     return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in run.read_metrics()]
 
 
+def test_one_rank_process_group_trains_under_ddp_and_resumes_exactly(tmp_path):
+    """HPCVP_ONE_RANK_GROUP=1 (what tools/gpu_check.sh uses for its NCCL smoke on one GPU): one
+    rank joins a process group and trains under DDP; preempted and resumed, it ends bitwise equal
+    to a plain single-process run."""
+    port, _ = _free_port_for_slurm()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARS}
+    base["PYTHONPATH"] = str(REPO) + os.pathsep + base.get("PYTHONPATH", "")
+    group = dict(
+        base, RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HPCVP_ONE_RANK_GROUP="1"
+    )
+
+    def toy(run, env, *extra):
+        cmd = [sys.executable, "-m", "hpcvp.train.toy", "--run-dir", str(run.path)]
+        for k, v in {**CFG, "max_steps": 12}.items():
+            cmd += ["--set", f"{k}={v}"]
+        done = subprocess.run([*cmd, *extra], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+        results = [line for line in done.stdout.splitlines() if line.startswith("HPCVP_RESULT ")]
+        assert results, f"exit {done.returncode} without a result:\n{done.stdout}\n{done.stderr}"
+        return done.returncode, json.loads(results[-1].split(" ", 1)[1])
+
+    ref, run = RunDir(tmp_path / "plain"), RunDir(tmp_path / "group")
+    code, result = toy(ref, base)
+    assert (code, result["status"], result["backend"]) == (0, "completed", None)
+    code, result = toy(run, group, "--signal-at", "6")
+    assert (code, result["status"], result["step"], result["backend"]) == (EXIT_REQUEUE, "preempted", 6, "gloo")
+    code, result = toy(run, group)
+    assert (code, result["status"], result["resumed_from"], result["backend"]) == (0, "completed", 6, "gloo")
+    a, b = load_latest(ref.checkpoints).state, load_latest(run.checkpoints).state
+    assert not tree_differences(a["model"], b["model"]) and not tree_differences(a["optimizer"], b["optimizer"])
+    assert _metrics(ref) == _metrics(run)
+
+
 @pytest.mark.slow
 def test_interrupted_ddp_run_ends_bitwise_equal_to_uninterrupted(tmp_path):
     rng = random.Random(1337)

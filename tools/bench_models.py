@@ -273,30 +273,37 @@ def markdown(results: list[dict], info: dict, argv: list[str], args) -> str:
         "- Load = 1-min load average before -> after each run: this machine is shared; above the core count the "
         "CPU numbers are mostly noise.",
         "",
-        "| model | params (M) | device | variant | batch | threads | steps | s/step (min-max) | samples/s | peak mem MB | load |",
-        "|---|---:|---|---|---:|---:|---:|---|---:|---|---|",
+        "- vs base = samples/s over the same model's `base` (eager fp32, NCHW) row on the same device; warmup = "
+        "the untimed first step(s), torch.compile's compilation included.",
+        "",
+        "| model | params (M) | device | variant | batch | threads | steps | s/step (min-max) | samples/s | vs base "
+        "| warmup s | peak mem MB | load |",
+        "|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|---|---|",
     ]
+    base = {
+        (r["model"], r["device"]): r["samples_per_s"] for r in results if "error" not in r and r["variant"] == "base"
+    }
     for r in results:
         if "error" in r:
             lines.append(
-                f"| {r['model']} | | {r['device']} | {r['variant']} | | | | error: {r['error']} | | | {r['load']} |"
+                f"| {r['model']} | | {r['device']} | {r['variant']} | | | | error: {r['error']} | | | | | {r['load']} |"
             )
             continue
         mem = f"{r['peak_mem_mb']:.0f}"
+        reference = base.get((r["model"], r["device"]))
+        ratio = f"{r['samples_per_s'] / reference:.2f}x" if reference else "-"
         if "train_mem_delta_mb" in r:
             mem += f" (+{r['train_mem_delta_mb']:.0f})"
         lines.append(
             f"| {r['model']} | {r['params_m']:.1f} | {r['device']} | {r['variant']} | {r['batch']} | {r['threads']} "
             f"| {r['steps']} | {r['step_s']:.2f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f}) "
-            f"| {r['samples_per_s']:.3f} | {mem} | {r['load']} |"
+            f"| {r['samples_per_s']:.3f} | {ratio} | {r.get('warmup_s', float('nan')):.1f} | {mem} | {r['load']} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str, append: bool) -> None:
+def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if append and path.exists():
-        text = path.read_text() + "\n" + text
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -311,6 +318,12 @@ def parse_args(argv):
         default=None,
         help="comma list of '+'-joined switches (base, cl, bf16, compile); "
         "default CPU: base,cl,bf16; CUDA: base,cl,bf16,cl+bf16,compile+bf16",
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="comma list of model:variant pairs to run instead of every --models x --variants pair "
+        "(e.g. unet:base,unet:cl+bf16: what tools/gpu_check.sh fits in its minutes)",
     )
     parser.add_argument("--batch", type=int, default=None, help="batch size (default CPU 1, CUDA 16)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default CPU 2, CUDA 20)")
@@ -354,24 +367,35 @@ def main(argv=None) -> int:
         if "cuda" in devices and not torch.cuda.is_available():
             raise SystemExit("--devices cuda requested but torch.cuda.is_available() is False on this machine")
     info = machine_description()
-    results = []
+    plan = []
     for device in devices:
+        if args.configs:
+            pairs = [pair.strip().split(":", 1) for pair in args.configs.split(",") if pair.strip()]
+            for pair in pairs:
+                if len(pair) != 2 or pair[0] not in MODELS:
+                    raise SystemExit(f"--configs: {':'.join(pair)!r} is not model:variant with a model from {MODELS}")
+            plan += [(device, model, variant) for model, variant in pairs]
+            continue
         variants = args.variants or ("base,cl,bf16,cl+bf16,compile+bf16" if device == "cuda" else "base,cl,bf16")
-        for model in models:
-            for variant in [v.strip() for v in variants.split(",") if v.strip()]:
-                result = run_subprocess(model, variant, device, args)
-                results.append(result)
-                shown = (
-                    f"{result['samples_per_s']:.3f} samples/s, {result['step_s']:.2f} s/step, "
-                    f"peak {result['peak_mem_mb']:.0f} MB"
-                    if "error" not in result
-                    else result["error"]
-                )
-                print(f"{device} {model} {variant}: {shown} (load {result['load']})", flush=True)
-    table = markdown(results, info, argv, args)
+        plan += [(device, m, v.strip()) for m in models for v in variants.split(",") if v.strip()]
+    # --append adds to what --out held before this run; the table is rewritten after every
+    # configuration, so a run cut short (a time limit) keeps the rows it finished
+    before = args.out.read_text() if args.append and args.out.exists() else None
+    results = []
+    for device, model, variant in plan:
+        result = run_subprocess(model, variant, device, args)
+        results.append(result)
+        shown = (
+            f"{result['samples_per_s']:.3f} samples/s, {result['step_s']:.2f} s/step, "
+            f"peak {result['peak_mem_mb']:.0f} MB"
+            if "error" not in result
+            else result["error"]
+        )
+        print(f"{device} {model} {variant}: {shown} (load {result['load']})", flush=True)
+        table = markdown(results, info, argv, args)
+        write_atomic(args.out, table if before is None else before + "\n" + table)
     print()
     print(table)
-    write_atomic(args.out, table, args.append)
     print(f"written to {args.out}")
     return 0
 

@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     print(row + peak)
     print(f"steps: reference {[round(t, 3) for t in ref_times]}, hpcvp {[round(t, 3) for t in our_times]}")
     if args.out is not None:
-        text = (header + "\n" if not args.append else "") + row + "\n"
+        text = (header + "\n" if not args.append else "") + row + "\n" + (f"\n{peak.lstrip(', ')}\n" if peak else "")
         with open(args.out, "a" if args.append else "w") as handle:
             handle.write(text)
     return 0

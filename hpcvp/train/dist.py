@@ -66,7 +66,8 @@ class DistEnv:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists: several ranks, or one rank with HPCVP_ONE_RANK_GROUP=1."""
+        return self.backend is not None
 
 
 class DistSetupError(RuntimeError):
@@ -271,8 +272,14 @@ def init_distributed(
     if use_cuda is None:
         use_cuda = torch.cuda.is_available()
     device = _pick_device(info.local_rank, use_cuda)
-    if info.world_size == 1:
+    # HPCVP_ONE_RANK_GROUP=1: a single rank still joins a process group and trains under DDP, so
+    # the multi-rank path (NCCL communicator, DDP hooks, collectives) can be smoke-tested on one
+    # GPU (tools/gpu_check.sh); NCCL refuses two ranks on one device.
+    one_rank_group = (os.environ if env is None else env).get("HPCVP_ONE_RANK_GROUP") == "1"
+    if info.world_size == 1 and not one_rank_group:
         return DistEnv(0, 1, info.local_rank, device, None, 1, info.launcher)
+    if info.world_size == 1 and not info.master_port:
+        raise DistSetupError("HPCVP_ONE_RANK_GROUP=1 needs MASTER_PORT (and MASTER_ADDR) in the environment")
     if backend is None:
         backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":

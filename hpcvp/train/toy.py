@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         teardown(sync=False)
         return 1
-    print("HPCVP_RESULT " + json.dumps({"rank": env.rank, **result.__dict__}), flush=True)
+    print("HPCVP_RESULT " + json.dumps({"rank": env.rank, "backend": env.backend, **result.__dict__}), flush=True)
     teardown()
     return result.exit_code
 
