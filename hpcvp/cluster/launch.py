@@ -352,6 +352,32 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+def micro_batch_previews(jobs: list[PlannedJob], preset: str) -> list[str]:
+    """One line per SimVP job that splits its batch by the card's memory (train.auto_micro_batch)
+    and asks for a --gpu-type of known memory: the split that card gets."""
+    from hpcvp.train.fastpath import CARDS, effective_fast_path, simvp_micro_batches
+
+    lines = []
+    for job in jobs:
+        request = job.request
+        card = CARDS.get(request.gpu_type or "")
+        if request.stage != "simvp" or card is None:
+            continue
+        try:
+            train = registry.build_config(request.stage, preset, job.overrides).train
+        except ConfigError:
+            continue  # the pre-flight reports it
+        if not train.auto_micro_batch:
+            continue
+        fast = effective_fast_path(train, "cuda", card)
+        plan = simvp_micro_batches(train.batch_size, train.grad_accum, fast.amp, fast.compile, card)
+        lines.append(
+            f"hpcvp: simvp on --gpu-type {request.gpu_type} ({card.name}, {fast.amp}"
+            f"{' + compile' if fast.compile else ''}): {plan.why}; the job plans it again from the card it gets"
+        )
+    return lines
+
+
 def _console():
     from rich.console import Console
 
@@ -650,6 +676,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ProfileError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for line in micro_batch_previews(jobs, preset):
+        say(line)
     if args.dry_run:
         dry_run(profile, jobs, why)
         if problems:

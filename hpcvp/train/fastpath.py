@@ -239,6 +239,29 @@ def plan_micro_batches(
     return MicroBatchPlan(micro, accum, why)
 
 
+@dataclass(frozen=True)
+class CardSpec:
+    """What ``plan_micro_batches`` needs of a card (the fields of torch.cuda's device properties)."""
+
+    name: str
+    major: int
+    minor: int
+    total_memory: int  # bytes
+
+
+# The --gpu-type names of Greene and Torch (hpcvp/cluster/profiles.json) whose memory is known,
+# for the launcher's preview of the split; the job plans again from the card it gets. A100s come
+# in 40 and 80 GB: the preview takes the smaller.
+CARDS = {
+    "v100": CardSpec("Tesla V100 32 GB", 7, 0, 32 * 10**9),
+    "rtx8000": CardSpec("Quadro RTX 8000 48 GB", 7, 5, 48 * 10**9),
+    "a100": CardSpec("A100 40 GB (80 GB cards fit more)", 8, 0, 40 * 10**9),
+    "l40s": CardSpec("L40S 48 GB", 8, 9, 48 * 10**9),
+    "h100": CardSpec("H100 80 GB", 9, 0, 80 * 10**9),
+    "h200": CardSpec("H200 141 GB", 9, 0, 141 * 10**9),
+}
+
+
 def simvp_micro_batches(batch_size: int, grad_accum: int, amp: str, compiled: bool, props) -> MicroBatchPlan:
     """``plan_micro_batches`` for the full SimVP on a card with ``props.total_memory`` bytes."""
     fixed, per_sample = SIMVP_FULL_MEMORY_GB[

@@ -371,6 +371,13 @@ class Trainer:
                 micro_logs = self._accumulate(step, batches)
             except Exception as error:
                 model.fall_back(error)
+                if self.cfg.auto_micro_batch and self.env.is_main:
+                    # eager needs more memory than the compiled graph the split was planned for
+                    log.warning(
+                        "the micro-batch split (train.auto_micro_batch) assumed a compiled model; if this "
+                        "run now runs out of GPU memory, run it with train.compile=false: the split is then "
+                        "planned for eager"
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 with torch.no_grad():
                     for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
