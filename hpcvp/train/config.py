@@ -40,7 +40,7 @@ class TrainConfig:
     auto_micro_batch: bool = False
     clip_grad: float = 1.0  # max global grad norm; 0 disables
     # fast / None = the device's fast path (hpcvp.train.fastpath: bf16 on CUDA cc >= 8 and on CPUs
-    # with bf16 instructions, fp16 + GradScaler on cc 7.x; channels_last and compile as
+    # with AMX, fp16 + GradScaler on cc 7.x; channels_last and compile per fast_path_model, as
     # tools/bench_models.py shows); auto = the fast path's amp on CUDA, fp32 on CPU
     amp: str = "auto"
     channels_last: bool | None = False
