@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from hpcvp.stages.simvp import SPEC as SIMVP_SPEC
 from hpcvp.stages.simvp import SimVPConfig, micro_batch_split
 from hpcvp.train.config import TrainConfig
 from hpcvp.train.fastpath import (
+    CardSpec,
     CompiledWithFallback,
     compile_pays_back,
     device_fast_path,
@@ -24,8 +24,8 @@ from hpcvp.train.fastpath import (
 GB = 10**9
 
 
-def card(name: str, major: int, minor: int, memory_gb: float):
-    return SimpleNamespace(name=name, major=major, minor=minor, total_memory=int(memory_gb * GB))
+def card(name: str, major: int, minor: int, memory_gb: float) -> CardSpec:
+    return CardSpec(name, major, minor, int(memory_gb * GB))
 
 
 V100 = card("Tesla V100-SXM2-32GB", 7, 0, 32)

@@ -21,7 +21,6 @@ SimVP fits a 32 GB V100 or a 40 GB A100, keeping the effective batch.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
@@ -107,25 +106,24 @@ def effective_fast_path(cfg, device: torch.device | str, props=None, cpuinfo: st
     leaves them ``None``; ``why`` says which came from the device and which from the config. The
     Trainer calls this; tests pass ``props`` / ``cpuinfo`` to stand in for a card or a CPU."""
     fast = device_fast_path(device, props, cpuinfo, cfg.fast_path_model)
-    chosen = FastPath(
-        resolve_amp(cfg.amp, torch.device(device), props, cpuinfo),
-        fast.channels_last if cfg.channels_last is None else bool(cfg.channels_last),
-        fast.compile if cfg.compile is None else bool(cfg.compile),
-        "",
-    )
-    by_config = [
+    set_by_config = [
         name
-        for name, set_by_config in (
+        for name, explicit in (
             ("amp", cfg.amp not in ("fast", "auto")),
             ("channels_last", cfg.channels_last is not None),
             ("compile", cfg.compile is not None),
         )
-        if set_by_config
+        if explicit
     ]
     why = f"device fast path: {fast.why}"
-    if by_config:
-        why += f"; set by the config: {', '.join(by_config)}"
-    return dataclasses.replace(chosen, why=why)
+    if set_by_config:
+        why += f"; set by the config: {', '.join(set_by_config)}"
+    return FastPath(
+        resolve_amp(cfg.amp, torch.device(device), props, cpuinfo),
+        fast.channels_last if cfg.channels_last is None else bool(cfg.channels_last),
+        fast.compile if cfg.compile is None else bool(cfg.compile),
+        why,
+    )
 
 
 def compile_pays_back(

@@ -363,30 +363,7 @@ class Trainer:
         batches = [self._next_batch() for _ in range(cfg.grad_accum)]
         model = self.train_model
         if isinstance(model, CompiledWithFallback) and model.compiled and self._compile_s is None:
-            # the first compiled step compiles the forward and the backward graphs: time it, and
-            # if either fails to compile, train eagerly and redo the step on the same batches
-            start = time.perf_counter()
-            buffers = [buffer.detach().clone() for buffer in self.module.buffers()]  # BatchNorm statistics
-            try:
-                micro_logs = self._accumulate(step, batches)
-            except Exception as error:
-                model.fall_back(error)
-                if self.cfg.auto_micro_batch and self.env.is_main:
-                    # eager needs more memory than the compiled graph the split was planned for
-                    log.warning(
-                        "the micro-batch split (train.auto_micro_batch) assumed a compiled model; if this "
-                        "run now runs out of GPU memory, run it with train.compile=false: the split is then "
-                        "planned for eager"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
-                        buffer.copy_(saved)
-                micro_logs = self._accumulate(step, batches)
-            self._compile_s = time.perf_counter() - start
-            if self.env.is_main:
-                how = "compilation included" if model.compiled else f"compile failed, eager: {model.compile_error}"
-                log.info("torch.compile: the first step took %.1f s (%s)", self._compile_s, how[:300])
+            micro_logs = self._first_compiled_step(step, batches, model)
         else:
             micro_logs = self._accumulate(step, batches)
         if cfg.clip_grad > 0:
@@ -396,13 +373,13 @@ class Trainer:
             # fp32/bf16 have no GradScaler to skip a step whose gradients overflowed: one NaN
             # gradient would make every weight NaN (clipping multiplies by norm 0 * inf)
             self._skip_step(step)
-        elif self.scaler.is_enabled():
+        else:
             # fp16: the GradScaler skips a step whose scaled gradients overflowed and halves its
             # scale (routine while it calibrates); such a step's loss stays out of the metrics
-            scale = self.scaler.get_scale()
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.scaler.get_scale() < scale:
+            if scale is not None and self.scaler.get_scale() < scale:
                 self._skipped_in_row += 1
                 self._window.skipped += 1
                 if self._skipped_in_row >= MAX_SCALER_SKIPS_IN_ROW:
@@ -414,15 +391,38 @@ class Trainer:
                 self._skipped_in_row = 0
                 for loss, logs in micro_logs:
                     self._window.add(loss, logs)
-        else:
-            self._skipped_in_row = 0
-            for loss, logs in micro_logs:
-                self._window.add(loss, logs)
-            self.optimizer.step()
         self._lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()  # also after a skipped step: the schedule follows the step count
         self.optimizer.zero_grad(set_to_none=True)
         self._window.steps += 1
+
+    def _first_compiled_step(self, step: int, batches: list, model: CompiledWithFallback) -> list:
+        """``_accumulate`` for the first compiled step, which compiles the forward and the backward
+        graphs: timed and logged, and if either fails to compile, redone eagerly on the same
+        batches with the BatchNorm statistics as they were before it."""
+        start = time.perf_counter()
+        buffers = [buffer.detach().clone() for buffer in self.module.buffers()]
+        try:
+            micro_logs = self._accumulate(step, batches)
+        except Exception as error:
+            model.fall_back(error)
+            if self.cfg.auto_micro_batch and self.env.is_main:
+                # eager needs more memory than the compiled graph the split was planned for
+                log.warning(
+                    "the micro-batch split (train.auto_micro_batch) assumed a compiled model; if this "
+                    "run now runs out of GPU memory, run it with train.compile=false: the split is then "
+                    "planned for eager"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(self.module.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+            micro_logs = self._accumulate(step, batches)
+        self._compile_s = time.perf_counter() - start
+        if self.env.is_main:
+            how = "compilation included" if model.compiled else f"compile failed, eager: {model.compile_error}"
+            log.info("torch.compile: the first step took %.1f s (%s)", self._compile_s, how[:300])
+        return micro_logs
 
     def _accumulate(self, step: int, batches: list) -> list:
         """Forward and backward of each micro-batch of step ``step``; gradients add up."""
